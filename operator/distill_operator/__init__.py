@@ -1,0 +1,1 @@
+"""kubedistill operator: reconciles DistillJob resources into KubeRay RayJobs."""

@@ -1,0 +1,1 @@
+"""kubedistill trainer: distill a teacher LLM into a student on Ray workers."""

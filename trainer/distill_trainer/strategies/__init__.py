@@ -1,0 +1,1 @@
+"""How a model runs on a worker: one module per strategy family."""
