@@ -1,0 +1,256 @@
+"""The trainer's configuration: one pydantic model tree, validated once at the edge.
+
+A YAML file (composed with Hydra, so ``key=value`` overrides work on the command line) becomes a
+``DistillConfig``; everything inside the trainer takes that typed object, never a raw dict. The field
+names follow the pipeline we reimplement (``kd_objective``, ``distill_loss_weight``, ``student_pretrain``,
+``strategy_args``, ``device_mapping``, ...), so existing configs keep working.
+
+The same model is the ``spec.distill`` of the Kubernetes ``DistillJob`` resource: field descriptions and
+bounds here flow into the generated CRD schema.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+KdObjective = Literal[
+    "forward_kl", "reverse_kl", "adaptive_kl", "skewed_forward_kl", "skewed_reverse_kl", "js_divergence"
+]
+
+
+class ConfigError(ValueError):
+    """A configuration the user wrote is invalid; the message names the file, field and bad value."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo like `learning_rat` must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelArgs(_Strict):
+    """How a worker's model is loaded."""
+
+    model_type: Literal["causal_lm"] = Field("causal_lm", description="Model family; only causal language models.")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Parameter and compute dtype of the worker's model (fp32 on CPU)."
+    )
+
+
+class TrainingArgs(_Strict):
+    """Optimizer, schedule and batch shape. Only the student's section is used for training."""
+
+    learning_rate: float = Field(1e-5, gt=0, description="Peak AdamW learning rate.")
+    lr_scheduler_type: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        "cosine", description="Learning-rate schedule after the warmup (decays to 0 at max_steps)."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup from 0 to learning_rate.")
+    per_device_train_batch_size: int = Field(1, ge=1, description="Sequences per micro-batch on each rank.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay (not applied to norms/biases).")
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables clipping.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    per_device_eval_batch_size: int = Field(16, ge=1, description="Sequences per evaluation batch.")
+
+
+class DataArgs(_Strict):
+    """Where the question/answer records are and which keys hold them."""
+
+    file_name: str | None = Field(None, description="Training data: a JSON array or JSONL file of records.")
+    eval_file_name: str | None = Field(None, description="Held-out data in the same format; evaluation is off without it.")
+    question_key: str = Field("question", min_length=1, description="Record key holding the prompt text.")
+    answer_key: str = Field("answer", min_length=1, description="Record key holding the answer text.")
+
+
+class StrategyArgs(_Strict):
+    """How a model runs on its ranks."""
+
+    strategy_name: Literal["torch_train", "torch_infer"] = Field(
+        "torch_train", description="torch_train (student) / torch_infer (teacher): HF transformers on one device."
+    )
+    tp_size: int = Field(1, ge=1, description="Tensor-parallel size.")
+    pp_size: int = Field(1, ge=1, description="Pipeline-parallel size.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Fraction of GPU memory an inference engine may reserve."
+    )
+
+
+_RANGE_EXPR = re.compile(r"^\s*list\(\s*range\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*\)\s*$")
+
+
+class WorkerConfig(_Strict):
+    """One side of the distillation (student or teacher)."""
+
+    model_args: ModelArgs = Field(default_factory=ModelArgs)
+    training_args: TrainingArgs = Field(default_factory=TrainingArgs)
+    data_args: DataArgs = Field(default_factory=DataArgs)
+    strategy_args: StrategyArgs = Field(default_factory=StrategyArgs)
+    device_mapping: list[int] = Field(
+        default_factory=list,
+        description="Accelerator indices this worker's ranks occupy, e.g. [0,1] or 'list(range(0,8))'; "
+        "empty runs one rank on CPU.",
+    )
+
+    @field_validator("device_mapping", mode="before")
+    @classmethod
+    def _parse_range_expression(cls, value: Any) -> Any:
+        # Configs written for the original pipeline use the string form "list(range(0,8))". We parse that one
+        # shape instead of eval()-ing user input.
+        if isinstance(value, str):
+            match = _RANGE_EXPR.match(value)
+            if not match:
+                raise ValueError(f"expected a list of integers or 'list(range(a,b))', got {value!r}")
+            return list(range(int(match.group(1)), int(match.group(2))))
+        return value
+
+    @field_validator("device_mapping")
+    @classmethod
+    def _distinct_devices(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value) or any(d < 0 for d in value):
+            raise ValueError(f"device indices must be distinct and non-negative, got {value}")
+        return value
+
+
+def _default_teacher() -> WorkerConfig:
+    return WorkerConfig(strategy_args=StrategyArgs(strategy_name="torch_infer"))
+
+
+class DistillConfig(_Strict):
+    """Everything a distillation run needs. Field names are the public interface of the YAML files."""
+
+    exp_name: str = Field("distill", min_length=1, description="Experiment name, used in logs.")
+    seed: int = Field(42, description="Seed of model init, data order and dropout.")
+    logging_dir: str = Field("./output/logs", description="TensorBoard events and metrics.jsonl go here.")
+    output_dir: str = Field("./output", description="Checkpoints checkpoint-<step>/ are written here.")
+
+    max_steps: int = Field(..., ge=1, description="Optimizer steps to train.")
+    save_steps: int = Field(0, ge=0, description="Checkpoint every this many steps (and at the last); 0 = only at the end.")
+    logging_steps: int = Field(1, ge=1, description="Log metrics every this many steps.")
+    eval_steps: int = Field(0, ge=0, description="Evaluate every this many steps (and at the last); 0 = only at the end.")
+    resume_from_checkpoint: bool | str = Field(
+        False, description="false: start fresh; true: newest checkpoint in output_dir; a path: that checkpoint."
+    )
+    max_ckpt_to_keep: int = Field(0, ge=0, description="Keep at most this many checkpoints (oldest pruned); 0 = all.")
+
+    student_pretrain: str = Field(..., min_length=1, description="HF-format directory of the student model and tokenizer.")
+    teacher_pretrain: str = Field(..., min_length=1, description="HF-format directory of the teacher model.")
+
+    distill_loss_weight: float = Field(
+        0.5, ge=0, le=1, description="Weight of the KD term; the SFT (cross-entropy) term gets 1 - this."
+    )
+    kd_temperature: float = Field(1.0, gt=0, description="Softmax temperature T of student and teacher logits.")
+    teacher_temperature: float = Field(1.0, gt=0, description="Extra temperature of the teacher: its logits / (T * this).")
+    kd_objective: KdObjective = Field("forward_kl", description="Divergence between teacher and student distributions.")
+    adaptive_kl_alpha: float = Field(0.5, ge=0, le=1, description="Tail mass threshold of adaptive_kl.")
+    skew_lambda: float = Field(0.1, ge=0, le=1, description="Skew coefficient of the skewed KL objectives.")
+    logits_topk: int = Field(64, ge=0, description="Teacher logits kept per token (top-k); 0 = full vocabulary.")
+    distill_on_prompt: bool = Field(False, description="Also train (CE and KD) on prompt tokens, not only answers.")
+    sequence_length: int = Field(1024, ge=2, description="Maximum tokens of prompt + answer; longer answers are truncated.")
+
+    eval_exact_match: bool = Field(
+        False, description="At evaluation, also generate greedy answers and report exact-match accuracy."
+    )
+    eval_max_new_tokens: int = Field(32, ge=1, description="Generation budget per answer for eval_exact_match.")
+
+    student: WorkerConfig = Field(default_factory=WorkerConfig)
+    teacher: WorkerConfig = Field(default_factory=_default_teacher)
+
+    @model_validator(mode="after")
+    def _check_workers(self) -> "DistillConfig":
+        student, teacher = self.student, self.teacher
+        if not student.strategy_args.strategy_name.endswith("_train"):
+            raise ValueError("student.strategy_args.strategy_name must be a *_train strategy")
+        if not teacher.strategy_args.strategy_name.endswith("_infer"):
+            raise ValueError("teacher.strategy_args.strategy_name must be an *_infer strategy")
+        # Teacher logits are handed to the student rank on the same device, so both sides need the same layout.
+        s, t = student.strategy_args, teacher.strategy_args
+        if (s.tp_size, s.pp_size) != (t.tp_size, t.pp_size):
+            raise ValueError(
+                f"teacher and student must share a parallel layout: student tp/pp={s.tp_size}/{s.pp_size}, "
+                f"teacher tp/pp={t.tp_size}/{t.pp_size}"
+            )
+        if student.device_mapping != teacher.device_mapping:
+            raise ValueError(
+                f"teacher.device_mapping {teacher.device_mapping} must equal student.device_mapping "
+                f"{student.device_mapping}: each student rank reads the logits of the teacher rank on its device"
+            )
+        ranks = max(1, len(student.device_mapping))
+        if ranks % (s.tp_size * s.pp_size):
+            raise ValueError(
+                f"len(student.device_mapping)={ranks} is not a multiple of tp_size*pp_size={s.tp_size * s.pp_size}"
+            )
+        if (s.tp_size, s.pp_size) != (1, 1):
+            raise ValueError("tp_size/pp_size > 1 need the megatron strategies, which this version does not ship")
+        if student.data_args.file_name is None:
+            raise ValueError("student.data_args.file_name is required: the training data file")
+        return self
+
+    @property
+    def train_args(self) -> TrainingArgs:
+        return self.student.training_args
+
+    @property
+    def data_args(self) -> DataArgs:
+        return self.student.data_args
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    """One line per problem: ``source: field.path: message (got value)``."""
+    lines = [f"invalid configuration in {source}:"]
+    for item in error.errors():
+        path = ".".join(str(p) for p in item["loc"]) or "<top level>"
+        message = item["msg"].removeprefix("Value error, ")
+        got = "" if item["type"] in ("missing",) else f" (got {item.get('input')!r})"
+        if item["type"] == "extra_forbidden":
+            message, got = "unknown field (check the spelling)", ""
+        lines.append(f"  {path}: {message}{got}")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: Any, source: str = "<config>") -> DistillConfig:
+    """Validate a plain mapping into a DistillConfig, raising ConfigError naming each bad field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of config fields, got {type(data).__name__}")
+    try:
+        return DistillConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, source)) from None
+
+
+def compose_config(config_path: str | Path, config_name: str, overrides: Sequence[str] = ()) -> DistillConfig:
+    """Compose ``<config_path>/<config_name>.yaml`` with Hydra (defaults lists, ``key=value`` overrides).
+
+    Relative paths inside the config stay relative to the current directory, as with the original launcher.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    config_dir = Path(config_path).resolve()
+    name = config_name.removesuffix(".yaml")
+    source = str(config_dir / f"{name}.yaml")
+    if not (config_dir / f"{name}.yaml").is_file():
+        raise ConfigError(f"config file not found: {source} (check --config_path and --config_name)")
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base=None, job_name="kubedistill"):
+            composed = compose(config_name=name, overrides=list(overrides))
+        data = OmegaConf.to_container(composed, resolve=True)
+    except (HydraException, OmegaConfBaseException, ValueError) as error:
+        raise ConfigError(f"{source}: {error}") from None
+    return config_from_dict(data, source)
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DistillConfig:
+    """Load one YAML file path (``kubedistill train CONFIG.yaml key=value ...``)."""
+    path = Path(path)
+    return compose_config(path.parent, path.name, overrides)
+
+
+def dump_config(config: DistillConfig) -> dict[str, Any]:
+    """The config as plain data (what a checkpoint records and the operator renders into a ConfigMap)."""
+    return config.model_dump(mode="json")
