@@ -183,6 +183,11 @@ class DistillConfig(_Strict):
             raise ValueError(
                 f"len(student.device_mapping)={ranks} is not a multiple of tp_size*pp_size={s.tp_size * s.pp_size}"
             )
+        if len(student.device_mapping) > 1:
+            raise ValueError(
+                "device_mapping with more than one device needs data/tensor parallel ranks, which arrive with the "
+                "megatron strategies; use one device ([0]) or none (CPU)"
+            )
         if (s.tp_size, s.pp_size) != (1, 1):
             raise ValueError("tp_size/pp_size > 1 need the megatron strategies, which this version does not ship")
         if student.data_args.file_name is None:
@@ -238,11 +243,24 @@ def compose_config(config_path: str | Path, config_name: str, overrides: Sequenc
         raise ConfigError(f"config file not found: {source} (check --config_path and --config_name)")
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base=None, job_name="kubedistill"):
-            composed = compose(config_name=name, overrides=list(overrides))
+            composed = compose(config_name=name, overrides=[_add_or_override(o, config_dir) for o in overrides])
         data = OmegaConf.to_container(composed, resolve=True)
     except (HydraException, OmegaConfBaseException, ValueError) as error:
         raise ConfigError(f"{source}: {error}") from None
     return config_from_dict(data, source)
+
+
+def _add_or_override(override: str, config_dir: Path) -> str:
+    """Let ``key=value`` set any field, also one the YAML leaves at its default.
+
+    Plain Hydra would demand ``+key=value`` for keys absent from the file; the schema lives in the pydantic
+    model, which still rejects unknown keys after composition. Config-group choices (``group=option``, where
+    ``<config_dir>/group/`` exists) and explicit ``+``/``++``/``~`` forms pass through unchanged.
+    """
+    key = override.split("=", 1)[0]
+    if "=" not in override or override[0] in "+~" or (config_dir / key.split("@")[0]).is_dir():
+        return override
+    return "++" + override
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DistillConfig:

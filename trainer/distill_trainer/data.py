@@ -1,0 +1,197 @@
+"""Question/answer records -> tokenized, prompt-masked, padded batches.
+
+A record is one JSON object with the prompt under ``question_key`` and the answer under ``answer_key``,
+in a JSON array file or a JSONL file (one object per line). Every record is validated and tokenized
+before training starts, so a bad line stops the run with its file and line number and nothing is written.
+
+Labels are stored already shifted: ``labels[t]`` is the token that position ``t`` predicts
+(``input_ids[t + 1]``), or -100 where nothing is learned (the prompt, unless ``distill_on_prompt``,
+and padding). Cross-entropy and the KD term therefore select exactly the same positions:
+``labels != -100``. Models are called without labels so that they do not shift a second time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """The user's data file is unusable; the message names the file, the line or record, and the problem."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized record: ids of prompt + answer + EOS, and its shifted labels."""
+
+    input_ids: list[int]
+    labels: list[int]
+    prompt_length: int
+    answer: str  # the reference answer text, for exact-match evaluation
+
+
+@dataclass(frozen=True)
+class Record:
+    question: str
+    answer: str
+    where: str  # "file:line N" or "file: record N", for error messages
+
+
+def read_records(path: str | Path, question_key: str, answer_key: str) -> list[Record]:
+    """Read and validate every record of a JSON array or JSONL file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found (check data_args.file_name / eval_file_name)")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty; it needs at least one {{{question_key!r}, {answer_key!r}}} record")
+
+    raw: list[tuple[str, Any]] = []
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: line {error.lineno}: not valid JSON ({error.msg})") from None
+        raw = [(f"{path}: record {index}", item) for index, item in enumerate(items)]
+    else:
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                raw.append((f"{path}:{number}", json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise DataError(
+                    f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno}); "
+                    "each line of a JSONL file must be one JSON object"
+                ) from None
+    if not raw:
+        raise DataError(f"{path}: no records found")
+
+    records = []
+    for where, item in raw:
+        if not isinstance(item, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
+        values = []
+        for key in (question_key, answer_key):
+            if key not in item:
+                raise DataError(
+                    f"{where}: missing key {key!r} (has {sorted(item)}); set data_args.question_key/answer_key "
+                    "to the keys your records use"
+                )
+            if not isinstance(item[key], str):
+                raise DataError(f"{where}: {key!r} must be a string, got {type(item[key]).__name__}")
+            values.append(item[key])
+        if not values[1].strip():
+            raise DataError(f"{where}: {answer_key!r} is empty; every record needs an answer to learn")
+        records.append(Record(question=values[0], answer=values[1], where=where))
+    return records
+
+
+def prompt_ids(tokenizer, question: str) -> list[int]:
+    """Token ids of the prompt: the chat template's user turn when the tokenizer has one, else the text."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
+        )
+        # transformers 5 returns a BatchEncoding here, 4.x a list.
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return tokenizer(question, add_special_tokens=True)["input_ids"]
+
+
+def tokenize_record(
+    record: Record, tokenizer, *, sequence_length: int, distill_on_prompt: bool
+) -> Example:
+    """Prompt ids + answer ids + EOS, truncated to ``sequence_length``, with shifted labels."""
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no eos_token; set one in its tokenizer_config.json")
+    prompt = prompt_ids(tokenizer, record.question)
+    if len(prompt) >= sequence_length:
+        raise DataError(
+            f"{record.where}: the prompt is {len(prompt)} tokens, which leaves no room for an answer within "
+            f"sequence_length={sequence_length}; raise sequence_length or shorten the question"
+        )
+    answer = tokenizer(record.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    input_ids = (prompt + answer)[:sequence_length]
+    # Position t predicts token t+1; the last position predicts nothing.
+    labels = input_ids[1:] + [IGNORE_INDEX]
+    if not distill_on_prompt:
+        for t in range(len(prompt) - 1):
+            labels[t] = IGNORE_INDEX
+    return Example(input_ids=input_ids, labels=labels, prompt_length=len(prompt), answer=record.answer)
+
+
+def load_examples(
+    path: str | Path, tokenizer, *, question_key: str, answer_key: str, sequence_length: int, distill_on_prompt: bool
+) -> list[Example]:
+    """Read, validate and tokenize a whole file (errors stop before anything is trained or written)."""
+    return [
+        tokenize_record(record, tokenizer, sequence_length=sequence_length, distill_on_prompt=distill_on_prompt)
+        for record in read_records(path, question_key, answer_key)
+    ]
+
+
+def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of examples into ``input_ids``, ``attention_mask`` and ``labels`` tensors."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        attention_mask[row, :n] = 1
+        labels[row, :n] = torch.tensor(example.labels)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@dataclass
+class DataCursor:
+    """Where the sampler is: epoch and index into that epoch's shuffled order (saved in checkpoints)."""
+
+    epoch: int = 0
+    index: int = 0
+
+
+class ShuffledBatches:
+    """Endless micro-batches over a dataset, reshuffled each epoch from ``seed + epoch``.
+
+    The order depends only on (seed, epoch), so a run resumed from a saved cursor sees exactly the batches
+    the uninterrupted run would have seen.
+    """
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, seed: int, cursor: DataCursor | None = None):
+        if not examples:
+            raise DataError("the training set is empty")
+        self.examples = examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.cursor = cursor or DataCursor()
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._orders = {epoch: torch.randperm(len(self.examples), generator=generator).tolist()}
+        return self._orders[epoch]
+
+    def next_batch(self) -> list[Example]:
+        batch: list[Example] = []
+        order = self._order(self.cursor.epoch)
+        while len(batch) < self.batch_size:
+            if self.cursor.index >= len(order):
+                self.cursor = DataCursor(self.cursor.epoch + 1, 0)
+                order = self._order(self.cursor.epoch)
+            batch.append(self.examples[order[self.cursor.index]])
+            self.cursor.index += 1
+        return batch
+
+
+def eval_batches(examples: Sequence[Example], batch_size: int) -> Iterator[list[Example]]:
+    for start in range(0, len(examples), batch_size):
+        yield list(examples[start : start + batch_size])
