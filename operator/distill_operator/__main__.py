@@ -1,0 +1,65 @@
+"""``python -m distill_operator`` / ``kubedistill operator``: run the DistillJob operator (kopf).
+
+Serves a liveness endpoint (kopf's, ``/healthz``) and Prometheus metrics (``/metrics``). Both bind to
+``--bind-address`` (127.0.0.1 by default; the Deployment passes 0.0.0.0 so the kubelet and Prometheus reach them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubedistill operator",
+        description="Run the kubedistill operator: DistillJob -> ConfigMap + KubeRay RayJob, status conditions.",
+    )
+    parser.add_argument(
+        "-n", "--namespace", action="append", default=[],
+        help="Watch only this namespace (repeatable; globs allowed). Default: all namespaces.",
+    )
+    parser.add_argument("--bind-address", default="127.0.0.1", help="Address of the metrics and liveness servers.")
+    parser.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port; 0 disables it.")
+    parser.add_argument("--liveness-port", type=int, default=8080, help="Liveness /healthz port; 0 disables it.")
+    parser.add_argument(
+        "--reconcile-interval", type=float, default=None,
+        help="Seconds between timer reconciles of a job (deadlines, TTL, Ray Jobs API polling). Default: 10.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="Verbose logging.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.reconcile_interval is not None:
+        os.environ["KUBEDISTILL_RECONCILE_INTERVAL_SECONDS"] = str(args.reconcile_interval)
+    import kopf
+    from prometheus_client import start_http_server
+
+    from distill_operator import handlers  # noqa: F401  (registers the handlers)
+
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.PLAIN)
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr=args.bind_address)
+    liveness = f"http://{args.bind_address}:{args.liveness_port}/healthz" if args.liveness_port else None
+    logging.getLogger(__name__).info(
+        "kubedistill operator: %s, metrics :%s, liveness %s",
+        ", ".join(args.namespace) or "all namespaces", args.metrics_port or "off", liveness or "off",
+    )
+    asyncio.run(
+        kopf.operator(
+            clusterwide=not args.namespace,
+            namespaces=args.namespace,
+            liveness_endpoint=liveness,
+            standalone=True,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

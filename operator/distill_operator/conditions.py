@@ -1,0 +1,310 @@
+"""Pure status logic: (what the launcher reports, progress, old status, run policy, now) -> new status + action.
+
+Two steps, both without a cluster:
+1. ``observe_rayjob`` / ``observe_submission`` reduce a KubeRay RayJob status or a Ray Jobs API status to one
+   ``Observation`` (Missing, Pending, Running, Succeeded, Failed), so both launchers map to conditions the same way.
+2. ``decide`` applies the run policy (suspend, deadlines, backoffLimit, TTL) and returns the status the operator
+   should write, the one action to take (launch an attempt, delete the attempt, delete the job) and the events.
+
+Conditions follow the Kubernetes conventions: CamelCase reasons, human messages, ``lastTransitionTime`` changes
+only when ``status`` flips, ``observedGeneration`` on each. ``status.progress`` is the trainer's: ``decide``
+reads it for messages and never returns it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal, Mapping
+
+from distill_operator.resources import TERMINAL_STATES, DistillJobSpec
+
+Phase = Literal["Missing", "Pending", "Running", "Succeeded", "Failed"]
+Action = Literal["none", "launch", "stop", "delete_job"]
+
+# Keys of status the operator owns; everything else (progress) belongs to someone else.
+OPERATOR_STATUS_KEYS = (
+    "state",
+    "message",
+    "observedGeneration",
+    "startTime",
+    "completionTime",
+    "rayJobName",
+    "attempt",
+    "attemptStartTime",
+    "restarts",
+    "conditions",
+)
+
+
+def format_time(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One attempt's state as a launcher sees it."""
+
+    phase: Phase
+    reason: str
+    message: str = ""
+
+
+MISSING = Observation("Missing", "RayJobDeleted", "the attempt's RayJob no longer exists")
+
+
+def observe_rayjob(rayjob: Mapping[str, Any] | None) -> Observation:
+    """Map a KubeRay ray.io/v1 RayJob's ``jobDeploymentStatus``/``jobStatus`` to an Observation."""
+    if rayjob is None:
+        return MISSING
+    status = rayjob.get("status") or {}
+    deployment = status.get("jobDeploymentStatus") or ""
+    job = status.get("jobStatus") or ""
+    detail = status.get("message") or status.get("reason") or ""
+    name = (rayjob.get("metadata") or {}).get("name", "RayJob")
+    if job == "SUCCEEDED":
+        return Observation("Succeeded", "RayJobSucceeded", f"RayJob {name} succeeded")
+    if job in ("FAILED", "STOPPED") or deployment in ("Failed", "ValidationFailed"):
+        what = f"jobStatus={job or '-'}, jobDeploymentStatus={deployment or '-'}"
+        return Observation("Failed", "RayJobFailed", f"RayJob {name} failed ({what}){': ' + detail if detail else ''}")
+    if deployment == "Complete":  # complete without a SUCCEEDED jobStatus: treat as a failure
+        return Observation("Failed", "RayJobFailed", f"RayJob {name} completed with jobStatus={job or '-'}")
+    if job == "RUNNING" and deployment in ("Running", ""):
+        return Observation("Running", "RayJobRunning", f"RayJob {name} is running")
+    return Observation(
+        "Pending", "RayJobPending", f"RayJob {name} is starting (jobDeploymentStatus={deployment or '-'})"
+    )
+
+
+def observe_submission(job_status: str | None, submission: str, message: str = "") -> Observation:
+    """Map a Ray Jobs API status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED; None = unknown id)."""
+    if job_status is None:
+        return Observation("Missing", "RayJobDeleted", f"Ray job {submission} is not known to the Ray cluster")
+    status = job_status.upper()
+    if status == "SUCCEEDED":
+        return Observation("Succeeded", "RayJobSucceeded", f"Ray job {submission} succeeded")
+    if status in ("FAILED", "STOPPED"):
+        return Observation("Failed", "RayJobFailed", f"Ray job {submission} {status.lower()}: {message}".rstrip(": "))
+    if status == "RUNNING":
+        return Observation("Running", "RayJobRunning", f"Ray job {submission} is running")
+    return Observation("Pending", "RayJobPending", f"Ray job {submission} is {status.lower()}")
+
+
+def get_condition(conditions: list[Mapping[str, Any]], type_: str) -> Mapping[str, Any] | None:
+    return next((c for c in conditions if c.get("type") == type_), None)
+
+
+def is_true(conditions: list[Mapping[str, Any]], type_: str) -> bool:
+    condition = get_condition(conditions, type_)
+    return condition is not None and condition.get("status") == "True"
+
+
+def set_condition(
+    conditions: list[dict[str, Any]],
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int | None,
+) -> list[dict[str, Any]]:
+    """Return a new list with ``type_`` set; ``lastTransitionTime`` moves only when the status flips."""
+    value = "True" if status else "False"
+    out = [dict(c) for c in conditions]
+    current = next((c for c in out if c.get("type") == type_), None)
+    if current is None:
+        current = {"type": type_}
+        out.append(current)
+    if current.get("status") != value or not current.get("lastTransitionTime"):
+        current["lastTransitionTime"] = format_time(now)
+    current.update(status=value, reason=reason, message=message, observedGeneration=generation)
+    return out
+
+
+@dataclass
+class Decision:
+    """What the operator should do now. ``status`` is complete for the operator's keys, to write after the action."""
+
+    status: dict[str, Any]
+    action: Action = "none"
+    attempt: int | None = None  # the attempt to launch or stop
+    resume: bool = False  # launch with resume_from_checkpoint=true
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (Normal|Warning, Reason, message)
+    remaining_deadline: int | None = None  # seconds left of activeDeadlineSeconds, for the launched RayJob
+
+
+class _Status:
+    """A mutable working copy of the operator's status keys, recording events on condition flips."""
+
+    def __init__(self, old: Mapping[str, Any], now: datetime, generation: int | None):
+        self.data = {k: copy.deepcopy(old[k]) for k in OPERATOR_STATUS_KEYS if k in old}
+        self.data.setdefault("conditions", [])
+        self.now, self.generation = now, generation
+        self.events: list[tuple[str, str, str]] = []
+
+    @property
+    def conditions(self) -> list[dict[str, Any]]:
+        return self.data["conditions"]
+
+    def set(self, type_: str, status: bool, reason: str, message: str, event: str | None = None) -> None:
+        was = is_true(self.conditions, type_)
+        self.data["conditions"] = set_condition(
+            self.conditions, type_, status, reason, message, self.now, self.generation
+        )
+        if event and status and not was:
+            self.events.append((event, reason, message))
+
+    def clear(self, type_: str, reason: str, message: str = "") -> None:
+        """Set a condition False only if it exists (conditions appear when they first become relevant)."""
+        if get_condition(self.conditions, type_) is not None:
+            self.set(type_, False, reason, message)
+
+    def finish(self, succeeded: bool, reason: str, message: str) -> None:
+        self.set("Running", False, reason, message)
+        self.clear("Restarting", reason, message)
+        self.set("Succeeded" if succeeded else "Failed", True, reason, message, "Normal" if succeeded else "Warning")
+        self.data.update(state="Succeeded" if succeeded else "Failed", message=message)
+        self.data["completionTime"] = format_time(self.now)
+
+
+def _elapsed(since: str | None, now: datetime) -> float | None:
+    start = parse_time(since)
+    return None if start is None else (now - start).total_seconds()
+
+
+def decide(
+    *,
+    spec: DistillJobSpec | None,
+    spec_error: str | None,
+    status: Mapping[str, Any],
+    generation: int | None,
+    observation: Observation | None,
+    now: datetime,
+    run_name: Any = None,
+) -> Decision:
+    """The run policy. ``observation`` is the current attempt's (None when no attempt was launched yet).
+
+    ``run_name(attempt) -> str`` names an attempt's RayJob/submission (for status.rayJobName and messages).
+    """
+    st = _Status(status, now, generation)
+    st.data["observedGeneration"] = generation
+    progress = status.get("progress") or {}
+    attempt = status.get("attempt")
+    name_of = run_name or (lambda a: f"attempt-{a}")
+
+    def decision(action: Action = "none", **kwargs: Any) -> Decision:
+        return Decision(status=st.data, action=action, events=st.events, **kwargs)
+
+    # Terminal states stay terminal; only the TTL is left to act on.
+    if status.get("state") in TERMINAL_STATES:
+        ttl = spec.run_policy.ttl_seconds_after_finished if spec is not None else None
+        done = _elapsed(status.get("completionTime"), now)
+        if ttl is not None and done is not None and done >= ttl:
+            return decision("delete_job")
+        return decision()
+
+    if spec is None:
+        st.set("Failed", True, "InvalidSpec", spec_error or "invalid spec", "Warning")
+        st.data.update(state="Failed", message=spec_error or "invalid spec", completionTime=format_time(now))
+        return decision()
+
+    policy = spec.run_policy
+    if policy.suspend:
+        already = is_true(st.conditions, "Suspended")
+        message = "suspended: the Ray cluster is deleted, checkpoints are kept"
+        if attempt is None:
+            message = "suspended before the first launch"
+        st.set("Suspended", True, "Suspended", message, "Normal")
+        st.clear("Running", "Suspended", message)
+        st.clear("Restarting", "Suspended", message)
+        st.data.update(state="Suspended", message=message)
+        running = observation is not None and observation.phase in ("Pending", "Running")
+        if attempt is not None and (running or not already):
+            return decision("stop", attempt=attempt)
+        return decision()
+
+    def launch(next_attempt: int, resume: bool) -> Decision:
+        st.data.update(attempt=next_attempt, rayJobName=name_of(next_attempt), attemptStartTime=format_time(now))
+        remaining = None
+        if policy.active_deadline_seconds is not None:
+            elapsed = _elapsed(st.data.get("startTime"), now) or 0.0
+            remaining = int(policy.active_deadline_seconds - elapsed)
+        return decision("launch", attempt=next_attempt, resume=resume, remaining_deadline=remaining)
+
+    if is_true(st.conditions, "Suspended"):
+        # Resume: a new attempt continues from the newest checkpoint; the deadline clock restarts, as for Jobs.
+        next_attempt = 0 if attempt is None else attempt + 1
+        message = f"resumed: {name_of(next_attempt)} continues from the newest checkpoint"
+        st.set("Suspended", False, "Resumed", message)
+        st.events.append(("Normal", "Resumed", message))
+        st.data.update(state="Pending", message=message, startTime=format_time(now))
+        st.set("Created", True, "RayJobCreated", f"{name_of(next_attempt)} created", None)
+        st.set("Running", False, "RayJobPending", f"waiting for {name_of(next_attempt)} to start")
+        return launch(next_attempt, resume=attempt is not None)
+
+    if attempt is None:
+        message = f"{name_of(0)} created"
+        st.set("Created", True, "RayJobCreated", message, "Normal")
+        st.set("Running", False, "RayJobPending", f"waiting for {name_of(0)} to start")
+        st.data.update(state="Pending", message=message, startTime=format_time(now), restarts=0)
+        return launch(0, resume=False)
+
+    # Deadlines.
+    if policy.active_deadline_seconds is not None:
+        elapsed = _elapsed(st.data.get("startTime"), now)
+        if elapsed is not None and elapsed >= policy.active_deadline_seconds:
+            st.finish(False, "DeadlineExceeded", f"ran longer than activeDeadlineSeconds={policy.active_deadline_seconds}")
+            return decision("stop", attempt=attempt)
+    observed = observation or MISSING
+    if policy.pre_running_deadline_seconds is not None and observed.phase == "Pending":
+        waited = _elapsed(st.data.get("attemptStartTime"), now)
+        if waited is not None and waited >= policy.pre_running_deadline_seconds:
+            st.finish(
+                False,
+                "PreRunningDeadlineExceeded",
+                f"{name_of(attempt)} did not reach Running within preRunningDeadlineSeconds="
+                f"{policy.pre_running_deadline_seconds} ({observed.message})",
+            )
+            return decision("stop", attempt=attempt)
+
+    restarting = is_true(st.conditions, "Restarting")
+    if observed.phase == "Pending":
+        st.set("Running", False, observed.reason, observed.message)
+        st.data.update(state="Restarting" if restarting else "Pending", message=observed.message)
+        return decision()
+    if observed.phase == "Running":
+        st.set("Running", True, observed.reason, observed.message, "Normal")
+        st.clear("Restarting", "Running", observed.message)
+        st.data.update(state="Running", message=observed.message)
+        return decision()
+    if observed.phase == "Succeeded":
+        steps = f" after {progress['step']} steps" if progress.get("step") is not None else ""
+        st.finish(True, "Succeeded", f"{observed.message}{steps}")
+        return decision()
+
+    # Failed or Missing: retry from the newest checkpoint while backoffLimit allows.
+    restarts = int(st.data.get("restarts") or 0)
+    if restarts >= policy.backoff_limit:
+        st.finish(
+            False,
+            "BackoffLimitExceeded",
+            f"{observed.message}; backoffLimit={policy.backoff_limit} reached after {restarts} restarts",
+        )
+        return decision()
+    checkpoint = progress.get("lastCheckpoint") or "the newest checkpoint"
+    message = (
+        f"{observed.message}; restart {restarts + 1} of {policy.backoff_limit}: "
+        f"{name_of(attempt + 1)} resumes from {checkpoint}"
+    )
+    st.set("Running", False, observed.reason, observed.message)
+    st.set("Restarting", True, observed.reason, message)
+    st.events.append(("Warning", "Restarting", message))
+    st.data.update(state="Restarting", message=message, restarts=restarts + 1)
+    return launch(attempt + 1, resume=True)

@@ -1,0 +1,232 @@
+"""Generate the DistillJob CustomResourceDefinition from the pydantic models in resources.py.
+
+    python -m distill_operator.crdgen > crds/distilljob.yaml     # or: --write (writes crds/distilljob.yaml)
+    python -m distill_operator.crdgen --check                     # exit 1 when the committed file is stale
+
+pydantic emits JSON Schema 2020-12; Kubernetes wants a *structural* OpenAPI v3.0 schema: every node typed,
+no $ref, no type inside anyOf, no null type. The conversion below is small and explicit:
+- ``$ref`` is inlined, ``title`` dropped, pydantic ``default`` moved into the description (the API server does
+  not default: the operator applies the model's defaults, so stored objects stay as the user wrote them);
+- ``X | None`` becomes ``X`` with ``nullable: true``; ``int | str`` (quantities) becomes
+  ``x-kubernetes-int-or-string``; ``const`` becomes a one-value ``enum``; ``exclusiveMinimum: 0`` becomes
+  ``minimum: 0, exclusiveMinimum: true``;
+- ``bool | str`` (only ``resume_from_checkpoint``) has no structural form in Kubernetes 1.20 (a node has one
+  type; int-or-string is the only union). That leaf gets ``x-kubernetes-preserve-unknown-fields: true``, so
+  YAML ``true``/``false``/``"/path"`` all pass the API server, and the operator validates it with the
+  trainer's own model (a bad value sets ``Failed`` with reason ``InvalidSpec``). It is the one field the
+  schema alone does not check.
+Rules that need more than one field (teacher and student layouts, rayAddress for the RayAddress launcher) are
+added as CEL ``x-kubernetes-validations``: API servers >= 1.25 enforce them, older ones ignore the key, and
+the operator checks the same rules with pydantic either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distill_operator import resources
+
+CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "distilljob.yaml"
+
+# CEL rules (Kubernetes >= 1.25), keyed by the dotted schema path they sit on.
+CEL_RULES: dict[str, list[dict[str, str]]] = {
+    "spec.launcher": [
+        {
+            "rule": "!has(self.type) || self.type != 'RayAddress' || has(self.rayAddress)",
+            "message": "rayAddress is required when type is RayAddress",
+        }
+    ],
+    "spec.distill": [
+        {
+            "rule": "has(self.student) && has(self.student.data_args) && has(self.student.data_args.file_name)",
+            "message": "student.data_args.file_name is required: the training data file",
+        },
+        {
+            "rule": "(has(self.student) && has(self.student.device_mapping) ? self.student.device_mapping : [])"
+            " == (has(self.teacher) && has(self.teacher.device_mapping) ? self.teacher.device_mapping : [])",
+            "message": "teacher.device_mapping must equal student.device_mapping",
+        },
+    ],
+}
+
+PRINTER_COLUMNS = [
+    {"name": "State", "type": "string", "jsonPath": ".status.state", "description": "Summary state."},
+    {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step", "description": "Last step."},
+    {"name": "Max", "type": "integer", "jsonPath": ".spec.distill.max_steps", "description": "Steps to train."},
+    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "description": "Training loss."},
+    {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1},
+    {"name": "RayJob", "type": "string", "jsonPath": ".status.rayJobName", "priority": 1},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def _describe_default(node: dict[str, Any], default: Any) -> None:
+    if default is None or default == [] or default == {}:
+        return
+    description = node.get("description", "")
+    if "Default:" in description:
+        return
+    rendered = yaml.safe_dump(default, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+    node["description"] = f"{description} Default: {rendered}.".strip()
+
+
+def _structural(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str, Any]:
+    """Convert one pydantic JSON-schema node (and its children) into a structural OpenAPI v3.0 node."""
+    node = copy.deepcopy(node)
+    if "$ref" in node:
+        target = defs[node.pop("$ref").split("/")[-1]]
+        merged = copy.deepcopy(target)
+        # A field's own description wins over its model's docstring.
+        merged.update({k: v for k, v in node.items() if k in ("description", "default")})
+        node = merged
+    default = node.pop("default", None)
+    node.pop("title", None)
+    out: dict[str, Any]
+
+    variants = node.pop("anyOf", None)
+    if variants is not None:
+        non_null = [v for v in variants if v.get("type") != "null"]
+        nullable = len(non_null) < len(variants)
+        types = sorted(v.get("type", "") for v in non_null)
+        if len(non_null) == 1:
+            out = _structural({**non_null[0], **{k: v for k, v in node.items()}}, defs, path)
+            if nullable:
+                out["nullable"] = True
+        elif types == ["integer", "string"]:
+            out = {k: v for k, v in node.items()}
+            out["x-kubernetes-int-or-string"] = True
+        elif types == ["boolean", "string"]:
+            out = {k: v for k, v in node.items()}
+            out["x-kubernetes-preserve-unknown-fields"] = True
+            out["description"] = (
+                out.get("description", "") + " true, false or a checkpoint path (checked by the operator)."
+            ).strip()
+        else:  # pragma: no cover - a new union type in the models needs a deliberate mapping here
+            raise ValueError(f"{path}: no structural form for anyOf {types}")
+        _describe_default(out, default)
+        _attach_cel(out, path)
+        return out
+
+    out = {}
+    for key, value in node.items():
+        if key == "properties":
+            out["properties"] = {
+                name: _structural(child, defs, f"{path}.{name}" if path else name) for name, child in value.items()
+            }
+        elif key == "items":
+            out["items"] = _structural(value, defs, f"{path}[]")
+        elif key == "additionalProperties":
+            if value is False:
+                continue  # extra="forbid": the API server prunes unknown fields; kubectl rejects them
+            out["additionalProperties"] = _structural(value, defs, f"{path}.*")
+        elif key == "const":
+            out["enum"] = [value]
+        elif key == "exclusiveMinimum":
+            out["minimum"], out["exclusiveMinimum"] = value, True
+        elif key == "exclusiveMaximum":
+            out["maximum"], out["exclusiveMaximum"] = value, True
+        elif key in ("$defs", "examples"):
+            continue
+        else:
+            out[key] = value
+    if "enum" in out and "type" not in out:
+        out["type"] = {str: "string", int: "integer", bool: "boolean", float: "number"}[type(out["enum"][0])]
+    if "properties" in out:
+        out.setdefault("type", "object")
+    if "type" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+        raise ValueError(f"{path}: schema node without a type: {node}")
+    _describe_default(out, default)
+    _attach_cel(out, path)
+    return out
+
+
+def _attach_cel(node: dict[str, Any], path: str) -> None:
+    if path in CEL_RULES:
+        node["x-kubernetes-validations"] = copy.deepcopy(CEL_RULES[path])
+
+
+def _model_schema(model: type, path: str) -> dict[str, Any]:
+    schema = model.model_json_schema(by_alias=True, mode="validation", ref_template="#/$defs/{model}")
+    defs = schema.pop("$defs", {})
+    return _structural(schema, defs, path)
+
+
+def openapi_schema() -> dict[str, Any]:
+    """The structural schema of the whole DistillJob object."""
+    return {
+        "type": "object",
+        "description": "A knowledge-distillation run of an LLM: a teacher's logits train a student on a Ray "
+        "cluster launched through KubeRay (or an existing Ray cluster).",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string", "description": "APIVersion of this object."},
+            "kind": {"type": "string", "description": "Kind of this object."},
+            "metadata": {"type": "object"},
+            "spec": _model_schema(resources.DistillJobSpec, "spec"),
+            "status": _model_schema(resources.DistillJobStatus, "status"),
+        },
+    }
+
+
+def build_crd() -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{resources.PLURAL}.{resources.GROUP}"},
+        "spec": {
+            "group": resources.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": resources.KIND,
+                "listKind": f"{resources.KIND}List",
+                "plural": resources.PLURAL,
+                "singular": resources.SINGULAR,
+                "shortNames": list(resources.SHORT_NAMES),
+                "categories": ["all", "kubedistill"],
+            },
+            "versions": [
+                {
+                    "name": resources.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": copy.deepcopy(PRINTER_COLUMNS),
+                    "schema": {"openAPIV3Schema": openapi_schema()},
+                }
+            ],
+        },
+    }
+
+
+def render_crd_yaml() -> str:
+    header = "# Generated by `python -m distill_operator.crdgen --write` from operator/distill_operator/resources.py.\n# Do not edit by hand.\n"
+    return header + yaml.safe_dump(build_crd(), sort_keys=False, width=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m distill_operator.crdgen", description=__doc__.splitlines()[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--write", action="store_true", help=f"write {CRD_PATH}")
+    group.add_argument("--check", action="store_true", help=f"exit 1 if {CRD_PATH} differs from the generator")
+    args = parser.parse_args(argv)
+    text = render_crd_yaml()
+    if args.write:
+        CRD_PATH.parent.mkdir(parents=True, exist_ok=True)
+        CRD_PATH.write_text(text)
+    elif args.check:
+        if not CRD_PATH.is_file() or CRD_PATH.read_text() != text:
+            print(f"{CRD_PATH} is stale: run `python -m distill_operator.crdgen --write`", file=sys.stderr)
+            return 1
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Pure builders: a DistillJob in, plain manifest dicts out (ConfigMap with the trainer YAML, KubeRay RayJob).
+
+Nothing here talks to the API server; ``handlers.py`` only calls these and creates what they return, so every
+field of every child object is unit-tested without a cluster (the dask-kubernetes split).
+Names are deterministic (``<job>-config``, ``<job>-<attempt>``): creating the same child twice is a 409, never a
+second object, which is what makes reconcile idempotent across operator restarts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import shlex
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from distill_operator import resources
+from distill_operator.resources import DistillJobSpec
+from distill_trainer.config import dump_config
+
+CONFIG_DIR = "/etc/kubedistill"
+CONFIG_FILE = "distill.yaml"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
+ENV_JOB_NAME = "KUBEDISTILL_DISTILLJOB_NAME"
+ENV_JOB_NAMESPACE = "KUBEDISTILL_DISTILLJOB_NAMESPACE"
+LABEL_JOB = "kubedistill.io/distilljob"
+LABEL_ATTEMPT = "kubedistill.io/attempt"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "kubedistill-operator"
+# KubeRay derives RayCluster, pod and service names from the RayJob's name; it refuses names over 47 chars.
+RAYJOB_NAME_LIMIT = 47
+LABEL_VALUE_LIMIT = 63
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """The identity of a DistillJob, as the builders need it (owner references, names, env)."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    @classmethod
+    def from_body(cls, body: Any) -> "JobRef":
+        meta = body["metadata"]
+        return cls(name=meta["name"], namespace=meta["namespace"], uid=meta.get("uid", ""))
+
+
+def _bounded(name: str, limit: int) -> str:
+    """``name`` if it fits in ``limit`` characters, else a truncated prefix plus a stable 8-char hash."""
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: limit - 9].rstrip('-.')}-{digest}"
+
+
+def configmap_name(job: JobRef) -> str:
+    return _bounded(f"{job.name}-config", 253)
+
+
+def rayjob_name(job: JobRef, attempt: int) -> str:
+    """The RayJob of one attempt: ``<job>-<attempt>``, hashed down to KubeRay's name limit when long."""
+    suffix = f"-{attempt}"
+    return _bounded(job.name, RAYJOB_NAME_LIMIT - len(suffix)) + suffix
+
+
+def submission_id(job: JobRef, attempt: int) -> str:
+    """Ray Jobs API submission id of one attempt; the uid keeps a re-created job of the same name apart."""
+    return f"kubedistill-{job.namespace}-{job.name}-{job.uid[:8]}-{attempt}"
+
+
+def labels(job: JobRef, attempt: int | None = None) -> dict[str, str]:
+    out = {LABEL_JOB: _bounded(job.name, LABEL_VALUE_LIMIT), LABEL_MANAGED_BY: MANAGER}
+    if attempt is not None:
+        out[LABEL_ATTEMPT] = str(attempt)
+    return out
+
+
+def owner_reference(job: JobRef) -> dict[str, Any]:
+    """Children are garbage-collected with their DistillJob."""
+    return {
+        "apiVersion": resources.API_VERSION,
+        "kind": resources.KIND,
+        "name": job.name,
+        "uid": job.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def trainer_config(spec: DistillJobSpec, job: JobRef) -> dict[str, Any]:
+    """The trainer YAML as data: ``spec.distill`` with relative output/logging dirs moved onto the storage."""
+    config = dump_config(spec.distill)
+    if spec.storage is not None:
+        base = posixpath.join(spec.storage.mount_path, job.namespace, job.name)
+        for key in ("output_dir", "logging_dir"):
+            if not posixpath.isabs(config[key]):
+                config[key] = posixpath.normpath(posixpath.join(base, config[key]))
+    return config
+
+
+def trainer_config_yaml(spec: DistillJobSpec, job: JobRef) -> str:
+    return yaml.safe_dump(trainer_config(spec, job), sort_keys=False)
+
+
+def render_configmap(spec: DistillJobSpec, job: JobRef) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": configmap_name(job),
+            "namespace": job.namespace,
+            "labels": labels(job),
+            "ownerReferences": [owner_reference(job)],
+        },
+        "data": {CONFIG_FILE: trainer_config_yaml(spec, job)},
+    }
+
+
+def entrypoint_args(config_path: str = CONFIG_PATH, resume: bool = False) -> list[str]:
+    """The trainer command as an argument list; a retry or resume adds ``resume_from_checkpoint=true``."""
+    args = ["kubedistill", "train", config_path]
+    if resume:
+        args.append("resume_from_checkpoint=true")
+    return args
+
+
+def trainer_env(job: JobRef) -> dict[str, str]:
+    """Tells the trainer's progress reporter which DistillJob to write status.progress to."""
+    return {ENV_JOB_NAME: job.name, ENV_JOB_NAMESPACE: job.namespace}
+
+
+def _resources(cpu: int | str, memory: int | str, gpus: int = 0, gpu_name: str = "") -> dict[str, Any]:
+    amounts: dict[str, Any] = {"cpu": str(cpu), "memory": str(memory)}
+    limits = dict(amounts)
+    if gpus:
+        limits[gpu_name] = str(gpus)
+    return {"requests": amounts, "limits": limits}
+
+
+def _pod_template(
+    spec: DistillJobSpec,
+    job: JobRef,
+    attempt: int,
+    container_name: str,
+    resources_: dict[str, Any],
+    node_selector: dict[str, str],
+    tolerations: list[resources.Toleration],
+    ports: list[dict[str, Any]],
+) -> dict[str, Any]:
+    mounts = [{"name": "kubedistill-config", "mountPath": CONFIG_DIR, "readOnly": True}]
+    volumes: list[dict[str, Any]] = [{"name": "kubedistill-config", "configMap": {"name": configmap_name(job)}}]
+    if spec.storage is not None:
+        mounts.append({"name": "checkpoints", "mountPath": spec.storage.mount_path})
+        volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": spec.storage.claim_name}})
+    container: dict[str, Any] = {
+        "name": container_name,
+        "image": spec.image,
+        "resources": resources_,
+        "env": [{"name": key, "value": value} for key, value in trainer_env(job).items()],
+        "volumeMounts": mounts,
+    }
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
+    if ports:
+        container["ports"] = ports
+    pod_spec: dict[str, Any] = {"containers": [container], "volumes": volumes}
+    if spec.service_account_name:
+        pod_spec["serviceAccountName"] = spec.service_account_name
+    if node_selector:
+        pod_spec["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in tolerations]
+    return {"metadata": {"labels": labels(job, attempt)}, "spec": pod_spec}
+
+
+def render_rayjob(
+    spec: DistillJobSpec,
+    job: JobRef,
+    attempt: int,
+    resume: bool,
+    active_deadline_seconds: int | None = None,
+) -> dict[str, Any]:
+    """The KubeRay RayJob of one attempt: a head (driver) and the GPU worker group, torn down when done.
+
+    ``active_deadline_seconds`` is what is left of the DistillJob's deadline; KubeRay enforces it as a backstop
+    (the operator enforces the real one). KubeRay's own retries are off (backoffLimit 0): each retry of ours is a
+    new RayJob that resumes from the checkpoint.
+    """
+    workers = spec.workers
+    head_ports = [
+        {"containerPort": 6379, "name": "gcs-server"},
+        {"containerPort": 8265, "name": "dashboard"},
+        {"containerPort": 10001, "name": "client"},
+    ]
+    ray_spec: dict[str, Any] = {
+        "entrypoint": shlex.join(entrypoint_args(CONFIG_PATH, resume)),
+        "runtimeEnvYAML": yaml.safe_dump({"env_vars": trainer_env(job)}, sort_keys=True),
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": 60,
+        "backoffLimit": 0,
+        "submissionMode": "K8sJobMode",
+        "rayClusterSpec": {
+            "rayVersion": spec.ray_version,
+            "headGroupSpec": {
+                "rayStartParams": {"dashboard-host": "0.0.0.0"},
+                "template": _pod_template(
+                    spec,
+                    job,
+                    attempt,
+                    "ray-head",
+                    _resources(spec.head.cpu, spec.head.memory),
+                    spec.head.node_selector,
+                    spec.head.tolerations,
+                    head_ports,
+                ),
+            },
+            "workerGroupSpecs": [
+                {
+                    "groupName": "gpu",
+                    "replicas": workers.replicas,
+                    "minReplicas": workers.replicas,
+                    "maxReplicas": workers.replicas,
+                    "rayStartParams": {},
+                    "template": _pod_template(
+                        spec,
+                        job,
+                        attempt,
+                        "ray-worker",
+                        _resources(workers.cpu, workers.memory, workers.gpus_per_worker, workers.gpu_resource_name),
+                        workers.node_selector,
+                        workers.tolerations,
+                        [],
+                    ),
+                }
+            ],
+        },
+    }
+    if active_deadline_seconds is not None:
+        ray_spec["activeDeadlineSeconds"] = max(1, int(active_deadline_seconds))
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {
+            "name": rayjob_name(job, attempt),
+            "namespace": job.namespace,
+            "labels": labels(job, attempt),
+            "ownerReferences": [owner_reference(job)],
+        },
+        "spec": ray_spec,
+    }
+
+
+def render_submission(spec: DistillJobSpec, job: JobRef, attempt: int, resume: bool) -> dict[str, Any]:
+    """Arguments of ``JobSubmissionClient.submit_job`` for the RayAddress launcher.
+
+    The config travels as ``distill.yaml`` in the runtime_env working_dir (uploaded by the client), so the
+    entrypoint names it relatively; paths inside the config should be absolute on the Ray cluster.
+    """
+    return {
+        "submission_id": submission_id(job, attempt),
+        "entrypoint": shlex.join(entrypoint_args(CONFIG_FILE, resume)),
+        "runtime_env": {"env_vars": trainer_env(job)},
+        "metadata": {"distilljob": f"{job.namespace}/{job.name}", "attempt": str(attempt)},
+        "config_yaml": trainer_config_yaml(spec, job),
+    }
+

@@ -1,0 +1,220 @@
+"""The DistillJob resource as pydantic models: the one source of the CRD schema and of the operator's view.
+
+``DistillJobSpec`` is what users write under ``spec``; ``DistillJobStatus`` is what the operator (and, for
+``status.progress``, the trainer) write back. ``crdgen.py`` turns these models into ``crds/distilljob.yaml``,
+so every field's ``description`` here is what ``kubectl explain distilljob.spec...`` shows.
+
+Kubernetes-facing fields are camelCase (``runPolicy.backoffLimit``); ``spec.distill`` is the trainer's own
+``DistillConfig`` and keeps the trainer YAML's snake_case field names, so a trainer config pastes in unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from distill_trainer.config import DistillConfig
+
+GROUP = "kubedistill.io"
+VERSION = "v1alpha1"
+KIND = "DistillJob"
+PLURAL = "distilljobs"
+SINGULAR = "distilljob"
+SHORT_NAMES = ["dj"]
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Condition types, in the order they usually appear. Each is True/False with a CamelCase reason.
+CONDITION_TYPES = ("Created", "Running", "Suspended", "Restarting", "Succeeded", "Failed")
+# The one-word summary in status.state (a printer column); terminal states never change again.
+State = Literal["Pending", "Running", "Suspended", "Restarting", "Succeeded", "Failed"]
+TERMINAL_STATES = ("Succeeded", "Failed")
+
+QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+
+
+class _K8sModel(BaseModel):
+    # camelCase on the wire like every Kubernetes API; unknown fields are errors (the API server prunes them
+    # anyway, so an unknown key reaching the operator means a client bypassed the schema).
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+
+class Toleration(_K8sModel):
+    """A pod toleration, as in core/v1 (so GPU nodes with taints can be used)."""
+
+    key: str | None = Field(None, description="Taint key the toleration applies to; empty with Exists matches all.")
+    operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal. Default: Equal.")
+    value: str | None = Field(None, description="Taint value to match with operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to match; empty matches all effects."
+    )
+    toleration_seconds: int | None = Field(
+        None, ge=0, description="For NoExecute: how long the pod stays bound after the taint appears."
+    )
+
+
+class HeadSpec(_K8sModel):
+    """The Ray head pod. The trainer's driver runs here; it needs no GPU."""
+
+    cpu: int | str = Field("4", description="CPU request and limit of the head pod (a quantity). Default: 4.")
+    memory: int | str = Field("16Gi", description="Memory request and limit of the head pod (a quantity). Default: 16Gi.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the head pod must match.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the head pod.")
+
+
+class WorkersSpec(_K8sModel):
+    """The GPU worker group of the Ray cluster: where TeacherWorker and StudentWorker actors are placed."""
+
+    replicas: int = Field(1, ge=1, le=1024, description="Number of Ray worker pods. Default: 1.")
+    gpus_per_worker: int = Field(1, ge=0, le=64, description="GPUs requested by each worker pod. Default: 1.")
+    gpu_resource_name: str = Field(
+        "nvidia.com/gpu", min_length=1, description="Extended resource name of the GPUs. Default: nvidia.com/gpu."
+    )
+    cpu: int | str = Field("8", description="CPU request and limit of each worker pod (a quantity). Default: 8.")
+    memory: int | str = Field(
+        "64Gi", description="Memory request and limit of each worker pod (a quantity). Default: 64Gi."
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the worker pods must match, e.g. a GPU product label."
+    )
+    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the worker pods.")
+
+
+class StorageSpec(_K8sModel):
+    """Where checkpoints live. It must outlive Ray clusters: suspend, retries and resume read from it."""
+
+    claim_name: str = Field(
+        ..., min_length=1, max_length=253, description="PersistentVolumeClaim mounted into the head and worker pods."
+    )
+    mount_path: str = Field(
+        "/checkpoints",
+        pattern=r"^/",
+        description="Where the claim is mounted. A relative spec.distill.output_dir/logging_dir is placed "
+        "under <mountPath>/<namespace>/<name>/. Default: /checkpoints.",
+    )
+
+
+class RunPolicy(_K8sModel):
+    """When the job runs, how long it may take, how often it is retried and when it is cleaned up."""
+
+    suspend: bool = Field(
+        False,
+        description="true deletes the Ray cluster and keeps the checkpoints; setting it back to false resumes "
+        "from the newest checkpoint. Default: false.",
+    )
+    active_deadline_seconds: int | None = Field(
+        None,
+        ge=1,
+        description="Fail the job (DeadlineExceeded) when it has run this long since it started or last resumed. "
+        "Default: no deadline.",
+    )
+    pre_running_deadline_seconds: int | None = Field(
+        None,
+        ge=1,
+        description="Fail the job (PreRunningDeadlineExceeded) when an attempt has not reached Running this long "
+        "after its RayJob was created, e.g. pods unschedulable or images not pullable. Default: no deadline.",
+    )
+    backoff_limit: int = Field(
+        3,
+        ge=0,
+        le=100,
+        description="Retries after a failed attempt; each retry is a new RayJob resuming from the newest "
+        "checkpoint. Default: 3.",
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None,
+        ge=0,
+        description="Delete the DistillJob (and, through owner references, its ConfigMap and RayJobs) this "
+        "long after it succeeded or failed. Default: keep it.",
+    )
+
+
+class LauncherSpec(_K8sModel):
+    """How the trainer is started."""
+
+    type: Literal["KubeRay", "RayAddress"] = Field(
+        "KubeRay",
+        description="KubeRay: create a ray.io/v1 RayJob (a Ray cluster per attempt). RayAddress: submit to an "
+        "existing Ray cluster through the Ray Jobs API at rayAddress. Default: KubeRay.",
+    )
+    ray_address: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="Ray dashboard address for type RayAddress, e.g. http://raycluster-head-svc.ray:8265.",
+    )
+
+
+class DistillJobSpec(_K8sModel):
+    """What to distill, on which image and hardware, and the run policy."""
+
+    distill: DistillConfig = Field(
+        ...,
+        description="The trainer configuration: the same fields as the trainer's YAML file (snake_case).",
+    )
+    image: str = Field(..., min_length=1, description="Container image with kubedistill and Ray installed.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        None, description="Image pull policy of all pods. Default: the cluster's default."
+    )
+    service_account_name: str | None = Field(
+        None,
+        description="Service account of the Ray pods. It needs patch on distilljobs/status for the trainer's "
+        "progress reports. Default: the namespace's default account.",
+    )
+    ray_version: str = Field("2.60.0", min_length=1, description="Ray version in the image (KubeRay rayVersion).")
+    head: HeadSpec = Field(default_factory=HeadSpec, description="The Ray head pod (runs the trainer driver).")
+    workers: WorkersSpec = Field(default_factory=WorkersSpec, description="The GPU worker group.")
+    storage: StorageSpec | None = Field(
+        None, description="Checkpoint storage (a PVC). Without it, checkpoints die with the Ray cluster."
+    )
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Suspend, deadlines, retries, TTL.")
+    launcher: LauncherSpec = Field(default_factory=LauncherSpec, description="How the trainer is started.")
+
+
+class Condition(_K8sModel):
+    """A Kubernetes condition: lastTransitionTime changes only when status flips."""
+
+    type: Literal["Created", "Running", "Suspended", "Restarting", "Succeeded", "Failed"] = Field(
+        ..., description="Condition type."
+    )
+    status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
+    reason: str = Field(..., description="CamelCase reason of the last transition.")
+    message: str = Field("", description="Human-readable detail.")
+    last_transition_time: str = Field(..., description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(None, description="metadata.generation the condition was computed for.")
+
+
+class Progress(_K8sModel):
+    """Written by the trainer (field manager kubedistill-trainer); the operator never writes it."""
+
+    step: int | None = Field(None, description="Last completed optimizer step.")
+    max_steps: int | None = Field(None, description="Optimizer steps of the whole run.")
+    loss: float | None = Field(None, description="Training loss at step.")
+    tokens_per_second: float | None = Field(None, description="Training throughput (tokens/s).")
+    last_checkpoint: str | None = Field(None, description="Path of the newest saved checkpoint.")
+    updated_at: str | None = Field(None, description="When the trainer last reported (RFC 3339).")
+
+
+class DistillJobStatus(_K8sModel):
+    """Observed state, written by the operator (except progress)."""
+
+    state: State | None = Field(None, description="Summary: Pending, Running, Suspended, Restarting, Succeeded, Failed.")
+    message: str | None = Field(None, description="Why the job is in this state.")
+    observed_generation: int | None = Field(None, description="metadata.generation the operator last acted on.")
+    start_time: str | None = Field(None, description="When the current run started or last resumed (RFC 3339).")
+    completion_time: str | None = Field(None, description="When the job succeeded or failed (RFC 3339).")
+    ray_job_name: str | None = Field(None, description="The RayJob (or Ray Jobs submission id) of the current attempt.")
+    attempt: int | None = Field(None, description="Index of the current attempt; every retry or resume adds one.")
+    attempt_start_time: str | None = Field(None, description="When the current attempt was launched (RFC 3339).")
+    restarts: int | None = Field(None, description="Retries after failures so far (compared with backoffLimit).")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Created, Running, Suspended, Restarting, Succeeded, Failed.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    progress: Progress | None = Field(None, description="Training progress reported by the trainer.")
+
+
+def parse_spec(spec: dict[str, Any]) -> DistillJobSpec:
+    """Validate a DistillJob's spec (raises pydantic.ValidationError naming the field path)."""
+    return DistillJobSpec.model_validate(spec)

@@ -1,0 +1,235 @@
+"""conditions.py: RayJob status -> Observation, condition bookkeeping, and the run policy, without a cluster."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from distill_operator.conditions import (
+    MISSING,
+    Observation,
+    decide,
+    format_time,
+    get_condition,
+    observe_rayjob,
+    observe_submission,
+    set_condition,
+)
+from distill_operator.resources import CONDITION_TYPES, parse_spec
+
+T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+PENDING = Observation("Pending", "RayJobPending", "starting")
+RUNNING = Observation("Running", "RayJobRunning", "running")
+SUCCEEDED = Observation("Succeeded", "RayJobSucceeded", "succeeded")
+FAILED = Observation("Failed", "RayJobFailed", "RayJob x-0 failed")
+
+
+def spec(**run_policy):
+    return parse_spec({
+        "image": "img",
+        "distill": {"max_steps": 10, "student_pretrain": "s", "teacher_pretrain": "t",
+                    "student": {"data_args": {"file_name": "d.jsonl"}}},
+        "runPolicy": run_policy,
+    })
+
+
+def rayjob(deployment="", job=""):
+    return {"metadata": {"name": "x-0"}, "status": {"jobDeploymentStatus": deployment, "jobStatus": job}}
+
+
+@pytest.mark.parametrize(
+    "deployment, job, phase",
+    [
+        ("", "", "Pending"),
+        ("Initializing", "", "Pending"),
+        ("Running", "PENDING", "Pending"),
+        ("Running", "RUNNING", "Running"),
+        ("Complete", "SUCCEEDED", "Succeeded"),
+        ("Running", "SUCCEEDED", "Succeeded"),
+        ("Complete", "FAILED", "Failed"),
+        ("Failed", "", "Failed"),
+        ("ValidationFailed", "", "Failed"),
+        ("Complete", "STOPPED", "Failed"),
+        ("Complete", "", "Failed"),
+    ],
+)
+def test_rayjob_status_maps_to_one_phase(deployment, job, phase):
+    assert observe_rayjob(rayjob(deployment, job)).phase == phase
+
+
+def test_missing_rayjob_and_ray_jobs_api_statuses_map_the_same_way():
+    assert observe_rayjob(None) == MISSING
+    assert [observe_submission(s, "id").phase for s in (None, "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED")] == [
+        "Missing", "Pending", "Running", "Succeeded", "Failed", "Failed"]
+    assert observe_submission("FAILED", "id").reason == observe_rayjob(rayjob("Failed", "FAILED")).reason
+
+
+def test_last_transition_time_changes_only_when_status_flips():
+    conditions = set_condition([], "Running", False, "RayJobPending", "a", T0, 1)
+    later = set_condition(conditions, "Running", False, "RayJobPending", "b", T0 + timedelta(minutes=1), 2)
+    assert later[0]["lastTransitionTime"] == format_time(T0)
+    assert later[0]["message"] == "b" and later[0]["observedGeneration"] == 2
+    flipped = set_condition(later, "Running", True, "RayJobRunning", "c", T0 + timedelta(minutes=2), 2)
+    assert flipped[0]["lastTransitionTime"] == format_time(T0 + timedelta(minutes=2))
+    assert conditions[0]["message"] == "a"  # inputs are not mutated
+
+
+class Job:
+    """Drives decide() the way the handler does: apply the returned status, feed the next observation."""
+
+    def __init__(self, spec_, now=T0):
+        self.spec, self.status, self.now, self.generation = spec_, {}, now, 1
+        self.decisions = []
+
+    def step(self, observation=None, after=0.0, progress=None):
+        self.now += timedelta(seconds=after)
+        if progress is not None:
+            self.status["progress"] = progress
+        d = decide(spec=self.spec, spec_error=None, status=self.status, generation=self.generation,
+                   observation=observation, now=self.now, run_name=lambda a: f"job-{a}")
+        self.status = {**self.status, **d.status}
+        self.decisions.append(d)
+        return d
+
+    def condition(self, type_):
+        return get_condition(self.status["conditions"], type_)
+
+    def true(self):
+        return sorted(c["type"] for c in self.status["conditions"] if c["status"] == "True")
+
+
+def test_create_run_succeed():
+    job = Job(spec())
+    d = job.step()
+    assert (d.action, d.attempt, d.resume) == ("launch", 0, False)
+    assert job.status["state"] == "Pending" and job.status["rayJobName"] == "job-0"
+    assert job.true() == ["Created"] and job.condition("Running")["status"] == "False"
+    assert d.events == [("Normal", "RayJobCreated", "job-0 created")]
+    assert job.step(PENDING, after=1).action == "none"
+    d = job.step(RUNNING, after=5)
+    assert job.status["state"] == "Running" and job.true() == ["Created", "Running"]
+    assert d.events[0][:2] == ("Normal", "RayJobRunning")
+    d = job.step(SUCCEEDED, after=60, progress={"step": 10, "maxSteps": 10})
+    assert job.status["state"] == "Succeeded" and job.true() == ["Created", "Succeeded"]
+    assert "after 10 steps" in job.condition("Succeeded")["message"]
+    assert job.status["completionTime"] == format_time(job.now)
+    assert "progress" not in d.status  # the trainer's field is never written by the operator
+
+
+def test_no_change_means_no_new_status_or_events():
+    job = Job(spec())
+    job.step()
+    job.step(RUNNING, after=1)
+    before = dict(job.status)
+    d = job.step(RUNNING, after=30)
+    assert d.action == "none" and d.events == [] and job.status == before
+
+
+def test_failure_retries_with_resume_until_backoff_limit():
+    job = Job(spec(backoffLimit=2))
+    job.step()
+    job.step(RUNNING)
+    d = job.step(FAILED, progress={"step": 4, "lastCheckpoint": "/ckpt/checkpoint-4"})
+    assert (d.action, d.attempt, d.resume) == ("launch", 1, True)
+    assert job.status["state"] == "Restarting" and job.status["restarts"] == 1
+    assert job.status["rayJobName"] == "job-1"
+    restarting = job.condition("Restarting")
+    assert restarting["status"] == "True" and restarting["reason"] == "RayJobFailed"
+    assert "/ckpt/checkpoint-4" in restarting["message"] and "restart 1 of 2" in restarting["message"]
+    assert d.events[0][:2] == ("Warning", "Restarting")
+    job.step(PENDING)
+    assert job.status["state"] == "Restarting"
+    job.step(RUNNING)
+    assert job.condition("Restarting")["status"] == "False" and job.status["state"] == "Running"
+    assert job.step(MISSING).attempt == 2  # a RayJob deleted behind our back counts as a failure
+    assert job.condition("Restarting")["reason"] == "RayJobDeleted"
+    d = job.step(FAILED)
+    assert d.action == "none" and job.status["state"] == "Failed"
+    assert job.condition("Failed")["reason"] == "BackoffLimitExceeded"
+    assert job.status["restarts"] == 2
+
+
+def test_terminal_states_stay_terminal():
+    job = Job(spec(backoffLimit=0))
+    job.step()
+    job.step(FAILED)
+    assert job.status["state"] == "Failed"
+    frozen = dict(job.status)
+    for observation in (RUNNING, SUCCEEDED, MISSING, PENDING):
+        assert job.step(observation, after=100).action == "none"
+    assert job.status["state"] == "Failed" and job.status["conditions"] == frozen["conditions"]
+
+
+def test_suspend_stops_the_attempt_and_resume_continues_from_checkpoint():
+    job = Job(spec(suspend=False))
+    job.step()
+    job.step(RUNNING, after=10)
+    job.spec, job.generation = spec(suspend=True), 2
+    d = job.step(RUNNING, after=10)
+    assert (d.action, d.attempt) == ("stop", 0)
+    assert job.status["state"] == "Suspended" and job.true() == ["Created", "Suspended"]
+    assert job.condition("Suspended")["observedGeneration"] == 2
+    assert job.step(MISSING, after=1).action == "none"  # deleted: nothing more to do, no retry counted
+    assert job.status.get("restarts") == 0
+    job.spec, job.generation = spec(suspend=False), 3
+    d = job.step(MISSING, after=100)
+    assert (d.action, d.attempt, d.resume) == ("launch", 1, True)
+    assert job.condition("Suspended")["reason"] == "Resumed" and job.status["startTime"] == format_time(job.now)
+    assert ("Normal", "Resumed") in [e[:2] for e in d.events]
+    job.step(RUNNING)
+    assert job.status["state"] == "Running"
+
+
+def test_suspended_before_first_launch_launches_nothing():
+    job = Job(spec(suspend=True))
+    assert job.step().action == "none" and job.status["state"] == "Suspended"
+    job.spec = spec(suspend=False)
+    d = job.step()
+    assert (d.action, d.attempt, d.resume) == ("launch", 0, False)
+
+
+def test_active_deadline_fails_and_stops_the_attempt():
+    job = Job(spec(activeDeadlineSeconds=60))
+    d = job.step()
+    assert d.remaining_deadline == 60
+    job.step(RUNNING, after=30)
+    d = job.step(RUNNING, after=31)
+    assert (d.action, d.attempt) == ("stop", 0)
+    assert job.status["state"] == "Failed" and job.condition("Failed")["reason"] == "DeadlineExceeded"
+
+
+def test_pre_running_deadline_fails_a_job_stuck_before_running():
+    job = Job(spec(preRunningDeadlineSeconds=20))
+    job.step()
+    assert job.step(PENDING, after=19).action == "none"
+    d = job.step(PENDING, after=2)
+    assert d.action == "stop" and job.condition("Failed")["reason"] == "PreRunningDeadlineExceeded"
+    job2 = Job(spec(preRunningDeadlineSeconds=20))
+    job2.step()
+    job2.step(RUNNING, after=5)
+    assert job2.step(RUNNING, after=60).action == "none"  # running jobs are not affected
+
+
+def test_ttl_after_finished_deletes_the_job():
+    job = Job(spec(ttlSecondsAfterFinished=30))
+    job.step()
+    job.step(SUCCEEDED)
+    assert job.step(after=29).action == "none"
+    assert job.step(after=2).action == "delete_job"
+
+
+def test_invalid_spec_fails_with_reason():
+    d = decide(spec=None, spec_error="spec.distill.x: bad", status={}, generation=1, observation=None, now=T0)
+    assert d.status["state"] == "Failed" and d.action == "none"
+    failed = get_condition(d.status["conditions"], "Failed")
+    assert failed["reason"] == "InvalidSpec" and "spec.distill.x" in failed["message"]
+
+
+def test_reasons_are_camel_case_and_types_known():
+    job = Job(spec(backoffLimit=1))
+    for obs in (None, PENDING, RUNNING, FAILED, RUNNING, SUCCEEDED):
+        job.step(obs)
+    for c in job.status["conditions"]:
+        assert c["type"] in CONDITION_TYPES
+        assert c["reason"][:1].isupper() and " " not in c["reason"]

@@ -1,0 +1,113 @@
+"""render.py: every field of the ConfigMap and RayJob the operator creates, without a cluster."""
+
+from __future__ import annotations
+
+import shlex
+
+import yaml
+
+from distill_operator import render
+from distill_operator.render import JobRef
+from distill_operator.resources import parse_spec
+from distill_trainer.config import config_from_dict
+
+JOB = JobRef(name="qwen-distill", namespace="ml", uid="0123456789abcdef")
+
+
+def spec_dict(**overrides):
+    spec = {
+        "image": "registry.example/kubedistill:0.1",
+        "distill": {
+            "max_steps": 100,
+            "student_pretrain": "/models/student",
+            "teacher_pretrain": "/models/teacher",
+            "output_dir": "out",
+            "student": {"data_args": {"file_name": "/data/train.jsonl"}, "device_mapping": [0]},
+            "teacher": {"strategy_args": {"strategy_name": "torch_infer"}, "device_mapping": [0]},
+        },
+        "workers": {
+            "replicas": 2,
+            "gpusPerWorker": 4,
+            "nodeSelector": {"nvidia.com/gpu.product": "H100"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+        "storage": {"claimName": "ckpt"},
+    }
+    spec.update(overrides)
+    return spec
+
+
+def test_configmap_holds_the_trainer_yaml_with_output_on_storage():
+    cm = render.render_configmap(parse_spec(spec_dict()), JOB)
+    assert cm["metadata"]["name"] == "qwen-distill-config"
+    assert cm["metadata"]["ownerReferences"][0]["uid"] == JOB.uid
+    config = config_from_dict(yaml.safe_load(cm["data"]["distill.yaml"]))  # the trainer accepts it as is
+    assert config.output_dir == "/checkpoints/ml/qwen-distill/out"
+    assert config.logging_dir == "/checkpoints/ml/qwen-distill/output/logs"
+    assert config.max_steps == 100 and config.student.device_mapping == [0]
+
+
+def test_absolute_output_dir_and_no_storage_are_left_alone():
+    spec = spec_dict(storage=None)
+    spec["distill"]["output_dir"] = "/abs/out"
+    config = render.trainer_config(parse_spec(spec), JOB)
+    assert config["output_dir"] == "/abs/out" and config["logging_dir"] == "./output/logs"
+
+
+def test_rayjob_has_head_gpu_workers_entrypoint_and_teardown():
+    rj = render.render_rayjob(parse_spec(spec_dict()), JOB, attempt=0, resume=False)
+    assert (rj["apiVersion"], rj["kind"]) == ("ray.io/v1", "RayJob")
+    meta = rj["metadata"]
+    assert meta["name"] == "qwen-distill-0" and meta["namespace"] == "ml"
+    assert meta["labels"][render.LABEL_JOB] == "qwen-distill" and meta["labels"][render.LABEL_ATTEMPT] == "0"
+    assert meta["ownerReferences"] == [render.owner_reference(JOB)]
+    assert meta["ownerReferences"][0]["controller"] is True
+    spec = rj["spec"]
+    assert shlex.split(spec["entrypoint"]) == ["kubedistill", "train", "/etc/kubedistill/distill.yaml"]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["backoffLimit"] == 0
+    assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"] == {
+        "KUBEDISTILL_DISTILLJOB_NAME": "qwen-distill", "KUBEDISTILL_DISTILLJOB_NAMESPACE": "ml"
+    }
+    cluster = spec["rayClusterSpec"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    assert head["containers"][0]["image"] == "registry.example/kubedistill:0.1"
+    assert "nvidia.com/gpu" not in head["containers"][0]["resources"]["limits"]
+    (group,) = cluster["workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2
+    worker = group["template"]["spec"]
+    assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert worker["nodeSelector"] == {"nvidia.com/gpu.product": "H100"}
+    assert worker["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    for pod in (head, worker):
+        mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+        assert mounts == {"kubedistill-config": "/etc/kubedistill", "checkpoints": "/checkpoints"}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["kubedistill-config"]["configMap"]["name"] == "qwen-distill-config"
+        assert volumes["checkpoints"]["persistentVolumeClaim"]["claimName"] == "ckpt"
+    assert "activeDeadlineSeconds" not in spec
+
+
+def test_retry_resumes_from_checkpoint_under_a_new_name():
+    rj = render.render_rayjob(parse_spec(spec_dict()), JOB, attempt=2, resume=True, active_deadline_seconds=300)
+    assert rj["metadata"]["name"] == "qwen-distill-2"
+    assert shlex.split(rj["spec"]["entrypoint"])[-1] == "resume_from_checkpoint=true"
+    assert rj["spec"]["activeDeadlineSeconds"] == 300
+
+
+def test_rendering_is_deterministic_and_names_are_bounded():
+    spec = parse_spec(spec_dict())
+    assert render.render_rayjob(spec, JOB, 1, True) == render.render_rayjob(spec, JOB, 1, True)
+    long = JobRef(name="a" * 200, namespace="ml", uid="u")
+    name = render.rayjob_name(long, 12)
+    assert len(name) <= render.RAYJOB_NAME_LIMIT and name.endswith("-12")
+    assert name == render.rayjob_name(long, 12) != render.rayjob_name(JobRef("a" * 199, "ml", "u"), 12)
+    assert len(render.labels(long)[render.LABEL_JOB]) <= 63
+
+
+def test_submission_for_the_ray_address_launcher():
+    spec = parse_spec(spec_dict(launcher={"type": "RayAddress", "rayAddress": "http://127.0.0.1:8265"}))
+    sub = render.render_submission(spec, JOB, attempt=1, resume=True)
+    assert sub["submission_id"] == "kubedistill-ml-qwen-distill-01234567-1"
+    assert shlex.split(sub["entrypoint"]) == ["kubedistill", "train", "distill.yaml", "resume_from_checkpoint=true"]
+    assert sub["runtime_env"]["env_vars"]["KUBEDISTILL_DISTILLJOB_NAME"] == "qwen-distill"
+    assert config_from_dict(yaml.safe_load(sub["config_yaml"])).max_steps == 100

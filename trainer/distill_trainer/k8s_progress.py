@@ -1,0 +1,126 @@
+"""Training progress -> ``status.progress`` of the DistillJob the trainer runs under.
+
+Active only when the operator launched the trainer: it sets ``KUBEDISTILL_DISTILLJOB_NAME`` and
+``KUBEDISTILL_DISTILLJOB_NAMESPACE``; ``K8sProgressReporter.from_env`` returns None otherwise, so local runs never
+touch Kubernetes. Writes go through server-side apply under the field manager ``kubedistill-trainer``, which
+owns ``status.progress`` and nothing else (the operator's merge patches never touch it). Reports are
+rate-limited (checkpoints and close() flush at once), and an API error is logged, never raised: a Kubernetes
+hiccup must not kill a training run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable, Mapping
+
+log = logging.getLogger(__name__)
+
+ENV_NAME = "KUBEDISTILL_DISTILLJOB_NAME"
+ENV_NAMESPACE = "KUBEDISTILL_DISTILLJOB_NAMESPACE"
+FIELD_MANAGER = "kubedistill-trainer"
+GROUP, VERSION, PLURAL, KIND = "kubedistill.io", "v1alpha1", "distilljobs", "DistillJob"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class K8sProgressReporter:
+    """Implements the tracking protocol: ``log(step, metrics)``, ``checkpoint_saved(step, path)``, ``close()``."""
+
+    def __init__(
+        self,
+        name: str,
+        namespace: str,
+        max_steps: int,
+        min_interval_seconds: float = 10.0,
+        apply: Callable[[dict[str, Any]], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.name, self.namespace, self.max_steps = name, namespace, max_steps
+        self.min_interval_seconds = min_interval_seconds
+        self._apply = apply or self._server_side_apply
+        self._clock = clock
+        self._progress: dict[str, Any] = {"maxSteps": max_steps}
+        self._last_sent: float | None = None
+        self._dirty = False
+        self._lock = threading.Lock()
+        self._api = None
+
+    @classmethod
+    def from_env(cls, max_steps: int, **kwargs: Any) -> "K8sProgressReporter | None":
+        name, namespace = os.environ.get(ENV_NAME), os.environ.get(ENV_NAMESPACE)
+        if not name or not namespace:
+            return None
+        interval = float(os.environ.get("KUBEDISTILL_PROGRESS_INTERVAL_SECONDS", kwargs.pop("min_interval_seconds", 10.0)))
+        return cls(name, namespace, max_steps, min_interval_seconds=interval, **kwargs)
+
+    # --- the tracking protocol ---------------------------------------------------------------------------
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        with self._lock:
+            self._progress["step"] = int(step)
+            for key, field in (("train/loss", "loss"), ("train/tokens_per_second", "tokensPerSecond")):
+                value = metrics.get(key)
+                if value is not None and math.isfinite(float(value)):
+                    self._progress[field] = float(value)
+            self._dirty = True
+            due = self._last_sent is None or self._clock() - self._last_sent >= self.min_interval_seconds
+            if due or step >= self.max_steps:
+                self._flush_locked()
+
+    def checkpoint_saved(self, step: int, path: str) -> None:
+        with self._lock:
+            self._progress["step"] = max(int(step), int(self._progress.get("step", 0)))
+            self._progress["lastCheckpoint"] = str(path)
+            self._dirty = True
+            self._flush_locked()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._dirty:
+                self._flush_locked()
+
+    # --- writing -----------------------------------------------------------------------------------------
+    def progress(self) -> dict[str, Any]:
+        return dict(self._progress)
+
+    def _flush_locked(self) -> None:
+        self._progress["updatedAt"] = _now()
+        patch = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "metadata": {"name": self.name, "namespace": self.namespace},
+            "status": {"progress": dict(self._progress)},
+        }
+        self._last_sent = self._clock()
+        self._dirty = False
+        try:
+            self._apply(patch)
+        except Exception as error:  # noqa: BLE001 - progress is best effort; training goes on
+            log.warning("could not report progress to DistillJob %s/%s: %s", self.namespace, self.name, error)
+
+    def _server_side_apply(self, patch: dict[str, Any]) -> None:
+        from kubernetes import client, config
+
+        if self._api is None:
+            configuration = client.Configuration()
+            try:
+                config.load_incluster_config(client_configuration=configuration)
+            except config.ConfigException:
+                config.load_kube_config(client_configuration=configuration)
+            self._api = client.CustomObjectsApi(client.ApiClient(configuration))
+        self._api.patch_namespaced_custom_object_status(
+            GROUP, VERSION, self.namespace, PLURAL, self.name, patch,
+            field_manager=FIELD_MANAGER, force=True,
+            _content_type="application/apply-patch+yaml", _request_timeout=10,
+        )
+
+
+def from_env(max_steps: int, **kwargs: Any) -> K8sProgressReporter | None:
+    """The reporter for the DistillJob named in the environment, or None when not running under one."""
+    return K8sProgressReporter.from_env(max_steps, **kwargs)
