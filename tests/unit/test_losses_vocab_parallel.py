@@ -1,0 +1,91 @@
+"""vocab_parallel_kd_loss on 2 gloo CPU processes equals kd_loss on the unsharded logits."""
+
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from distill_trainer.losses import KD_OBJECTIVES, kd_loss, topk_teacher_logits
+from distill_trainer.parallel_losses import vocab_parallel_kd_loss
+
+N, V, K = 9, 41, 5
+SPLIT = 23  # rank 0 holds columns [0, 23), rank 1 holds [23, 41): uneven on purpose
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(N, V, generator=g) * 3
+    teacher = torch.randn(N, V, generator=g) * 3
+    student[:, 2] = teacher[:, 2] = -float("inf")  # a masked vocabulary entry on both sides
+    mask = torch.tensor([1, 0, 1, 1, 1, 0, 1, 1, 1], dtype=torch.bool)
+    return student, teacher, mask
+
+
+def _check_rank(rank: int, port: int) -> None:
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    group = dist.new_group([0, 1])
+    try:
+        student, teacher, mask = _inputs()
+        start, stop = (0, SPLIT) if rank == 0 else (SPLIT, V)
+        kw = dict(kd_temperature=1.6, teacher_temperature=0.7, skew_lambda=0.2, adaptive_kl_alpha=0.4)
+        for objective, topk in [(o, k) for o in KD_OBJECTIVES for k in (0, K)]:
+            full = student.clone().requires_grad_()
+            expected = kd_loss(
+                full, teacher if not topk else topk_teacher_logits(teacher, topk), mask, objective=objective, **kw
+            )
+            expected.backward()
+            shard = student[:, start:stop].clone().requires_grad_()
+            loss = vocab_parallel_kd_loss(
+                shard,
+                teacher[:, start:stop],
+                group=group,
+                vocab_start=start,
+                mask=mask,
+                objective=objective,
+                topk=topk,
+                chunk_size=4,
+                **kw,
+            )
+            (3.0 * loss).backward()
+            where = f"{objective} topk={topk} rank={rank}"
+            torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6, msg=where)
+            torch.testing.assert_close(
+                shard.grad, 3.0 * full.grad[:, start:stop], rtol=1e-5, atol=1e-6, msg=where
+            )
+        with torch.no_grad():  # no gradient wanted: value only
+            value = vocab_parallel_kd_loss(
+                student[:, start:stop], teacher[:, start:stop], group=group, vocab_start=start
+            )
+        torch.testing.assert_close(value, kd_loss(student, teacher))
+        try:
+            vocab_parallel_kd_loss(
+                student[:, start:stop], teacher[:, start:stop], group=group, vocab_start=start, topk=SPLIT
+            )
+        except ValueError as err:
+            assert "topk" in str(err)
+        else:
+            raise AssertionError("topk larger than a shard was accepted")
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_vocab_parallel_loss_equals_unsharded_in_value_and_gradient():
+    mp.spawn(_check_rank, args=(_free_port(),), nprocs=WORLD, join=True)
