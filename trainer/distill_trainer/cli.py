@@ -1,0 +1,85 @@
+"""Console entry points: ``kubedistill train|demo|operator``.
+
+``examples/start_distill_pipeline.py --config_path DIR --config_name NAME`` (the original launcher's
+interface) calls ``launch`` below too, so both paths validate and report errors the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from .config import ConfigError, DistillConfig, compose_config, load_config
+from .data import DataError
+
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from .checkpoint import CheckpointError
+
+    return USER_ERRORS + (CheckpointError,)
+
+
+def launch(load: "callable[[], DistillConfig]") -> int:
+    """Validate, run, and turn user mistakes into one readable message and exit status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load()
+        from .pipeline import DistillPipeline
+
+        result = DistillPipeline(config).run()
+    except _user_errors() as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"finished at step {result.final_step}; checkpoint: {result.last_checkpoint}")
+    for name, value in sorted(result.eval_metrics.items()):
+        print(f"  {name} = {value:.4f}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "operator":
+        # The operator has its own argument parser (kopf options, ports).
+        from distill_operator.__main__ import main as operator_main
+
+        return operator_main(argv[1:])
+
+    parser = argparse.ArgumentParser(prog="kubedistill", description="Knowledge distillation of LLMs on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser(
+        "train",
+        help="run a distillation from a YAML config",
+        description="Run a distillation. Overrides use Hydra syntax: key=value, nested.key=value, +new_key=value.",
+    )
+    train.add_argument("config", help="path to the YAML config, e.g. examples/tiny/distill.yaml")
+    train.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. max_steps=100 kd_objective=reverse_kl")
+    demo = commands.add_parser("demo", help="build a tiny teacher and student offline and distill on CPU")
+    demo.add_argument("--workdir", default="examples/tiny/artifacts", help="where data, models and runs go")
+    commands.add_parser("operator", help="run the DistillJob Kubernetes operator (see `kubedistill operator --help`)")
+
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        return launch(lambda: load_config(args.config, args.overrides))
+    if args.command == "demo":
+        from .demo.run import main as demo_main
+
+        return demo_main(["--workdir", args.workdir])
+    return 2
+
+
+def start_distill_pipeline(argv: Sequence[str] | None = None) -> int:
+    """``start_distill_pipeline.py --config_path DIR --config_name NAME [key=value ...]``."""
+    parser = argparse.ArgumentParser(description="Start a distillation pipeline from a Hydra config directory.")
+    parser.add_argument("--config_path", required=True, help="directory holding the YAML config")
+    parser.add_argument("--config_name", required=True, help="config file name without .yaml")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. max_steps=100")
+    args = parser.parse_args(argv)
+    return launch(lambda: compose_config(args.config_path, args.config_name, args.overrides))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

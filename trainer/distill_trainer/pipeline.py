@@ -1,0 +1,205 @@
+"""DistillPipeline: the driver of a distillation run.
+
+Per optimizer step: draw ``gradient_accumulation_steps`` micro-batches, count their label tokens (the
+normalizer of both loss terms), and for each micro-batch have the teacher publish its logits and the
+student accumulate gradients; then one optimizer step. Evaluation every ``eval_steps``, an atomic
+checkpoint every ``save_steps``, and both at the last step.
+
+Everything the user can get wrong (config, model paths, vocabularies, data) is checked before Ray starts
+and before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import checkpoint
+from .config import ConfigError, DistillConfig
+from .data import IGNORE_INDEX, DataCursor, Example, ShuffledBatches, collate, load_examples
+from .models import VocabInfo, check_shared_vocab, load_tokenizer
+from .tracking import Tracker
+from .workers import MicroBatchStats, Workers, create_workers, default_num_threads
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports back (the demo prints these)."""
+
+    final_step: int
+    last_checkpoint: str | None
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    last_train_metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    vocab: VocabInfo
+    train: list[Example]
+    eval: list[Example]
+    resume_from: Path | None
+
+
+def prepare(config: DistillConfig) -> Prepared:
+    """All user-facing checks: model dirs, shared vocabulary, data files, the resume checkpoint."""
+    vocab = check_shared_vocab(config.student_pretrain, config.teacher_pretrain)
+    if config.logits_topk > vocab.size:
+        raise ConfigError(f"logits_topk={config.logits_topk} exceeds the vocabulary size {vocab.size}; use 0 for all")
+    tokenizer = load_tokenizer(config.student_pretrain, "student_pretrain")
+    data_args = config.data_args
+    options = dict(
+        question_key=data_args.question_key,
+        answer_key=data_args.answer_key,
+        sequence_length=config.sequence_length,
+        distill_on_prompt=config.distill_on_prompt,
+    )
+    train = load_examples(data_args.file_name, tokenizer, **options)
+    eval_examples = load_examples(data_args.eval_file_name, tokenizer, **options) if data_args.eval_file_name else []
+    resume_from = checkpoint.resolve_resume_checkpoint(config.resume_from_checkpoint, config.output_dir)
+    return Prepared(vocab, train, eval_examples, resume_from)
+
+
+def ensure_ray() -> bool:
+    """Connect to RAY_ADDRESS if set, else start an embedded local Ray. Returns True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # otherwise Ray writes a token under ~/.ray
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        # Embedded Ray for one machine: loopback only, no dashboard.
+        ray.init(
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=False,
+            _node_ip_address="127.0.0.1",
+        )
+    return True
+
+
+def _is_due(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+class DistillPipeline:
+    """Run one distillation described by a validated ``DistillConfig``."""
+
+    def __init__(self, config: DistillConfig, *, num_threads: int | None = None, console: bool = True):
+        self.config = config
+        self.num_threads = default_num_threads() if num_threads is None else num_threads
+        self.console = console
+
+    def run(self) -> RunResult:
+        import ray
+
+        prepared = prepare(self.config)
+        started_ray = ensure_ray()
+        workers = None
+        try:
+            workers = create_workers(
+                self.config,
+                prepared.vocab,
+                prepared.eval,
+                str(prepared.resume_from) if prepared.resume_from else None,
+                self.num_threads,
+            )
+            return self._train(workers, prepared)
+        finally:
+            if workers is not None:
+                workers.shutdown()
+            if started_ray:
+                ray.shutdown()
+
+    def _sinks(self):
+        from . import k8s_progress
+
+        # Only under a DistillJob (the operator sets the env vars): status.progress on the resource.
+        sink = k8s_progress.from_env(max_steps=self.config.max_steps)
+        return [sink] if sink is not None else []
+
+    def _train(self, workers: Workers, prepared: Prepared) -> RunResult:
+        import ray
+
+        config, args = self.config, self.config.train_args
+        state = ray.get(workers.student.get_trainer_state.remote())
+        start_step = int(state.get("step", 0))
+        cursor = DataCursor(**state["data_cursor"]) if "data_cursor" in state else DataCursor()
+        if start_step:
+            log.info("resuming from %s at step %d", prepared.resume_from, start_step)
+        batches = ShuffledBatches(prepared.train, args.per_device_train_batch_size, config.seed, cursor)
+        result = RunResult(final_step=start_step, last_checkpoint=str(prepared.resume_from or "") or None)
+
+        with Tracker(
+            config.logging_dir,
+            max_steps=config.max_steps,
+            start_step=start_step,
+            exp_name=config.exp_name,
+            console=self.console,
+            sinks=self._sinks(),
+        ) as tracker:
+            for step in range(start_step + 1, config.max_steps + 1):
+                metrics = self._train_step(workers, batches, prepared.vocab.pad_token_id)
+                result.final_step, result.last_train_metrics = step, metrics
+                tracker.advance(step)
+                if _is_due(step, config.logging_steps, config.max_steps):
+                    tracker.log(step, metrics)
+                if prepared.eval and _is_due(step, config.eval_steps, config.max_steps):
+                    result.eval_metrics = ray.get(workers.student.evaluate.remote())
+                    tracker.log(step, result.eval_metrics)
+                if _is_due(step, config.save_steps, config.max_steps):
+                    trainer_state = {"step": step, "data_cursor": vars(batches.cursor).copy()}
+                    result.last_checkpoint = ray.get(workers.student.save_checkpoint.remote(step, trainer_state))
+                    tracker.checkpoint_saved(step, result.last_checkpoint)
+        return result
+
+    def _train_step(self, workers: Workers, batches: ShuffledBatches, pad_token_id: int) -> dict[str, float]:
+        import ray
+
+        config = self.config
+        started = time.perf_counter()
+        micro_batches = [
+            collate(batches.next_batch(), pad_token_id) for _ in range(config.train_args.gradient_accumulation_steps)
+        ]
+        label_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+        teacher_seconds = transfer_seconds = student_seconds = 0.0
+        stats: list[MicroBatchStats] = []
+        for batch in micro_batches:
+            batch_ref = ray.put(batch)  # serialized once, read by both actors
+            teacher_out = None
+            if workers.teacher is not None:
+                teacher_out = ray.get(workers.teacher.forward.remote(batch_ref))
+                teacher_seconds += teacher_out.forward_seconds
+                transfer_seconds += teacher_out.publish_seconds
+            micro = ray.get(workers.student.train_micro_batch.remote(batch_ref, teacher_out, label_tokens))
+            transfer_seconds += micro.open_seconds
+            student_seconds += micro.compute_seconds
+            stats.append(micro)
+        grad_norm, lr, step_seconds = ray.get(workers.student.optimizer_step.remote())
+        student_seconds += step_seconds
+        elapsed = time.perf_counter() - started
+
+        weight = config.distill_loss_weight
+        ce = sum(s.ce_sum for s in stats) / label_tokens
+        metrics = {
+            "train/loss": (1 - weight) * ce,
+            "train/student_loss": ce,
+            "train/grad_norm": grad_norm,
+            "student/lr": lr,
+            "train/tokens_per_second": sum(s.input_tokens for s in stats) / elapsed,
+            "time/teacher_forward": teacher_seconds,
+            "time/logits_transfer": transfer_seconds,
+            "time/student_step": student_seconds,
+        }
+        if workers.teacher is not None:
+            kd = sum(s.kd_sum for s in stats) / label_tokens
+            metrics["train/distill_loss"] = kd
+            metrics["train/loss"] += weight * kd
+        return metrics
