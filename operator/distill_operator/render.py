@@ -90,9 +90,32 @@ def owner_reference(job: JobRef) -> dict[str, Any]:
     }
 
 
+# Fields of the trainer config that hold paths (dotted), resolved against launcher.workingDir when relative.
+PATH_FIELDS = (
+    "output_dir",
+    "logging_dir",
+    "student_pretrain",
+    "teacher_pretrain",
+    "student.data_args.file_name",
+    "student.data_args.eval_file_name",
+    "teacher.data_args.file_name",
+    "teacher.data_args.eval_file_name",
+)
+
+
 def trainer_config(spec: DistillJobSpec, job: JobRef) -> dict[str, Any]:
-    """The trainer YAML as data: ``spec.distill`` with relative output/logging dirs moved onto the storage."""
+    """The trainer YAML as data: ``spec.distill`` with relative output/logging dirs moved onto the storage,
+    and, for the RayAddress launcher with a workingDir, every relative path resolved against it."""
     config = dump_config(spec.distill)
+    working_dir = spec.launcher.working_dir if spec.launcher.type == "RayAddress" else None
+    if working_dir:
+        for dotted in PATH_FIELDS:
+            *parents, leaf = dotted.split(".")
+            node = config
+            for key in parents:
+                node = node[key]
+            if isinstance(node.get(leaf), str) and not posixpath.isabs(node[leaf]):
+                node[leaf] = posixpath.normpath(posixpath.join(working_dir, node[leaf]))
     if spec.storage is not None:
         base = posixpath.join(spec.storage.mount_path, job.namespace, job.name)
         for key in ("output_dir", "logging_dir"):

@@ -143,6 +143,12 @@ class LauncherSpec(_K8sModel):
         pattern=r"^https?://",
         description="Ray dashboard address for type RayAddress, e.g. http://raycluster-head-svc.ray:8265.",
     )
+    working_dir: str | None = Field(
+        None,
+        pattern=r"^/",
+        description="For type RayAddress: an absolute directory on the Ray cluster; relative paths in "
+        "spec.distill (models, data, output) are resolved against it. Default: paths are used as written.",
+    )
 
 
 class DistillJobSpec(_K8sModel):

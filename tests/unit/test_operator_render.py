@@ -111,3 +111,16 @@ def test_submission_for_the_ray_address_launcher():
     assert shlex.split(sub["entrypoint"]) == ["kubedistill", "train", "distill.yaml", "resume_from_checkpoint=true"]
     assert sub["runtime_env"]["env_vars"]["KUBEDISTILL_DISTILLJOB_NAME"] == "qwen-distill"
     assert config_from_dict(yaml.safe_load(sub["config_yaml"])).max_steps == 100
+
+
+def test_ray_address_working_dir_resolves_relative_paths():
+    spec = spec_dict(storage=None, launcher={"type": "RayAddress", "rayAddress": "http://127.0.0.1:8265",
+                                             "workingDir": "/repo"})
+    spec["distill"]["student_pretrain"] = "models/student"
+    spec["distill"]["student"]["data_args"]["eval_file_name"] = "data/eval.jsonl"
+    config = render.trainer_config(parse_spec(spec), JOB)
+    assert config["student_pretrain"] == "/repo/models/student"
+    assert config["teacher_pretrain"] == "/models/teacher"
+    assert config["output_dir"] == "/repo/out" and config["logging_dir"] == "/repo/output/logs"
+    assert config["student"]["data_args"] == {**config["student"]["data_args"], "file_name": "/data/train.jsonl",
+                                              "eval_file_name": "/repo/data/eval.jsonl"}
