@@ -401,3 +401,12 @@ def test_objective_list_is_complete():
         "skewed_reverse_kl",
         "js_divergence",
     }
+
+
+def test_retained_graph_allows_a_second_unit_backward():
+    student, teacher = logits(N, V, 42).requires_grad_(), logits(N, V, 43)
+    loss = kd_loss(student, teacher, objective="reverse_kl")
+    loss.backward(retain_graph=True)
+    first = student.grad.clone()
+    loss.backward()
+    close(student.grad, 2 * first)

@@ -23,11 +23,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _inputs():
+def _inputs(masked_vocab: bool):
     g = torch.Generator().manual_seed(0)
     student = torch.randn(N, V, generator=g) * 3
     teacher = torch.randn(N, V, generator=g) * 3
-    student[:, 2] = teacher[:, 2] = -float("inf")  # a masked vocabulary entry on both sides
+    if masked_vocab:  # entries masked on both sides and on the teacher's only, all in rank 1's shard
+        student[:, 30] = teacher[:, 30] = -float("inf")
+        teacher[:, 35] = -float("inf")
     mask = torch.tensor([1, 0, 1, 1, 1, 0, 1, 1, 1], dtype=torch.bool)
     return student, teacher, mask
 
@@ -39,10 +41,11 @@ def _check_rank(rank: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     group = dist.new_group([0, 1])
     try:
-        student, teacher, mask = _inputs()
         start, stop = (0, SPLIT) if rank == 0 else (SPLIT, V)
         kw = dict(kd_temperature=1.6, teacher_temperature=0.7, skew_lambda=0.2, adaptive_kl_alpha=0.4)
-        for objective, topk in [(o, k) for o in KD_OBJECTIVES for k in (0, K)]:
+        cases = [(o, k, m) for o in KD_OBJECTIVES for k in (0, K) for m in (False, True)]
+        for objective, topk, masked_vocab in cases:
+            student, teacher, mask = _inputs(masked_vocab)
             full = student.clone().requires_grad_()
             expected = kd_loss(
                 full, teacher if not topk else topk_teacher_logits(teacher, topk), mask, objective=objective, **kw
@@ -61,11 +64,12 @@ def _check_rank(rank: int, port: int) -> None:
                 **kw,
             )
             (3.0 * loss).backward()
-            where = f"{objective} topk={topk} rank={rank}"
+            where = f"{objective} topk={topk} masked_vocab={masked_vocab} rank={rank}"
             torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6, msg=where)
             torch.testing.assert_close(
                 shard.grad, 3.0 * full.grad[:, start:stop], rtol=1e-5, atol=1e-6, msg=where
             )
+        student, teacher, _ = _inputs(False)
         with torch.no_grad():  # no gradient wanted: value only
             value = vocab_parallel_kd_loss(
                 student[:, start:stop], teacher[:, start:stop], group=group, vocab_start=start

@@ -66,7 +66,9 @@ KD_OBJECTIVES = (
 ADAPTIVE_KL_EPS = 1e-12
 
 # Default scratch budget per chunk; the chunk row count is chosen so the float32 temporaries fit.
+# On CPU a smaller, cache-sized chunk is faster (measured in bench/kd_loss.py's setting).
 CHUNK_BUDGET_BYTES = 256 * 2**20
+CPU_CHUNK_BUDGET_BYTES = 32 * 2**20
 
 Number = Union[int, float]
 
@@ -207,7 +209,7 @@ def fused_loss_and_grad(
     total = torch.zeros((), dtype=torch.float64, device=student.device)
     if n_rows == 0:
         return total
-    chunk = chunk_size or _default_chunk_rows(width, objective.name, grad_out is not None)
+    chunk = chunk_size or _default_chunk_rows(width, objective.name, grad_out is not None, student.device)
     chunk = min(chunk, n_rows)
     work = _Workspace(chunk, width, student.device)
     student_scale = 1.0 / kd_temperature
@@ -217,13 +219,13 @@ def fused_loss_and_grad(
         stop = min(start + chunk, n_rows)
         select = slice(start, stop) if rows is None else rows[start:stop]
         n = stop - start
-        x = _load_scaled(student, select, kd_temperature, work("q", n))
-        y = _load_scaled(teacher, select, kd_temperature * teacher_temperature, work("p", n))
-        lq, lp, q, p = _log_softmax_pair(x, y, work, n, vocab)
+        x = _load_scaled(student, select, kd_temperature, work("x", n))
+        y = _load_scaled(teacher, select, kd_temperature * teacher_temperature, work("y", n))
+        lq, lp, q, p, finite = _log_softmax_pair(x, y, work, n, vocab)
         g = None
         if grad_out is not None:
             g = grad_out[start:stop] if direct else work("grad", n)
-        per_token = _OBJECTIVES[objective.name](lp, p, lq, q, objective, work, n, g, vocab)
+        per_token = _OBJECTIVES[objective.name](lp, p, lq, q, objective, work, n, g, vocab, finite)
         # A row whose logits are all −inf on one side has NaN log-probabilities (every entry of the
         # row, on every shard): it contributes 0.
         bad = torch.isnan(lq[:, 0]) | torch.isnan(lp[:, 0])
@@ -261,11 +263,12 @@ class _Workspace:
         return buf[:n]
 
 
-def _default_chunk_rows(width: int, objective: str, with_grad: bool) -> int:
-    # float32 [chunk, width] buffers alive at once: x/q, y/p, lq, lp, 2 scratch, grad (+ a second
-    # gradient and the sort/cumsum temporaries of adaptive_kl: ~8 more float32 equivalents).
-    buffers = 6 + (1 if with_grad else 0) + (9 if objective == "adaptive_kl" else 0)
-    return max(1, CHUNK_BUDGET_BYTES // (buffers * 4 * width))
+def _default_chunk_rows(width: int, objective: str, with_grad: bool, device: torch.device) -> int:
+    # float32 [chunk, width] buffers alive at once: x, y, lq, lp, q, p, 2 scratch, grad (+ a second
+    # gradient and the sort/cumsum temporaries of adaptive_kl: ~9 more float32 equivalents).
+    buffers = 8 + (1 if with_grad else 0) + (9 if objective == "adaptive_kl" else 0)
+    budget = CPU_CHUNK_BUDGET_BYTES if device.type == "cpu" else CHUNK_BUDGET_BYTES
+    return max(1, budget // (buffers * 4 * width))
 
 
 def _load_scaled(src: torch.Tensor, select, temperature: float, buf: torch.Tensor) -> torch.Tensor:
@@ -286,17 +289,21 @@ def _load_scaled(src: torch.Tensor, select, temperature: float, buf: torch.Tenso
 
 def _log_softmax_pair(x, y, work, n, vocab: VocabReduce):
     """log q, log p, q, p of student scores x and teacher scores y (rows normalised over the
-    vocabulary, across shards when ``vocab`` is sharded). q/p reuse x/y's buffers when those are
-    scratch."""
+    vocabulary, across shards when ``vocab`` is sharded), and whether no logit in the chunk is −inf
+    (on any shard)."""
     lq, lp = work("lq", n), work("lp", n)
     if vocab.is_local:
         torch.log_softmax(x, 1, out=lq)
         torch.log_softmax(y, 1, out=lp)
-        q = torch.exp(lq, out=work("q", n))
-        p = torch.exp(lp, out=work("p", n))
-        return lq, lp, q, p
-    # Sharded: global max and Σexp are all-reduced (one collective each for both sides).
-    maxes = vocab.max(torch.stack([x.amax(1), y.amax(1)], 1))
+        finite = bool(lq.amin() > -math.inf) and bool(lp.amin() > -math.inf)  # False on NaN rows too
+        q = torch.softmax(x, 1, out=work("q", n))  # the fused kernel is faster than exp(lq)
+        p = torch.softmax(y, 1, out=work("p", n))
+        return lq, lp, q, p, finite
+    # Sharded: the global max and Σexp are all-reduced (one collective each for both sides); the
+    # minima ride along with the maxima so every rank takes the same branch afterwards.
+    extremes = vocab.max(torch.stack([x.amax(1), y.amax(1), -x.amin(1), -y.amin(1)], 1))
+    finite = bool((extremes[:, 2:] < math.inf).all())
+    maxes = extremes[:, :2]
     maxes = torch.where(torch.isfinite(maxes), maxes, torch.zeros_like(maxes))
     torch.sub(x, maxes[:, :1], out=lq)
     torch.sub(y, maxes[:, 1:], out=lp)
@@ -307,12 +314,13 @@ def _log_softmax_pair(x, y, work, n, vocab: VocabReduce):
     lp.sub_(sums[:, 1:].log())
     q.div_(sums[:, :1])
     p.div_(sums[:, 1:])
-    return lq, lp, q, p
+    return lq, lp, q, p, finite
 
 
 # ----------------------------------------------------------------------------------------------
 # Objectives: per-token value (summed over the vocabulary, across shards) and, into g, ∂/∂(z_s/T).
-# Each returns the [n] per-token values and leaves lp, p, lq, q unchanged.
+# Each returns the [n] per-token values and leaves lp, p, lq, q unchanged. ``finite``: no −inf
+# (hence no dropped summand) anywhere in the chunk.
 
 
 def _kl_summands(w, log_w, log_r, out):
@@ -325,7 +333,12 @@ def _finish_grad(g, q, h_sum):
     g.addcmul_(q, h_sum[:, None], value=-1.0)
 
 
-def _forward_kl(lp, p, lq, q, objective, work, n, g, vocab):
+def _forward_kl(lp, p, lq, q, objective, work, n, g, vocab, finite):
+    if finite:  # no −inf logit in the chunk: h = −p, Σh = −1
+        loss = vocab.sum(torch.sub(lp, lq, out=work("t0", n)).mul_(p).sum(1))
+        if g is not None:
+            torch.sub(q, p, out=g)
+        return loss
     terms = _kl_summands(p, lp, lq, work("t0", n))
     if g is None:
         return vocab.sum(terms.sum(1))
@@ -336,7 +349,13 @@ def _forward_kl(lp, p, lq, q, objective, work, n, g, vocab):
     return loss
 
 
-def _reverse_kl(lp, p, lq, q, objective, work, n, g, vocab):
+def _reverse_kl(lp, p, lq, q, objective, work, n, g, vocab, finite):
+    if finite:  # h = q (log q − log p) + q, Σh = loss + 1, so ∂/∂x = q (log q − log p − loss)
+        log_ratio = torch.sub(lq, lp, out=work("t0", n))
+        loss = vocab.sum(torch.mul(log_ratio, q, out=g if g is not None else work("t1", n)).sum(1))
+        if g is not None:
+            torch.sub(log_ratio, loss[:, None], out=g).mul_(q)
+        return loss
     terms = _kl_summands(q, lq, lp, work("t0", n))
     if g is None:
         return vocab.sum(terms.sum(1))
@@ -347,10 +366,10 @@ def _reverse_kl(lp, p, lq, q, objective, work, n, g, vocab):
     return loss
 
 
-def _skewed_forward_kl(lp, p, lq, q, objective, work, n, g, vocab):
+def _skewed_forward_kl(lp, p, lq, q, objective, work, n, g, vocab, finite):
     lam = objective.skew_lambda
     if lam == 0.0:
-        return _forward_kl(lp, p, lq, q, objective, work, n, g, vocab)
+        return _forward_kl(lp, p, lq, q, objective, work, n, g, vocab, finite)
     mix = torch.mul(p, lam, out=work("t0", n)).add_(q, alpha=1.0 - lam)  # m = λp + (1−λ)q
     log_mix = torch.log(mix, out=work("t1", n))
     terms = _kl_summands(p, lp, log_mix, log_mix)
@@ -362,10 +381,10 @@ def _skewed_forward_kl(lp, p, lq, q, objective, work, n, g, vocab):
     return loss
 
 
-def _skewed_reverse_kl(lp, p, lq, q, objective, work, n, g, vocab):
+def _skewed_reverse_kl(lp, p, lq, q, objective, work, n, g, vocab, finite):
     lam = objective.skew_lambda
     if lam == 0.0:
-        return _reverse_kl(lp, p, lq, q, objective, work, n, g, vocab)
+        return _reverse_kl(lp, p, lq, q, objective, work, n, g, vocab, finite)
     mix = torch.mul(p, 1.0 - lam, out=work("t0", n)).add_(q, alpha=lam)  # m = (1−λ)p + λq
     log_mix = torch.log(mix, out=work("t1", n))
     terms = _kl_summands(q, lq, log_mix, log_mix)
@@ -378,7 +397,7 @@ def _skewed_reverse_kl(lp, p, lq, q, objective, work, n, g, vocab):
     return loss
 
 
-def _js_divergence(lp, p, lq, q, objective, work, n, g, vocab):
+def _js_divergence(lp, p, lq, q, objective, work, n, g, vocab, finite):
     log_mid = torch.add(p, q, out=work("t0", n)).mul_(0.5).log_()  # log m, m = (p + q)/2
     p_terms = _kl_summands(p, lp, log_mid, work("t1", n))
     kl_p = p_terms.sum(1)
@@ -390,11 +409,11 @@ def _js_divergence(lp, p, lq, q, objective, work, n, g, vocab):
     return 0.5 * (kl_p + kl_q)
 
 
-def _adaptive_kl(lp, p, lq, q, objective, work, n, g, vocab):
+def _adaptive_kl(lp, p, lq, q, objective, work, n, g, vocab, finite):
     w_head, w_tail = _adaptive_weights(p, q, objective.adaptive_kl_alpha, work, n, vocab)
     g_reverse = None if g is None else work("grad2", n)
-    forward = _forward_kl(lp, p, lq, q, objective, work, n, g, vocab)
-    reverse = _reverse_kl(lp, p, lq, q, objective, work, n, g_reverse, vocab)
+    forward = _forward_kl(lp, p, lq, q, objective, work, n, g, vocab, finite)
+    reverse = _reverse_kl(lp, p, lq, q, objective, work, n, g_reverse, vocab, finite)
     if g is not None:
         g.mul_(w_head[:, None]).addcmul_(g_reverse, w_tail[:, None])
     return w_head * forward + w_tail * reverse
@@ -468,26 +487,28 @@ class _PrecomputedGradient(torch.autograd.Function):
     def forward(ctx, student, loss, grad, index):
         ctx.student_shape = student.shape
         ctx.student_dtype = student.dtype
-        ctx.used = False
+        ctx.scaled_in_place = False
         ctx.save_for_backward(grad, index)
         return loss.clone()
 
     @staticmethod
     def backward(ctx, grad_output):
-        if ctx.used:
-            raise RuntimeError("kd_loss: backward ran twice through the same loss; its gradient buffer is scaled in place")
-        ctx.used = True
         grad, index = ctx.saved_tensors
-        shape = ctx.student_shape
+        shape, dtype = ctx.student_shape, ctx.student_dtype
         if grad is None:  # nothing masked in
-            return torch.zeros(shape, dtype=ctx.student_dtype, device=grad_output.device), None, None, None
+            return torch.zeros(shape, dtype=dtype, device=grad_output.device), None, None, None
         scale = grad_output.to(torch.float32)
-        if index is not None:
-            flat = torch.zeros(index.shape[0], shape[-1], dtype=ctx.student_dtype, device=grad.device)
-            flat.scatter_add_(1, index, (grad.float() * scale).to(ctx.student_dtype))
-            return flat.view(shape), None, None, None
+        if index is not None:  # top-k: scatter the [N, k] gradient into a dense [N, V] one
+            dense = torch.zeros(index.shape[0], shape[-1], dtype=dtype, device=grad.device)
+            dense.scatter_add_(1, index, (grad * scale).to(dtype))
+            return dense.view(shape), None, None, None
         if bool(scale != 1.0):
-            grad.mul_(scale.to(grad.dtype))  # in place: the buffer is ours and freed after this
+            # In place, so no second [N, V] buffer: the buffer is ours, and autograd frees it after this
+            # call unless the graph is retained, in which case a second backward must not reuse it.
+            if ctx.scaled_in_place:
+                raise RuntimeError("kd_loss: a second backward with a non-unit grad_output through the same loss")
+            ctx.scaled_in_place = True
+            grad.mul_(scale.to(grad.dtype))
         return grad.view(shape), None, None, None
 
 
