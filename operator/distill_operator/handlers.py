@@ -49,7 +49,8 @@ def api_client() -> client.ApiClient:
             try:
                 config.load_incluster_config(client_configuration=configuration)
             except config.ConfigException:
-                config.load_kube_config(client_configuration=configuration)
+                # KUBECONFIG is read now: the kubernetes package reads it once at import, which may be too early.
+                config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
             configuration.connection_pool_maxsize = 32
             _api = client.ApiClient(configuration)
         return _api
@@ -190,6 +191,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING  # our own events say what happened; skip "handler succeeded"
     settings.execution.max_workers = 16
     settings.watching.server_timeout = 300
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> Any:
+    """In-cluster service account, else KUBECONFIG (read at login time, not at import)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL)

@@ -112,7 +112,8 @@ class K8sProgressReporter:
             try:
                 config.load_incluster_config(client_configuration=configuration)
             except config.ConfigException:
-                config.load_kube_config(client_configuration=configuration)
+                # KUBECONFIG is read now: the kubernetes package reads it once at import, which may be too early.
+                config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
             self._api = client.CustomObjectsApi(client.ApiClient(configuration))
         self._api.patch_namespaced_custom_object_status(
             GROUP, VERSION, self.namespace, PLURAL, self.name, patch,

@@ -1,0 +1,140 @@
+"""Fixtures for the operator's tests against the real API server (tests/kube_cluster.py).
+
+No KubeRay controller can run here: the tests play KubeRay's part by patching RayJob status through the
+status subresource (``play_kuberay``), exactly the fields KubeRay writes (jobDeploymentStatus, jobStatus).
+The operator runs in-process with ``kopf.testing.KopfRunner``, watching only the test's namespace, with a short
+reconcile interval so that timers (deadlines, TTL) fire within seconds.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Read by distill_operator.handlers at import: fast timers for the tests.
+os.environ.setdefault("KUBEDISTILL_RECONCILE_INTERVAL_SECONDS", "0.5")
+
+import contextlib  # noqa: E402
+import shlex  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+from kopf.testing import KopfRunner  # noqa: E402
+
+from kube_cluster import wait_for  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+CRD_FILE = REPO / "crds" / "distilljob.yaml"
+DJ_API, DJ_KIND = "kubedistill.io/v1alpha1", "DistillJob"
+RAY_API, RAY_KIND = "ray.io/v1", "RayJob"
+
+
+@pytest.fixture(scope="session")
+def distilljob_crd(kube, rayjob_crd):
+    """Our CRD (the committed, generated file) and KubeRay's RayJob CRD, both Established."""
+    import kubernetes
+    import yaml
+
+    crd = yaml.safe_load(CRD_FILE.read_text())
+    ext = kubernetes.client.ApiextensionsV1Api(kube.api_client)
+    try:
+        ext.create_custom_resource_definition(crd)
+    except kubernetes.client.exceptions.ApiException as error:
+        if error.status != 409:
+            raise
+    return kube.wait_crd_established(crd["metadata"]["name"])
+
+
+def distilljob(name: str, namespace: str, run_policy: dict | None = None, **spec: Any) -> dict:
+    """A small valid DistillJob."""
+    body = {
+        "apiVersion": DJ_API,
+        "kind": DJ_KIND,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "image": "kubedistill:test",
+            "distill": {
+                "max_steps": 10,
+                "student_pretrain": "/models/student",
+                "teacher_pretrain": "/models/teacher",
+                "student": {"data_args": {"file_name": "/data/train.jsonl"}},
+            },
+            "workers": {"replicas": 1, "gpusPerWorker": 1},
+            "storage": {"claimName": "checkpoints"},
+            "runPolicy": {"backoffLimit": 0, **(run_policy or {})},
+        },
+    }
+    body["spec"].update(spec)
+    return body
+
+
+@contextlib.contextmanager
+def running_operator(namespace: str) -> Iterator[KopfRunner]:
+    """The operator, in-process, watching one namespace; stopped (and checked for crashes) on exit."""
+    from distill_operator import handlers
+
+    handlers.reset_api_client()
+    args = ["run", "--standalone", "--namespace", namespace, "-m", "distill_operator.handlers"]
+    with KopfRunner(args, timeout=60) as runner:
+        yield runner
+    assert runner.exception is None, runner.output
+    assert runner.exit_code == 0, runner.output
+
+
+@pytest.fixture
+def operator(kubeconfig_env, distilljob_crd, kube_namespace):
+    with running_operator(kube_namespace) as runner:
+        yield runner
+
+
+class Jobs:
+    """Reads and writes of DistillJobs and RayJobs in one namespace, and KubeRay's part."""
+
+    def __init__(self, kube, namespace: str):
+        self.kube, self.ns = kube, namespace
+
+    def create(self, body: dict) -> dict:
+        return self.kube.create(body, self.ns)
+
+    def get(self, name: str) -> dict | None:
+        return self.kube.get(DJ_API, DJ_KIND, name, self.ns)
+
+    def status(self, name: str) -> dict:
+        return (self.get(name) or {}).get("status") or {}
+
+    def condition(self, name: str, type_: str) -> dict:
+        return next((c for c in self.status(name).get("conditions", []) if c["type"] == type_), {})
+
+    def rayjobs(self) -> list[dict]:
+        return self.kube.list(RAY_API, RAY_KIND, self.ns)
+
+    def rayjob(self, name: str, timeout: float = 20) -> dict:
+        return wait_for(lambda: self.kube.get(RAY_API, RAY_KIND, name, self.ns), timeout=timeout,
+                        message=f"RayJob {name}")
+
+    def play_kuberay(self, rayjob: str, deployment: str, job: str = "") -> None:
+        """What KubeRay would write: the RayJob's status."""
+        status = {"jobDeploymentStatus": deployment}
+        if job:
+            status["jobStatus"] = job
+        self.kube.patch_status(RAY_API, RAY_KIND, rayjob, status, self.ns)
+
+    def wait_state(self, name: str, state: str, timeout: float = 20) -> dict:
+        return wait_for(lambda: self.status(name) if self.status(name).get("state") == state else None,
+                        timeout=timeout, message=f"DistillJob {name} state {state} (now {self.status(name)})")
+
+    def patch_spec(self, name: str, patch: dict) -> None:
+        self.kube.patch(DJ_API, DJ_KIND, name, {"spec": patch}, self.ns)
+
+    def events(self, name: str) -> list[tuple[str, str]]:
+        items = self.kube.list("v1", "Event", self.ns)
+        return [(e["type"], e["reason"]) for e in items if e["involvedObject"]["name"] == name]
+
+
+@pytest.fixture
+def jobs(kube, kube_namespace) -> Jobs:
+    return Jobs(kube, kube_namespace)
+
+
+def entrypoint(rayjob: dict) -> list[str]:
+    return shlex.split(rayjob["spec"]["entrypoint"])
