@@ -42,11 +42,15 @@ def launch(load: "callable[[], DistillConfig]") -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The operator and the demo have their own argument parsers.
     if argv and argv[0] == "operator":
-        # The operator has its own argument parser (kopf options, ports).
         from distill_operator.__main__ import main as operator_main
 
         return operator_main(argv[1:])
+    if argv and argv[0] == "demo":
+        from .demo.run import main as demo_main
+
+        return demo_main(argv[1:])
 
     parser = argparse.ArgumentParser(prog="kubedistill", description="Knowledge distillation of LLMs on Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -57,18 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     train.add_argument("config", help="path to the YAML config, e.g. examples/tiny/distill.yaml")
     train.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. max_steps=100 kd_objective=reverse_kl")
-    demo = commands.add_parser("demo", help="build a tiny teacher and student offline and distill on CPU")
-    demo.add_argument("--workdir", default="examples/tiny/artifacts", help="where data, models and runs go")
+    commands.add_parser("demo", help="build a tiny teacher and student offline and distill on CPU (see --help)")
     commands.add_parser("operator", help="run the DistillJob Kubernetes operator (see `kubedistill operator --help`)")
 
     args = parser.parse_args(argv)
-    if args.command == "train":
-        return launch(lambda: load_config(args.config, args.overrides))
-    if args.command == "demo":
-        from .demo.run import main as demo_main
-
-        return demo_main(["--workdir", args.workdir])
-    return 2
+    return launch(lambda: load_config(args.config, args.overrides))
 
 
 def start_distill_pipeline(argv: Sequence[str] | None = None) -> int:
