@@ -308,3 +308,31 @@ def decide(
     st.events.append(("Warning", "Restarting", message))
     st.data.update(state="Restarting", message=message, restarts=restarts + 1)
     return launch(attempt + 1, resume=True)
+
+
+def timer_due(spec: Mapping[str, Any], status: Mapping[str, Any], now: datetime) -> bool:
+    """Whether a time-based check of this job is due now (raw spec/status dicts, as watched).
+
+    Deadlines and the TTL fire at known times, so the periodic loop reconciles only the jobs whose time has come;
+    the RayAddress launcher has no watch, so its running jobs are polled on every tick.
+    """
+    policy = spec.get("runPolicy") or {}
+    state = status.get("state")
+    if state in TERMINAL_STATES:
+        ttl, done = policy.get("ttlSecondsAfterFinished"), _elapsed(status.get("completionTime"), now)
+        return ttl is not None and done is not None and done >= ttl
+    if state is None or policy.get("suspend") or state == "Suspended":
+        return False
+    if (spec.get("launcher") or {}).get("type") == "RayAddress":
+        return True
+    active, started = policy.get("activeDeadlineSeconds"), _elapsed(status.get("startTime"), now)
+    if active is not None and started is not None and started >= active:
+        return True
+    pre, waited = policy.get("preRunningDeadlineSeconds"), _elapsed(status.get("attemptStartTime"), now)
+    return pre is not None and waited is not None and waited >= pre and state != "Running"
+
+
+def needs_reconcile(body: Mapping[str, Any]) -> bool:
+    """A DistillJob the operator has not acted on at its current generation (new, or its spec changed)."""
+    status = body.get("status") or {}
+    return status.get("observedGeneration") != (body.get("metadata") or {}).get("generation") or not status.get("state")

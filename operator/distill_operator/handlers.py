@@ -1,7 +1,8 @@
 """The kopf wiring: every trigger calls ``reconcile``; the decisions live in conditions.py, the manifests in render.py.
 
-Triggers: create/resume/spec update of a DistillJob, a timer (deadlines, TTL, Ray Jobs API polling) and any
-event of a RayJob the operator created. ``reconcile`` reads the DistillJob fresh, observes the current attempt,
+Triggers: a DistillJob the operator has not acted on yet (new, spec changed, or operator just started), any status
+change of a RayJob the operator created, and one operator-wide timer loop for what is due by the clock (deadlines,
+TTL, Ray Jobs API polling) and for retrying failed reconciles. ``reconcile`` reads the DistillJob fresh, observes the current attempt,
 asks ``conditions.decide`` what to do, does it (launch / stop / delete), then writes the operator's status keys
 with a merge patch that never contains ``status.progress`` (the trainer's, written with server-side apply).
 Reconciles of one job are serialized by a lock; children have deterministic names, so running it twice, or
@@ -10,6 +11,7 @@ after an operator restart, never creates a second RayJob.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -23,15 +25,15 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from distill_operator import metrics, render
-from distill_operator.conditions import OPERATOR_STATUS_KEYS, decide
+from distill_operator.conditions import OPERATOR_STATUS_KEYS, decide, needs_reconcile, timer_due
 from distill_operator.launchers import launcher_for
 from distill_operator.render import JobRef
-from distill_operator.resources import GROUP, KIND, PLURAL, TERMINAL_STATES, VERSION, parse_spec
+from distill_operator.resources import GROUP, KIND, PLURAL, VERSION, parse_spec
 from distill_trainer.config import format_validation_error
 
 log = logging.getLogger(__name__)
 
-# Seconds between timer reconciles of one job (deadlines, TTL and the RayAddress launcher are polled).
+# Seconds between ticks of the timer loop (deadlines, TTL and the RayAddress launcher are checked on ticks).
 RECONCILE_INTERVAL = float(os.environ.get("KUBEDISTILL_RECONCILE_INTERVAL_SECONDS", "10"))
 
 _api: client.ApiClient | None = None
@@ -67,20 +69,32 @@ def _lock_for(namespace: str, name: str) -> threading.Lock:
         return _locks.setdefault((namespace, name), threading.Lock())
 
 
-def reconcile(namespace: str, name: str, handler: str) -> None:
-    with metrics.track(handler), _lock_for(namespace, name):
-        _reconcile(namespace, name)
+def reconcile(namespace: str, name: str, handler: str, fresh_body: Any = None) -> None:
+    """Reconcile one DistillJob; failures are retried on the next timer tick.
+
+    ``fresh_body`` may be passed for a job the operator has never written to (nothing to be stale about);
+    otherwise the job is read from the API server under the job's lock.
+    """
+    try:
+        with metrics.track(handler), _lock_for(namespace, name):
+            _reconcile(namespace, name, fresh_body)
+    except Exception:
+        _retry.add((namespace, name))
+        raise
+    _retry.discard((namespace, name))
 
 
-def _reconcile(namespace: str, name: str) -> None:
+def _reconcile(namespace: str, name: str, fresh_body: Any = None) -> None:
     api = api_client()
     custom = client.CustomObjectsApi(api)
-    try:
-        body = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    except ApiException as error:
-        if error.status == 404:
-            return
-        raise
+    body = fresh_body
+    if body is None:
+        try:
+            body = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as error:
+            if error.status == 404:
+                return
+            raise
     if body["metadata"].get("deletionTimestamp"):
         return
     job = JobRef.from_body(body)
@@ -182,15 +196,20 @@ def post_event(core: client.CoreV1Api, body: Any, type_: str, reason: str, messa
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    # kopf's bookkeeping goes to annotations under our prefix; status stays ours and the trainer's.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
-    )
+async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Only watch-event handlers are used: kopf keeps no state on the objects (no annotations, no finalizers),
+    # so a DistillJob stays deletable when the operator is not running.
     settings.posting.level = logging.WARNING  # our own events say what happened; skip "handler succeeded"
     settings.execution.max_workers = 16
     settings.watching.server_timeout = 300
+    global _timer_task
+    _timer_task = asyncio.create_task(_timer_loop())
+
+
+@kopf.on.cleanup()
+async def stop_timer(**_: Any) -> None:
+    if _timer_task is not None:
+        _timer_task.cancel()
 
 
 @kopf.on.login()
@@ -199,39 +218,59 @@ def login(**kwargs: Any) -> Any:
     return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def reconcile_distilljob(namespace: str, name: str, **_: Any) -> None:
-    """Create, operator start, or spec change (suspend/resume): launch or stop as the run policy says."""
-    reconcile(namespace, name, "distilljob")
+# The last watched spec/status of every DistillJob, for the timer loop (no API calls to find what is due),
+# and the jobs whose last reconcile failed (retried on the next tick).
+_watched: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {}
+_retry: set[tuple[str, str]] = set()
+_timer_task: asyncio.Task | None = None
 
 
-def _needs_timer(status: Any, spec: Any, **_: Any) -> bool:
-    terminal = (status or {}).get("state") in TERMINAL_STATES
-    return not terminal or (spec or {}).get("runPolicy", {}).get("ttlSecondsAfterFinished") is not None
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def distilljob_changed(type: str, body: Any, namespace: str, name: str, **_: Any) -> None:
+    """Create, resume and update in one: every watch event of a DistillJob, including the listing at start.
 
-
-@kopf.timer(GROUP, VERSION, PLURAL, interval=RECONCILE_INTERVAL, initial_delay=RECONCILE_INTERVAL, when=_needs_timer)
-def poll_distilljob(namespace: str, name: str, **_: Any) -> None:
-    """Deadlines, TTL, and the RayAddress launcher (which has no watch) are checked on a timer."""
-    reconcile(namespace, name, "timer")
+    It reconciles when the operator has not yet acted on this generation (a new job, a spec change such as
+    suspend/resume) or when the operator just started (``type`` None: resume). Status writes (ours, and the
+    trainer's progress) do not change the generation, so they do not trigger a reconcile.
+    """
+    key = (namespace, name)
+    if type == "DELETED":
+        _watched.pop(key, None)
+        _retry.discard(key)
+        metrics.forget(namespace, name)
+        with _locks_lock:
+            _locks.pop(key, None)
+        return
+    spec, status = dict(body.get("spec") or {}), dict(body.get("status") or {})
+    _watched[key] = (spec, status)
+    if type is None or needs_reconcile(body):
+        reconcile(namespace, name, "distilljob", fresh_body=body if not status else None)
 
 
 @kopf.on.event("ray.io", "v1", "rayjobs", labels={render.LABEL_MANAGED_BY: render.MANAGER})
-def rayjob_changed(body: Any, namespace: str, **_: Any) -> None:
+def rayjob_changed(type: str, body: Any, namespace: str, **_: Any) -> None:
     """KubeRay updated (or someone deleted) a RayJob we own: reconcile its DistillJob now."""
+    if type in ("ADDED", None) and not body.get("status"):
+        return  # our own create (or a restart's listing) before KubeRay wrote anything: nothing to react to
     for ref in body.get("metadata", {}).get("ownerReferences") or []:
         if ref.get("kind") == KIND and ref.get("apiVersion", "").startswith(f"{GROUP}/"):
             reconcile(namespace, ref["name"], "rayjob")
 
 
-@kopf.on.event(GROUP, VERSION, PLURAL)
-def distilljob_event(type: str, namespace: str, name: str, **_: Any) -> None:
-    if type == "DELETED":
-        metrics.forget(namespace, name)
-        with _locks_lock:
-            _locks.pop((namespace, name), None)
+async def _timer_loop() -> None:
+    """Every RECONCILE_INTERVAL: reconcile the jobs whose deadline or TTL has come, RayAddress jobs (no watch),
+    and jobs whose last reconcile failed. One loop for the operator, not a kopf timer per object (those need a
+    finalizer on every DistillJob and wake every job on every tick)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(RECONCILE_INTERVAL)
+        now = datetime.now(timezone.utc)
+        due = {key for key, (spec, status) in list(_watched.items()) if timer_due(spec, status, now)}
+        for namespace, name in sorted(due | (_retry & _watched.keys())):
+            try:
+                await loop.run_in_executor(None, reconcile, namespace, name, "timer")
+            except Exception:  # noqa: BLE001 - counted in metrics; retried on the next tick
+                log.exception("reconcile of %s/%s failed; retrying on the next tick", namespace, name)
 
 
 @kopf.on.probe(id="reconciles")

@@ -72,6 +72,7 @@ def test_create_renders_children_and_conditions_follow_rayjob_to_success(operato
                        and {r for _, r in jobs.events("ok")}, message="events")
     assert reasons
     assert len(jobs.rayjobs()) == 1
+    assert not jobs.get("ok")["metadata"].get("finalizers")  # deletable even with no operator running
 
 
 def test_failure_is_retried_with_resume_until_backoff_limit(operator, jobs, kube_namespace):

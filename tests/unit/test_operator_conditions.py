@@ -233,3 +233,30 @@ def test_reasons_are_camel_case_and_types_known():
     for c in job.status["conditions"]:
         assert c["type"] in CONDITION_TYPES
         assert c["reason"][:1].isupper() and " " not in c["reason"]
+
+
+def test_timer_is_due_only_when_a_deadline_or_ttl_has_come():
+    from distill_operator.conditions import timer_due
+
+    started = {"state": "Running", "startTime": format_time(T0), "attemptStartTime": format_time(T0)}
+    at = lambda seconds: T0 + timedelta(seconds=seconds)  # noqa: E731
+    assert not timer_due({}, started, at(10_000))
+    assert not timer_due({"runPolicy": {"activeDeadlineSeconds": 60}}, started, at(59))
+    assert timer_due({"runPolicy": {"activeDeadlineSeconds": 60}}, started, at(60))
+    pending = {**started, "state": "Pending"}
+    assert timer_due({"runPolicy": {"preRunningDeadlineSeconds": 5}}, pending, at(5))
+    assert not timer_due({"runPolicy": {"preRunningDeadlineSeconds": 5}}, started, at(5))
+    done = {"state": "Succeeded", "completionTime": format_time(T0)}
+    assert not timer_due({"runPolicy": {"ttlSecondsAfterFinished": 30}}, done, at(29))
+    assert timer_due({"runPolicy": {"ttlSecondsAfterFinished": 30}}, done, at(30))
+    assert not timer_due({"runPolicy": {"activeDeadlineSeconds": 1}}, done, at(100))
+    assert timer_due({"launcher": {"type": "RayAddress"}}, started, at(0))
+    assert not timer_due({"runPolicy": {"suspend": True, "activeDeadlineSeconds": 1}}, started, at(100))
+
+
+def test_only_new_generations_need_a_reconcile():
+    from distill_operator.conditions import needs_reconcile
+
+    assert needs_reconcile({"metadata": {"generation": 1}})
+    assert not needs_reconcile({"metadata": {"generation": 1}, "status": {"state": "Running", "observedGeneration": 1}})
+    assert needs_reconcile({"metadata": {"generation": 2}, "status": {"state": "Running", "observedGeneration": 1}})
