@@ -36,7 +36,6 @@ RECIPE_VERSION=1
 DEB_SOURCE_PACKAGE=kubernetes
 DEB_ORIG_TARBALL="kubernetes_1.20.5+really1.20.2.orig.tar.gz"
 DEB_ORIG_SHA256="b83c0780efb182d928dc63d46488a847f161f04e40a94b96bf5247dd671ecdfc"
-DEB_POOL_URL="http://deb.debian.org/debian/pool/main/k/kubernetes/${DEB_ORIG_TARBALL}"
 
 CACHE_ROOT="${KUBEDISTILL_CACHE:-$HOME/.cache/kubedistill}"
 KUBE_DIR="${CACHE_ROOT}/kube-${KUBE_VERSION}"
@@ -236,18 +235,7 @@ fetch_source() {
             if ! (cd "$dl" && apt_get source --download-only "$DEB_SOURCE_PACKAGE") >>"$BUILD_LOG" 2>&1; then
                 apt_update_once
                 (cd "$dl" && apt_get source --download-only "$DEB_SOURCE_PACKAGE") >>"$BUILD_LOG" 2>&1 \
-                    || log "apt-get source failed (see log); trying the Debian pool URL"
-            fi
-        fi
-        if ! verify_tarball "$tarball"; then
-            # Same orig tarball, straight from the Debian archive (e.g. when
-            # this machine's apt points at another release).
-            rm -f "$tarball"
-            log "downloading ${DEB_POOL_URL}"
-            if command -v curl >/dev/null 2>&1; then
-                curl -fsSL --retry 3 -o "$tarball" "$DEB_POOL_URL" >>"$BUILD_LOG" 2>&1 || true
-            elif command -v wget >/dev/null 2>&1; then
-                wget -q -O "$tarball" "$DEB_POOL_URL" >>"$BUILD_LOG" 2>&1 || true
+                    || log "apt-get source failed (see ${BUILD_LOG})"
             fi
         fi
         verify_tarball "$tarball" \
