@@ -86,3 +86,10 @@ def test_valid_manifest_and_example_are_accepted(kubectl, kube_namespace, distil
     assert yaml.safe_load(got.stdout)["spec"]["distill"]["resume_from_checkpoint"] is True
     listing = kubectl("get", "distilljobs", "-n", kube_namespace)
     assert listing.stdout.split()[:6] == ["NAME", "STATE", "STEP", "MAX", "LOSS", "AGE"]
+
+
+@pytest.mark.parametrize("example", ["distilljob-qwen.yaml", "distilljob-tiny-local.yaml"])
+def test_example_manifests_are_accepted(kubectl, kube_namespace, distilljob_crd, example):
+    path = f"examples/manifests/{example}"
+    result = kubectl("apply", "--dry-run=server", "-n", kube_namespace, "-f", path)
+    assert "created (server dry run)" in result.stdout

@@ -124,3 +124,14 @@ def test_ray_address_working_dir_resolves_relative_paths():
     assert config["output_dir"] == "/repo/out" and config["logging_dir"] == "/repo/output/logs"
     assert config["student"]["data_args"] == {**config["student"]["data_args"], "file_name": "/data/train.jsonl",
                                               "eval_file_name": "/repo/data/eval.jsonl"}
+
+
+def test_example_manifests_parse_and_render():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).resolve().parents[2].glob("examples/manifests/distilljob-*.yaml")):
+        body = yaml.safe_load(path.read_text())
+        spec = parse_spec(body["spec"])
+        job = JobRef(body["metadata"]["name"], "default", "uid")
+        config_from_dict(render.trainer_config(spec, job))
+        render.render_rayjob(spec, job, 0, False)
