@@ -166,6 +166,31 @@ def one_run(cluster: kc.KubeCluster, run: int, n_jobs: int) -> dict:
     }
 
 
+def api_floor(cluster: kc.KubeCluster, run: int, n_jobs: int) -> list[float]:
+    """The same reconciles with no kopf and no watches: create N DistillJobs, then call ``reconcile`` on all of them
+    from 16 threads. Returns each job's time from the start to its reconcile's end: what the API server alone allows."""
+    from distill_operator import handlers
+
+    os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
+    handlers.reset_api_client()
+    api = cluster.api_client()
+    custom = kubernetes.client.CustomObjectsApi(api)
+    namespace = f"floor-{run}-{int(time.time())}"
+    kubernetes.client.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: custom.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, distilljob(f"job-{i:04d}")), range(n_jobs)))
+    api.close()
+    start = time.monotonic()
+
+    def one(i: int) -> float:
+        handlers.reconcile(namespace, f"job-{i:04d}", "bench")
+        return time.monotonic() - start
+
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(one, range(n_jobs)))
+
+
 def scrape_reconciles(port: int) -> dict[str, tuple[float, float]]:
     """{handler: (count, mean seconds)} from the operator's /metrics."""
     import urllib.request
@@ -187,13 +212,14 @@ def scrape_reconciles(port: int) -> dict[str, tuple[float, float]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=200)
-    parser.add_argument("--runs", type=int, default=1, help="repeat (fresh namespace and operator) and take medians")
+    parser.add_argument("--runs", type=int, default=3, help="repeat (fresh namespace and operator) and take medians")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="kubedistill-bench-") as workdir, kc.start_cluster(Path(workdir)) as cluster:
         with cluster.api_client() as api:
             install_crds(api)
         runs = [one_run(cluster, r, args.jobs) for r in range(args.runs)]
+        floors = [api_floor(cluster, r, args.jobs) for r in range(args.runs)]
         version = cluster.version
 
     def med(key: str, fn) -> float:
@@ -205,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     for key, label in (("rayjob", "-> RayJob created"), ("condition", "-> first condition (Created)")):
         print(f"{label:<34}{med(key, lambda v: percentile(v, 50)):>8.3f}{med(key, lambda v: percentile(v, 99)):>8.3f}"
               f"{med(key, max):>8.3f}   < 2 s")
+    print(f"{'floor: reconcile without kopf':<34}{statistics.median(percentile(f, 50) for f in floors):>8.3f}"
+          f"{statistics.median(percentile(f, 99) for f in floors):>8.3f}{statistics.median(max(f) for f in floors):>8.3f}"
+          "   (same API calls, 16 threads, no operator)")
     print(f"{'creating all jobs took':<34}{statistics.median(r['create_wall'] for r in runs):>8.2f} s")
     print(f"{'all jobs reconciled after':<34}{statistics.median(r['all_done'] for r in runs):>8.2f} s")
     print(f"{'operator CPU during the burst':<34}{statistics.median(r['cpu'] for r in runs):>8.2f} s")

@@ -1,7 +1,8 @@
 """Generate the DistillJob CustomResourceDefinition from the pydantic models in resources.py.
 
-    python -m distill_operator.crdgen > crds/distilljob.yaml     # or: --write (writes crds/distilljob.yaml)
-    python -m distill_operator.crdgen --check                     # exit 1 when the committed file is stale
+    python -m distill_operator.crdgen --write    # writes crds/distilljob.yaml and crds/distilljob-no-cel.yaml
+    python -m distill_operator.crdgen --check    # exit 1 when a committed file is stale
+    python -m distill_operator.crdgen [--no-cel] > crd.yaml
 
 pydantic emits JSON Schema 2020-12; Kubernetes wants a *structural* OpenAPI v3.0 schema: every node typed,
 no $ref, no type inside anyOf, no null type. The conversion below is small and explicit:
@@ -16,8 +17,9 @@ no $ref, no type inside anyOf, no null type. The conversion below is small and e
   trainer's own model (a bad value sets ``Failed`` with reason ``InvalidSpec``). It is the one field the
   schema alone does not check.
 Rules that need more than one field (teacher and student layouts, rayAddress for the RayAddress launcher) are
-added as CEL ``x-kubernetes-validations``: API servers >= 1.25 enforce them, older ones ignore the key, and
-the operator checks the same rules with pydantic either way.
+added as CEL ``x-kubernetes-validations`` in ``crds/distilljob.yaml`` (Kubernetes >= 1.25). Before 1.25 kubectl
+refuses that key, so ``crds/distilljob-no-cel.yaml`` is the same CRD without it; the operator checks the same rules
+with pydantic either way.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import yaml
 from distill_operator import resources
 
 CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "distilljob.yaml"
+CRD_NO_CEL_PATH = CRD_PATH.with_name("distilljob-no-cel.yaml")
 
 # CEL rules (Kubernetes >= 1.25), keyed by the dotted schema path they sit on.
 CEL_RULES: dict[str, list[dict[str, str]]] = {
@@ -76,7 +79,7 @@ def _describe_default(node: dict[str, Any], default: Any) -> None:
     node["description"] = f"{description} Default: {rendered}.".strip()
 
 
-def _structural(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str, Any]:
+def _structural(node: dict[str, Any], defs: dict[str, Any], path: str, cel: bool = True) -> dict[str, Any]:
     """Convert one pydantic JSON-schema node (and its children) into a structural OpenAPI v3.0 node."""
     node = copy.deepcopy(node)
     if "$ref" in node:
@@ -95,7 +98,7 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[s
         nullable = len(non_null) < len(variants)
         types = sorted(v.get("type", "") for v in non_null)
         if len(non_null) == 1:
-            out = _structural({**non_null[0], **{k: v for k, v in node.items()}}, defs, path)
+            out = _structural({**non_null[0], **{k: v for k, v in node.items()}}, defs, path, cel)
             if nullable:
                 out["nullable"] = True
         elif types == ["integer", "string"]:
@@ -110,21 +113,22 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[s
         else:  # pragma: no cover - a new union type in the models needs a deliberate mapping here
             raise ValueError(f"{path}: no structural form for anyOf {types}")
         _describe_default(out, default)
-        _attach_cel(out, path)
+        if cel:
+            _attach_cel(out, path)
         return out
 
     out = {}
     for key, value in node.items():
         if key == "properties":
             out["properties"] = {
-                name: _structural(child, defs, f"{path}.{name}" if path else name) for name, child in value.items()
+                name: _structural(child, defs, f"{path}.{name}" if path else name, cel) for name, child in value.items()
             }
         elif key == "items":
-            out["items"] = _structural(value, defs, f"{path}[]")
+            out["items"] = _structural(value, defs, f"{path}[]", cel)
         elif key == "additionalProperties":
             if value is False:
                 continue  # extra="forbid": the API server prunes unknown fields; kubectl rejects them
-            out["additionalProperties"] = _structural(value, defs, f"{path}.*")
+            out["additionalProperties"] = _structural(value, defs, f"{path}.*", cel)
         elif key == "const":
             out["enum"] = [value]
         elif key == "exclusiveMinimum":
@@ -142,7 +146,8 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[s
     if "type" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
         raise ValueError(f"{path}: schema node without a type: {node}")
     _describe_default(out, default)
-    _attach_cel(out, path)
+    if cel:
+        _attach_cel(out, path)
     return out
 
 
@@ -151,13 +156,13 @@ def _attach_cel(node: dict[str, Any], path: str) -> None:
         node["x-kubernetes-validations"] = copy.deepcopy(CEL_RULES[path])
 
 
-def _model_schema(model: type, path: str) -> dict[str, Any]:
+def _model_schema(model: type, path: str, cel: bool) -> dict[str, Any]:
     schema = model.model_json_schema(by_alias=True, mode="validation", ref_template="#/$defs/{model}")
     defs = schema.pop("$defs", {})
-    return _structural(schema, defs, path)
+    return _structural(schema, defs, path, cel)
 
 
-def openapi_schema() -> dict[str, Any]:
+def openapi_schema(cel: bool = True) -> dict[str, Any]:
     """The structural schema of the whole DistillJob object."""
     return {
         "type": "object",
@@ -168,13 +173,13 @@ def openapi_schema() -> dict[str, Any]:
             "apiVersion": {"type": "string", "description": "APIVersion of this object."},
             "kind": {"type": "string", "description": "Kind of this object."},
             "metadata": {"type": "object"},
-            "spec": _model_schema(resources.DistillJobSpec, "spec"),
-            "status": _model_schema(resources.DistillJobStatus, "status"),
+            "spec": _model_schema(resources.DistillJobSpec, "spec", cel),
+            "status": _model_schema(resources.DistillJobStatus, "status", cel),
         },
     }
 
 
-def build_crd() -> dict[str, Any]:
+def build_crd(cel: bool = True) -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -197,34 +202,46 @@ def build_crd() -> dict[str, Any]:
                     "storage": True,
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": copy.deepcopy(PRINTER_COLUMNS),
-                    "schema": {"openAPIV3Schema": openapi_schema()},
+                    "schema": {"openAPIV3Schema": openapi_schema(cel)},
                 }
             ],
         },
     }
 
 
-def render_crd_yaml() -> str:
-    header = "# Generated by `python -m distill_operator.crdgen --write` from operator/distill_operator/resources.py.\n# Do not edit by hand.\n"
-    return header + yaml.safe_dump(build_crd(), sort_keys=False, width=120)
+def render_crd_yaml(cel: bool = True) -> str:
+    variant = "" if cel else " --no-cel"
+    note = (
+        "# With CEL rules (x-kubernetes-validations): Kubernetes >= 1.25. Older clusters: distilljob-no-cel.yaml.\n"
+        if cel
+        else "# Without CEL rules, for Kubernetes < 1.25 (kubectl apply rejects x-kubernetes-validations there).\n"
+    )
+    header = (
+        f"# Generated by `python -m distill_operator.crdgen{variant}` from operator/distill_operator/resources.py.\n"
+        "# Do not edit by hand.\n" + note
+    )
+    return header + yaml.safe_dump(build_crd(cel), sort_keys=False, width=120)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distill_operator.crdgen", description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--write", action="store_true", help=f"write {CRD_PATH}")
-    group.add_argument("--check", action="store_true", help=f"exit 1 if {CRD_PATH} differs from the generator")
+    group.add_argument("--write", action="store_true", help=f"write {CRD_PATH.name} and {CRD_NO_CEL_PATH.name}")
+    group.add_argument("--check", action="store_true", help="exit 1 if a committed CRD differs from the generator")
+    parser.add_argument("--no-cel", action="store_true", help="print the CRD without CEL rules (Kubernetes < 1.25)")
     args = parser.parse_args(argv)
-    text = render_crd_yaml()
+    files = {CRD_PATH: render_crd_yaml(cel=True), CRD_NO_CEL_PATH: render_crd_yaml(cel=False)}
     if args.write:
         CRD_PATH.parent.mkdir(parents=True, exist_ok=True)
-        CRD_PATH.write_text(text)
+        for path, text in files.items():
+            path.write_text(text)
     elif args.check:
-        if not CRD_PATH.is_file() or CRD_PATH.read_text() != text:
-            print(f"{CRD_PATH} is stale: run `python -m distill_operator.crdgen --write`", file=sys.stderr)
-            return 1
+        stale = [path for path, text in files.items() if not path.is_file() or path.read_text() != text]
+        for path in stale:
+            print(f"{path} is stale: run `python -m distill_operator.crdgen --write`", file=sys.stderr)
+        return 1 if stale else 0
     else:
-        sys.stdout.write(text)
+        sys.stdout.write(render_crd_yaml(cel=not args.no_cel))
     return 0
 
 

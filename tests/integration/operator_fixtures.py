@@ -24,25 +24,30 @@ from kopf.testing import KopfRunner  # noqa: E402
 from kube_cluster import wait_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-CRD_FILE = REPO / "crds" / "distilljob.yaml"
+CRD_FILE = REPO / "crds" / "distilljob.yaml"  # with CEL rules: Kubernetes >= 1.25
+CRD_FILE_NO_CEL = REPO / "crds" / "distilljob-no-cel.yaml"
 DJ_API, DJ_KIND = "kubedistill.io/v1alpha1", "DistillJob"
 RAY_API, RAY_KIND = "ray.io/v1", "RayJob"
 
 
 @pytest.fixture(scope="session")
-def distilljob_crd(kube, rayjob_crd):
-    """Our CRD (the committed, generated file) and KubeRay's RayJob CRD, both Established."""
-    import kubernetes
-    import yaml
+def distilljob_crd(kube_cluster, rayjob_crd, kube):
+    """Our CRD (the committed, generated file for this server's version), applied with kubectl as a user would,
+    and KubeRay's RayJob CRD; both Established."""
+    import shutil
+    import subprocess
 
-    crd = yaml.safe_load(CRD_FILE.read_text())
-    ext = kubernetes.client.ApiextensionsV1Api(kube.api_client)
-    try:
-        ext.create_custom_resource_definition(crd)
-    except kubernetes.client.exceptions.ApiException as error:
-        if error.status != 409:
-            raise
-    return kube.wait_crd_established(crd["metadata"]["name"])
+    import kubernetes
+
+    minor = int(kubernetes.client.VersionApi(kube.api_client).get_code().minor.rstrip("+"))
+    crd_file = CRD_FILE if minor >= 25 else CRD_FILE_NO_CEL
+    binary = os.environ.get("KUBEDISTILL_KUBECTL") or shutil.which("kubectl")
+    if not binary:
+        pytest.skip("kubectl is not installed")
+    result = subprocess.run([binary, f"--kubeconfig={kube_cluster.kubeconfig}", "apply", "-f", str(crd_file)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return kube.wait_crd_established("distilljobs.kubedistill.io")
 
 
 def distilljob(name: str, namespace: str, run_policy: dict | None = None, **spec: Any) -> dict:

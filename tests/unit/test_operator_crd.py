@@ -31,10 +31,22 @@ def _at(path: str) -> dict[str, Any]:
 
 
 def test_committed_crd_matches_generator():
-    assert crdgen.CRD_PATH.read_text() == crdgen.render_crd_yaml(), (
-        "crds/distilljob.yaml is stale: run `python -m distill_operator.crdgen --write`"
-    )
+    stale = "is stale: run `python -m distill_operator.crdgen --write`"
+    assert crdgen.CRD_PATH.read_text() == crdgen.render_crd_yaml(cel=True), f"crds/distilljob.yaml {stale}"
+    assert crdgen.CRD_NO_CEL_PATH.read_text() == crdgen.render_crd_yaml(cel=False), f"crds/distilljob-no-cel.yaml {stale}"
     assert crdgen.main(["--check"]) == 0
+
+
+def test_no_cel_variant_differs_only_by_the_cel_rules():
+    with_cel, without = crdgen.build_crd(cel=True), crdgen.build_crd(cel=False)
+    assert "x-kubernetes-validations" not in yaml.safe_dump(without)
+
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k != "x-kubernetes-validations"}
+        return [strip(v) for v in node] if isinstance(node, list) else node
+
+    assert strip(with_cel) == without
 
 
 def test_schema_is_structural():
