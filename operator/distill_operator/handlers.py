@@ -28,7 +28,7 @@ from distill_operator import metrics, render
 from distill_operator.conditions import OPERATOR_STATUS_KEYS, decide, needs_reconcile, timer_due
 from distill_operator.launchers import launcher_for
 from distill_operator.render import JobRef
-from distill_operator.resources import GROUP, KIND, PLURAL, VERSION, parse_spec
+from distill_operator.resources import GROUP, KIND, PLURAL, TERMINAL_STATES, VERSION, parse_spec
 from distill_trainer.config import format_validation_error
 
 log = logging.getLogger(__name__)
@@ -243,6 +243,9 @@ def distilljob_changed(type: str, body: Any, namespace: str, name: str, **_: Any
         return
     spec, status = dict(body.get("spec") or {}), dict(body.get("status") or {})
     _watched[key] = (spec, status)
+    if status.get("state") in TERMINAL_STATES and not needs_reconcile(body):
+        metrics.record_conditions(namespace, name, status.get("conditions") or [])
+        return  # finished: nothing to resume (the timer loop handles a TTL)
     if type is None or needs_reconcile(body):
         reconcile(namespace, name, "distilljob", fresh_body=body if not status else None)
 
