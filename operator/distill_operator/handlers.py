@@ -87,7 +87,7 @@ def reconcile(namespace: str, name: str, handler: str, fresh_body: Any = None) -
 def _reconcile(namespace: str, name: str, fresh_body: Any = None) -> None:
     api = api_client()
     custom = client.CustomObjectsApi(api)
-    body = fresh_body
+    body = fresh_body if (namespace, name) not in _acted else None  # once we wrote to it, read it fresh
     if body is None:
         try:
             body = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
@@ -145,6 +145,7 @@ def _reconcile(namespace: str, name: str, fresh_body: Any = None) -> None:
             GROUP, VERSION, namespace, PLURAL, name, {"status": new},
             field_manager=render.MANAGER, _content_type="application/merge-patch+json",
         )
+        _acted.add((namespace, name))
     for type_, reason, message in decision.events:
         post_event(client.CoreV1Api(api), body, type_, reason, message)
     metrics.record_conditions(namespace, name, new.get("conditions", []))
@@ -222,6 +223,7 @@ def login(**kwargs: Any) -> Any:
 # and the jobs whose last reconcile failed (retried on the next tick).
 _watched: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {}
 _retry: set[tuple[str, str]] = set()
+_acted: set[tuple[str, str]] = set()  # jobs whose status this process has written
 _timer_task: asyncio.Task | None = None
 
 
@@ -237,6 +239,7 @@ def distilljob_changed(type: str, body: Any, namespace: str, name: str, **_: Any
     if type == "DELETED":
         _watched.pop(key, None)
         _retry.discard(key)
+        _acted.discard(key)
         metrics.forget(namespace, name)
         with _locks_lock:
             _locks.pop(key, None)
