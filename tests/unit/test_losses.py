@@ -410,3 +410,20 @@ def test_retained_graph_allows_a_second_unit_backward():
     first = student.grad.clone()
     loss.backward()
     close(student.grad, 2 * first)
+
+
+@pytest.mark.parametrize("topk", [None, K], ids=["full", "topk"])
+def test_autograd_keeps_only_the_gradient_between_forward_and_backward(topk):
+    """The memory claim: nothing [N, V]-sized but the gradient itself (full) or the [N, k] one (top-k)."""
+    student, teacher = logits(N, V, 44).requires_grad_(), logits(N, V, 45)
+    teacher = teacher if topk is None else topk_teacher_logits(teacher, topk)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = kd_loss(student, teacher, objective="adaptive_kl", chunk_size=3)
+    assert sum(saved) <= (N * V if topk is None else 2 * N * K)
+    loss.backward()

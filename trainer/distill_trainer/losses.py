@@ -138,14 +138,16 @@ def kd_loss(
         teacher_temperature: τ, extra smoothing of the teacher only.
         skew_lambda: λ ∈ [0, 1] of the skewed objectives.
         adaptive_kl_alpha: α ∈ [0, 1], the tail mass of adaptive_kl.
-        chunk_size: tokens per chunk; None picks one from a ~256 MiB scratch budget.
+        chunk_size: tokens per chunk; None picks one from a scratch budget (~32 MiB on CPU, where
+            cache-sized chunks are fastest; ~256 MiB on accelerators).
         normalizer: divide the summed per-token divergence by this (e.g. the label-token count of the
             global batch across gradient-accumulation micro-batches) instead of the masked count.
 
     Returns:
         float32 scalar: Σ_masked per-token divergence / (masked count or normalizer); 0 when nothing
         is masked in. No T² factor is applied. Its gradient w.r.t. ``student_logits`` is computed in
-        the forward pass; backward scales it in place, so one backward per loss.
+        the forward pass; backward scales it by grad_output in place, so a loss supports one backward
+        with grad_output ≠ 1 (or repeated unit ones with ``retain_graph=True``).
     """
     objective_ = _check_objective(objective, skew_lambda, adaptive_kl_alpha)
     _check_temperatures(kd_temperature, teacher_temperature)
