@@ -117,7 +117,7 @@ def train(model, ids, plen, *, steps, bs, lr, warmup, sched, wd, seed, kd=None, 
 
 def setup(args):
     sp = task.make_splits(seed=args.data_seed, n_train=args.n_train, n_transfer=args.n_transfer, n_eval=args.n_eval,
-                          label_noise=args.noise)
+                          label_noise=args.noise, noisy_splits=tuple(args.noisy_splits))
     tdir = os.path.join(args.out, "tok")
     if os.path.exists(os.path.join(tdir, "tokenizer.json")):
         from transformers import AutoTokenizer
@@ -138,6 +138,8 @@ def main():
     ap.add_argument("--n-transfer", type=int, default=1000)
     ap.add_argument("--n-eval", type=int, default=500)
     ap.add_argument("--noise", type=float, default=0.0)
+    ap.add_argument("--noisy-splits", nargs="+", default=["train", "transfer"],
+                    help="the teacher phase ignores transfer; the student phase ignores train")
     ap.add_argument("--rope", type=float, default=10000.0)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)

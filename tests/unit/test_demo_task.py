@@ -57,8 +57,14 @@ def test_label_noise_only_in_training_splits():
         assert all(y.isdigit() for _, y in pairs)
         rate = sum(x != y for x, y in pairs) / len(pairs)
         assert 0.17 < rate < 0.23
+    only = task.make_splits(seed=5, n_train=3000, n_transfer=500, n_eval=500, label_noise=0.2,
+                            noisy_splits=("transfer",))
+    assert only["train"] == clean["train"] and only["eval"] == clean["eval"]
+    assert only["transfer"] == noisy["transfer"]  # same noise draw whichever splits are noisy
     with pytest.raises(ValueError):
         task.make_splits(label_noise=1.0)
+    with pytest.raises(ValueError):
+        task.make_splits(label_noise=0.1, noisy_splits=("eval",))
 
 
 def test_make_splits_rejects_bad_sizes():

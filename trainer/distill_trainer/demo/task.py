@@ -42,14 +42,18 @@ def make_splits(
     n_eval: int = 500,
     digits: int = 3,
     label_noise: float = 0.0,
+    noisy_splits: tuple[str, ...] = ("train", "transfer"),
 ) -> dict[str, list[dict[str, str]]]:
     """Deterministic, disjoint ``train`` / ``transfer`` / ``eval`` lists of question/answer records.
 
-    ``label_noise`` corrupts answer digits of ``train`` and ``transfer`` only (see the module doc);
-    the questions (and so the splits) do not depend on it.
+    ``label_noise`` corrupts answer digits of the ``noisy_splits`` (``train`` and/or ``transfer``;
+    never ``eval``; see the module doc); the questions, and the noise drawn for each split, do not
+    depend on which splits are noisy.
     """
     if not 0.0 <= label_noise < 1.0:
         raise ValueError(f"label_noise must be in [0, 1), got {label_noise}")
+    if not set(noisy_splits) <= {"train", "transfer"}:
+        raise ValueError(f"noisy_splits must be among ('train', 'transfer'), got {noisy_splits}")
     if digits < 1:
         raise ValueError("digits must be >= 1")
     sizes = {"train": n_train, "transfer": n_transfer, "eval": n_eval}
@@ -70,7 +74,9 @@ def make_splits(
     if label_noise > 0:
         noise_rng = random.Random(f"label-noise:{seed}")
         for name in ("train", "transfer"):
-            out[name] = [_corrupt(r, label_noise, noise_rng) for r in out[name]]
+            noisy = [_corrupt(r, label_noise, noise_rng) for r in out[name]]  # drawn even if unused
+            if name in noisy_splits:
+                out[name] = noisy
     return out
 
 
