@@ -85,7 +85,7 @@ def local_ray():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
                  _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()

@@ -74,8 +74,10 @@ def ensure_ray() -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        # Embedded Ray for one machine: loopback only, no dashboard.
+        # Embedded Ray for one machine: loopback only, no dashboard. address="local" always starts a new one
+        # rather than joining a cluster someone started on this host with `ray start`.
         ray.init(
+            address="local",
             num_cpus=os.cpu_count(),
             include_dashboard=False,
             log_to_driver=True,
