@@ -9,6 +9,40 @@ online-teacher cost is measured separately and printed.
   nice .venv/bin/python bench/demo_sweep.py teacher --out /tmp/kd_sweep
   nice .venv/bin/python bench/demo_sweep.py student --out /tmp/kd_sweep --seeds 0 1 2 --w 0 0.5 ...
 Prints figures only (never pass/fail).
+
+Measured 2026 session, 2 shared CPU cores (load average 3-11 from other jobs), 1 torch thread,
+AdamW betas (0.9, 0.95), wd 0, clip 1.0, 5% linear warmup + cosine to 0; data seed 0; eval = 500
+clean held-out records, greedy, exact match; loss = mean CE over the 4 answer digits + EOS.
+Teacher (clean train split, 20,000 records), Qwen2 4 layers / hidden 128 / 4 heads / MLP 512
+(1.08M params, rope_theta 1e4), 1000 steps, bs 64, lr 2e-3:
+  EM 0.000 @200, 0.074 @400, 0.948 @600, 1.000 @800, final 1.000 (loss 0.0015); 572 s under load.
+  teacher phase:  bench/demo_sweep.py teacher --out /tmp/kd_sweep --steps 1000 --lr 2e-3
+Students: Qwen2 4 layers / hidden 64 / 4 heads / MLP 256 (0.22M params, rope_theta 100), transfer
+split 1,000 records with label noise 0.2 per answer digit, 600 steps, bs 64, lr 3e-3.
+KD: w 0.5, T 1, top-k 64, forward KL (top-k renormalized), no T^2.
+  bench/demo_sweep.py student --out /tmp/kd_sweep --noise 0.2 --rope 100 --hidden 64 --layers 4 \
+      --heads 4 --mlp 256 --steps 600 --bs 64 --lr 3e-3 --w 0 0.5 --T 1 --seeds 0 1 2 3 4
+  seed   SFT-only EM (loss)   KD EM (loss)
+  0      0.580 (0.539)        0.956 (0.155)
+  1      0.888 (0.503)        0.974 (0.145)
+  2      0.552 (0.543)        0.004 (1.371)   <- KD run still on the plateau at step 600
+  3      0.004 (1.393)        0.862 (0.301)
+  4      0.016 (1.174)        0.826 (0.267)
+  median 0.552 / mean 0.408   median 0.862 / mean 0.724; KD better on 4 of 5 seeds
+Same at 800 steps (--steps 800; 78-91 s a run at load ~3, cached teacher targets):
+  0      0.840 (0.321)        0.984 (0.112)
+  1      0.990 (0.233)        0.048 (1.116)   <- KD run still on the plateau
+  2      0.004 (1.489)        0.990 (0.153)
+  3      0.004 (1.384)        0.960 (0.119)
+  4      0.134 (0.838)        0.982 (0.110)
+  median 0.134 / mean 0.394   median 0.982 / mean 0.793; KD better on 4 of 5 seeds
+Teacher trained on the noisy train split instead (rope 100, 800 steps; 449 s): EM 0.886 (loss 0.385);
+KD from it, seed 0, 600 steps: 0.900 vs SFT-only 0.580 (other seeds not run).
+Negative results (clean transfer labels, same teacher): KD w 0.5 at T 2 (with or without T^2) or
+w 0.9 at T 4 was WORSE than SFT-only (e.g. 4L student n=1000: SFT 0.678 / 1.000, KD T2 0.002;
+3L student n=300: SFT 0.060 / 0.690, KD 0.004 / 0.024): a from-scratch teacher's logits over
+tokens it never emits are arbitrary, and at T >= 2 the top-64 set carries that junk (T=2: 2.8% of
+the mass on non-digit tokens, T=4: 37%), which the student then has to fit.
 """
 
 from __future__ import annotations
