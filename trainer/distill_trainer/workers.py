@@ -294,5 +294,10 @@ def create_workers(
 
 
 def default_num_threads() -> int:
-    """Torch threads per actor. Teacher and student run one after the other, so each may use every core."""
-    return int(os.environ.get("KUBEDISTILL_NUM_THREADS", "0")) or (os.cpu_count() or 1)
+    """Torch threads per actor: half the cores each (``KUBEDISTILL_NUM_THREADS`` overrides).
+
+    Teacher and student take turns, but giving each every core is a trap on CPU: OpenMP threads of the
+    idle actor spin-wait, and an oversubscribed parallel region waits for descheduled threads. Measured on
+    2 loaded cores, a 1M-parameter training step took 4.4 s with 2 threads and 0.13 s with 1.
+    """
+    return int(os.environ.get("KUBEDISTILL_NUM_THREADS", "0")) or max(1, (os.cpu_count() or 2) // 2)
