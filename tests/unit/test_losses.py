@@ -427,3 +427,12 @@ def test_autograd_keeps_only_the_gradient_between_forward_and_backward(topk):
         loss = kd_loss(student, teacher, objective="adaptive_kl", chunk_size=3)
     assert sum(saved) <= (N * V if topk is None else 2 * N * K)
     loss.backward()
+
+
+def test_adaptive_kl_keeps_tied_teacher_probabilities_on_one_side():
+    """A uniform teacher has cumulative mass 1 at every tied token: all head, so the loss is forward KL."""
+    student, teacher = logits(N, V, 46), torch.zeros(N, V)
+    adaptive = value_and_grad(student, teacher, objective="adaptive_kl", adaptive_kl_alpha=0.5)
+    forward = value_and_grad(student, teacher, objective="forward_kl")
+    close(adaptive[0], forward[0])
+    close(adaptive[1], forward[1])

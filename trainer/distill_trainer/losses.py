@@ -17,7 +17,8 @@ With ``TopK`` teacher logits, ``p`` and ``q`` are both renormalised over the tea
     js_divergence     = ½ KL(p ‖ m) + ½ KL(q ‖ m),   m = (p + q)/2
     adaptive_kl       = g_h/(g_h+g_t+ε) · KL(p ‖ q) + g_t/(g_h+g_t+ε) · KL(q ‖ p)
                         tail = tokens whose cumulative p, sorted ascending, is ≤ α; head = the rest;
-                        g_h = Σ_head |p − q|, g_t = Σ_tail |p − q|  (weights carry no gradient)
+                        g_h = Σ_head |p − q|, g_t = Σ_tail |p − q|  (weights carry no gradient;
+                        tied p values stay on one side; ε = ADAPTIVE_KL_EPS)
 
 The loss is the sum of the per-token values over the masked tokens divided by their count (or by
 ``normalizer``). There is no T² factor here: the caller scales the distillation term.
