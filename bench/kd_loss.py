@@ -182,8 +182,8 @@ def main() -> None:
     full_s, topk_s = median(("full", "kubedistill"), "seconds"), median(("topk", "kubedistill"), "seconds")
     above = (
         f"{(full_s - floor_s) / (topk_s - floor_s):.1f}× faster above the floor"
-        if topk_s > 1.05 * floor_s
-        else "the top-k time is within the floor"
+        if topk_s > 1.25 * floor_s  # closer than that, the difference is noise
+        else "the top-k time is (nearly) all floor"
     )
     print(f"kubedistill top-k={args.topk} vs full vocab: {full_s / topk_s:.1f}× faster; {above}")
 
