@@ -277,12 +277,11 @@ def create_workers(
         num_gpus=0.5 if on_gpu else 0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
     )
-    student = ray.remote(StudentWorker).options(name=None, **options).remote(
+    student = ray.remote(StudentWorker).options(**options).remote(
         config, vocab, eval_examples, resume_from, num_threads
     )
     teacher = None
     if config.distill_loss_weight > 0:
-        teacher_node = None
         teacher = ray.remote(TeacherWorker).options(**options).remote(config, vocab, "shared_memory", num_threads)
         teacher_node = ray.get(teacher.node_id.remote())
         if teacher_node != ray.get(student.node_id.remote()):
