@@ -1,29 +1,30 @@
 """The logits hand-off: what the student opens equals what the teacher published, across processes."""
 
-import multiprocessing as mp
+import pickle
+import subprocess
+import sys
 
 import torch
 
 from distill_trainer.channel import LogitsPublisher, LogitsReceiver
 
-
-def _open_in_child(handle, queue):
-    receiver = LogitsReceiver()
-    tensors = receiver.open(handle)
-    queue.put({name: t.clone() for name, t in tensors.items()})
-    del tensors
-    receiver.close()
+# The reader runs as an unrelated process, as a Ray actor does (a multiprocessing child would share the
+# parent's resource tracker, which is not the situation the channel is built for).
+READER = """
+import pickle, sys
+from distill_trainer.channel import LogitsReceiver
+receiver = LogitsReceiver()
+tensors = receiver.open(pickle.loads(sys.stdin.buffer.read()))
+sys.stdout.buffer.write(pickle.dumps({name: t.tolist() for name, t in tensors.items()}))
+del tensors
+receiver.close()
+"""
 
 
 def open_in_another_process(handle):
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    child = context.Process(target=_open_in_child, args=(handle, queue))
-    child.start()
-    result = queue.get(timeout=60)
-    child.join(timeout=60)
-    assert child.exitcode == 0
-    return result
+    done = subprocess.run([sys.executable, "-c", READER], input=pickle.dumps(handle), capture_output=True,
+                          timeout=120, check=True)
+    return {name: torch.tensor(values) for name, values in pickle.loads(done.stdout).items()}
 
 
 def test_shared_memory_handle_carries_tensors_to_another_process():
