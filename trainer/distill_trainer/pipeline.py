@@ -151,11 +151,12 @@ class DistillPipeline:
                 metrics = self._train_step(workers, batches, prepared.vocab.pad_token_id)
                 result.final_step, result.last_train_metrics = step, metrics
                 tracker.advance(step)
-                if _is_due(step, config.logging_steps, config.max_steps):
-                    tracker.log(step, metrics)
+                logged = dict(metrics) if _is_due(step, config.logging_steps, config.max_steps) else {}
                 if prepared.eval and _is_due(step, config.eval_steps, config.max_steps):
                     result.eval_metrics = ray.get(workers.student.evaluate.remote())
-                    tracker.log(step, result.eval_metrics)
+                    logged.update(result.eval_metrics)
+                if logged:  # one record (and one console line) per step, evaluation included
+                    tracker.log(step, logged)
                 if _is_due(step, config.save_steps, config.max_steps):
                     trainer_state = {"step": step, "data_cursor": vars(batches.cursor).copy()}
                     result.last_checkpoint = ray.get(workers.student.save_checkpoint.remote(step, trainer_state))
