@@ -9,21 +9,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
+from .checkpoint import CheckpointError
 from .config import ConfigError, DistillConfig, compose_config, load_config
 from .data import DataError
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError)
+# Mistakes in the user's config, data or resume path: one message and exit status 2, no traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointError)
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from .checkpoint import CheckpointError
-
-    return USER_ERRORS + (CheckpointError,)
-
-
-def launch(load: "callable[[], DistillConfig]") -> int:
+def launch(load: Callable[[], DistillConfig]) -> int:
     """Validate, run, and turn user mistakes into one readable message and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -31,7 +27,7 @@ def launch(load: "callable[[], DistillConfig]") -> int:
         from .pipeline import DistillPipeline
 
         result = DistillPipeline(config).run()
-    except _user_errors() as error:
+    except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"finished at step {result.final_step}; checkpoint: {result.last_checkpoint}")
