@@ -80,16 +80,112 @@ def test_collate_pads_right_and_masks_padding(tmp_path, tokenizer):
         ('{"question": "1+1=", "answer": "  "}\n', r"bad\.jsonl:1: 'answer' is empty"),
         ("", r"bad\.jsonl: the file is empty"),
         ("\n\n", r"bad\.jsonl: the file is empty"),
-        ('["not an object"]', r"bad\.jsonl: record 0: expected a JSON object"),
+        ('["not an object"]', r"bad\.jsonl:1: record 0: expected a JSON object"),
+        ('{"question": "1+1=", "answer": "2", "answer": "3"}\n', r"bad\.jsonl:1: duplicate key 'answer'"),
+        ('[{"question": "1+1=", "answer": "2"},\n {"question": "2+2=", "question": "4"}]',
+         r"bad\.jsonl:2: record 1: duplicate key 'question'"),
+        ('[{"question": "1+1=", "answer": "2"}\n {"question": "2+2=", "answer": "4"}]',
+         r"bad\.jsonl:2: not valid JSON \(expected ',' or '\]'"),
         ('{"question": "' + "9" * 40 + '", "answer": "1"}\n', r"bad\.jsonl:1: the prompt is \d+ tokens.*sequence_length=32"),
     ],
     ids=["unparsable-line", "missing-key", "non-string", "empty-answer", "empty-file", "blank-file",
-         "not-an-object", "prompt-too-long"],
+         "not-an-object", "duplicate-key", "duplicate-key-in-array", "missing-comma-in-array", "prompt-too-long"],
 )
 def test_bad_data_stops_with_file_line_and_problem(tmp_path, tokenizer, content, expected):
     path = write(tmp_path / "bad.jsonl", content)
     with pytest.raises(DataError, match=expected):
         load(path, tokenizer)
+
+
+def test_json_array_with_a_utf8_bom_is_read_as_an_array(tmp_path, tokenizer):
+    records = [{"question": "12+34=", "answer": "64"}, {"question": "1+1=", "answer": "2"}]
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(records, indent=2).encode())
+    assert [(r.question, r.answer) for r in read_records(path, "question", "answer")] == [
+        ("12+34=", "64"), ("1+1=", "2")]
+
+
+def test_jsonl_with_a_utf8_bom_is_read(tmp_path, tokenizer):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"question": "1+1=", "answer": "2"}\r\n{"question": "2+2=", "answer": "4"}\r\n')
+    assert [r.answer for r in read_records(path, "question", "answer")] == ["2", "4"]
+
+
+@pytest.mark.parametrize(
+    "encoding, offset, hint",
+    [("latin-1", 15, "iconv -f latin1 -t utf-8"), ("cp1252", 15, "iconv -f cp1252 -t utf-8"),
+     ("utf-16", 0, "iconv -f utf-16 -t utf-8")],
+)
+def test_file_that_is_not_utf8_is_named_with_offset_and_how_to_convert(tmp_path, encoding, offset, hint):
+    path = tmp_path / "data.jsonl"
+    text = '{"question": "1+1=", "answer": "2"}\n{"question": "caf\u00e9 \u201c1+1\u201d", "answer": "2"}\n'
+    if encoding == "latin-1":
+        text = text.replace("\u201c", '\\"').replace("\u201d", '\\"')
+    path.write_bytes(text.encode(encoding))
+    with pytest.raises(DataError) as error:
+        read_records(path, "question", "answer")
+    message = str(error.value)
+    line = 1 if encoding == "utf-16" else 2
+    byte_offset = offset if encoding == "utf-16" else text.encode(encoding).index(b"\xe9")
+    assert message.startswith(f"{path}:{line}: the file is not UTF-8 (byte 0x")
+    assert f"byte offset {byte_offset}" in message
+    assert f"{hint} {path} > {tmp_path / 'data.utf8.jsonl'}" in message
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085"])
+def test_strings_holding_unicode_line_separators_stay_one_record(tmp_path, separator):
+    # JSON allows these raw inside strings; str.splitlines() would cut the record there.
+    record = {"question": f"a{separator}b", "answer": f"c{separator}d"}
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\n" + json.dumps(record) + "\n", encoding="utf-8")
+    records = read_records(path, "question", "answer")
+    assert [(r.question, r.answer, r.where) for r in records] == [
+        (record["question"], record["answer"], f"{path}:1"), (record["question"], record["answer"], f"{path}:2")]
+
+
+class CountingTokenizer:
+    """Wraps a tokenizer and remembers the longest text it was asked to tokenize."""
+
+    def __init__(self, inner):
+        self.inner, self.longest = inner, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, text, **kwargs):
+        self.longest = max(self.longest, len(text))
+        return self.inner(text, **kwargs)
+
+    def apply_chat_template(self, messages, **kwargs):
+        self.longest = max(self.longest, sum(len(m["content"]) for m in messages))
+        return self.inner.apply_chat_template(messages, **kwargs)
+
+
+HUGE = 10_000_000  # characters: the 10 MB record that took 4.3 GB and 31 s to refuse
+
+
+def test_huge_question_is_refused_after_tokenizing_only_a_bounded_prefix(tmp_path, tokenizer):
+    path = tmp_path / "huge.jsonl"
+    path.write_text(json.dumps({"question": "12+34=" * (HUGE // 6), "answer": "64"}) + "\n")
+    counting = CountingTokenizer(tokenizer)
+    with pytest.raises(DataError, match=r"huge\.jsonl:1: the prompt is more than 32 tokens \(its first \d+ of "
+                                        rf"{HUGE // 6 * 6} characters alone are \d+ tokens\).*sequence_length=32"):
+        load(path, counting, sequence_length=32)
+    assert 0 < counting.longest <= 64 * 32
+
+
+def test_huge_answer_is_truncated_after_tokenizing_only_a_bounded_prefix(tmp_path, tokenizer):
+    answer = "1234567890+" * (HUGE // 11)
+    huge, moderate = tmp_path / "huge.jsonl", tmp_path / "moderate.jsonl"
+    huge.write_text(json.dumps({"question": "1+1=", "answer": answer}) + "\n")
+    moderate.write_text(json.dumps({"question": "1+1=", "answer": answer[:500]}) + "\n")
+    counting = CountingTokenizer(tokenizer)
+    [example] = load(huge, counting, sequence_length=32)
+    assert counting.longest <= 64 * 32
+    # The same tokens as tokenizing the text whole (done here on a prefix that is cheap to tokenize whole).
+    [reference] = load(moderate, tokenizer, sequence_length=32)
+    assert example.input_ids == reference.input_ids and example.labels == reference.labels
+    assert len(example.input_ids) == 32
 
 
 def test_missing_file_is_named(tmp_path, tokenizer):

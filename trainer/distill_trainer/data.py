@@ -19,6 +19,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from .textfiles import read_utf8
+
 IGNORE_INDEX = -100
 
 
@@ -40,36 +42,109 @@ class Example:
 class Record:
     question: str
     answer: str
-    where: str  # "file:line N" or "file: record N", for error messages
+    where: str  # "file:N" (JSONL) or "file:N: record M" (JSON array), for error messages
+
+
+_JSON_WHITESPACE = " \t\r\n"
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _object_without_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of two equal keys without a word; a record with two answers is a mistake.
+    record: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in record:
+            raise _DuplicateKey(key)
+        record[key] = value
+    return record
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_object_without_duplicate_keys)
+
+
+def _duplicate_key_error(where: str, key: str) -> DataError:
+    return DataError(
+        f"{where}: duplicate key {key!r} in one record; JSON would keep only the last value without a word, so "
+        "remove or rename one of them"
+    )
+
+
+def _line_of(text: str, position: int) -> int:
+    return text.count("\n", 0, position) + 1
+
+
+def _skip_whitespace(text: str, position: int) -> int:
+    while position < len(text) and text[position] in _JSON_WHITESPACE:
+        position += 1
+    return position
+
+
+def _array_items(text: str, path: Path) -> list[tuple[str, Any]]:
+    """The elements of a JSON array file, each with ``file:line: record N`` (the line where it starts)."""
+    items: list[tuple[str, Any]] = []
+
+    def fail(position: int, problem: str) -> DataError:
+        column = position - text.rfind("\n", 0, position)
+        return DataError(f"{path}:{_line_of(text, position)}: not valid JSON ({problem} at column {column})")
+
+    position = _skip_whitespace(text, text.index("[") + 1)
+    while position < len(text) and text[position] != "]":
+        where = f"{path}:{_line_of(text, position)}: record {len(items)}"
+        try:
+            item, position = _DECODER.raw_decode(text, position)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno})") from None
+        except _DuplicateKey as error:
+            raise _duplicate_key_error(where, error.key) from None
+        items.append((where, item))
+        position = _skip_whitespace(text, position)
+        if position < len(text) and text[position] == ",":
+            position = _skip_whitespace(text, position + 1)
+            if position < len(text) and text[position] == "]":
+                raise fail(position, "trailing comma before ']'")
+        elif position < len(text) and text[position] != "]":
+            raise fail(position, "expected ',' or ']' after a record")
+    if position >= len(text):
+        raise fail(len(text), "the array is not closed with ']'")
+    end = _skip_whitespace(text, position + 1)
+    if end < len(text):
+        raise fail(end, "extra data after the closing ']'")
+    return items
+
+
+def _jsonl_items(text: str, path: Path) -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    # Only "\n" ends a record: str.splitlines() would also split inside strings holding U+2028, U+0085, ...
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip(_JSON_WHITESPACE):
+            continue
+        try:
+            items.append((f"{path}:{number}", _DECODER.decode(line)))
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno}); "
+                "each line of a JSONL file must be one JSON object"
+            ) from None
+        except _DuplicateKey as error:
+            raise _duplicate_key_error(f"{path}:{number}", error.key) from None
+    return items
 
 
 def read_records(path: str | Path, question_key: str, answer_key: str) -> list[Record]:
-    """Read and validate every record of a JSON array or JSONL file."""
+    """Read and validate every record of a JSON array or JSONL file (UTF-8, with or without a BOM)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found (check data_args.file_name / eval_file_name)")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
+    text = read_utf8(path, DataError)
+    if not text.strip(_JSON_WHITESPACE):
         raise DataError(f"{path}: the file is empty; it needs at least one {{{question_key!r}, {answer_key!r}}} record")
 
-    raw: list[tuple[str, Any]] = []
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}: line {error.lineno}: not valid JSON ({error.msg})") from None
-        raw = [(f"{path}: record {index}", item) for index, item in enumerate(items)]
-    else:
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                raw.append((f"{path}:{number}", json.loads(line)))
-            except json.JSONDecodeError as error:
-                raise DataError(
-                    f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno}); "
-                    "each line of a JSONL file must be one JSON object"
-                ) from None
+    raw = _array_items(text, path) if text.lstrip(_JSON_WHITESPACE).startswith("[") else _jsonl_items(text, path)
     if not raw:
         raise DataError(f"{path}: no records found")
 
@@ -104,20 +179,55 @@ def prompt_ids(tokenizer, question: str) -> list[int]:
     return tokenizer(question, add_special_tokens=True)["input_ids"]
 
 
+# Tokenizing a 10 MB record whole takes gigabytes and half a minute, only to keep ``sequence_length`` tokens of
+# it. A text longer than this many characters per token needed is tokenized a prefix at a time (see _bounded_ids).
+_CHARS_PER_TOKEN_GUESS = 8
+
+
+def _bounded_ids(encode, text: str, needed: int) -> tuple[list[int], int]:
+    """``encode(text)``, or ``encode`` of a prefix of ``text`` that already gives at least ``2 * needed`` tokens.
+
+    Returns the ids and how many characters of ``text`` they cover. Tokenization is not exact at a cut (a BPE
+    merge or a pre-tokenizer rule can span it), so the prefix must give twice the tokens we keep: its first
+    ``needed`` are far from the cut and equal those of the whole text. A tokenizer that packs more characters
+    into a token than guessed only costs more rounds (prefixes grow 4x); none is ever refused on a guess.
+    A text shorter than the first prefix, i.e. every ordinary record, is tokenized whole, exactly as before.
+    """
+    size = max(1024, _CHARS_PER_TOKEN_GUESS * 2 * needed)
+    while size < len(text):
+        ids = encode(text[:size])
+        if len(ids) >= 2 * needed:
+            return ids, size
+        size *= 4
+    return encode(text), len(text)
+
+
 def tokenize_record(
     record: Record, tokenizer, *, sequence_length: int, distill_on_prompt: bool
 ) -> Example:
-    """Prompt ids + answer ids + EOS, truncated to ``sequence_length``, with shifted labels."""
+    """Prompt ids + answer ids + EOS, truncated to ``sequence_length``, with shifted labels.
+
+    Work and memory are bounded by ``sequence_length``, not by the record: a huge question is refused and a
+    huge answer truncated after tokenizing only a prefix of it.
+    """
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos_token; set one in its tokenizer_config.json")
-    prompt = prompt_ids(tokenizer, record.question)
+    prompt, covered = _bounded_ids(lambda text: prompt_ids(tokenizer, text), record.question, sequence_length)
     if len(prompt) >= sequence_length:
+        measured = (
+            f"is {len(prompt)} tokens" if covered == len(record.question)
+            else f"is more than {sequence_length} tokens (its first {covered} of {len(record.question)} characters "
+            f"alone are {len(prompt)} tokens)"
+        )
         raise DataError(
-            f"{record.where}: the prompt is {len(prompt)} tokens, which leaves no room for an answer within "
+            f"{record.where}: the prompt {measured}, which leaves no room for an answer within "
             f"sequence_length={sequence_length}; raise sequence_length or shorten the question"
         )
-    answer = tokenizer(record.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    input_ids = (prompt + answer)[:sequence_length]
+    room = sequence_length - len(prompt)
+    answer, _ = _bounded_ids(
+        lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], record.answer, room
+    )
+    input_ids = (prompt + answer + [tokenizer.eos_token_id])[:sequence_length]
     # Position t predicts token t+1; the last position predicts nothing.
     labels = input_ids[1:] + [IGNORE_INDEX]
     if not distill_on_prompt:
