@@ -15,7 +15,10 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .textfiles import read_utf8
 
 KdObjective = Literal[
     "forward_kl", "reverse_kl", "adaptive_kl", "skewed_forward_kl", "skewed_reverse_kl", "js_divergence"
@@ -241,13 +244,48 @@ def compose_config(config_path: str | Path, config_name: str, overrides: Sequenc
     source = str(config_dir / f"{name}.yaml")
     if not (config_dir / f"{name}.yaml").is_file():
         raise ConfigError(f"config file not found: {source} (check --config_path and --config_name)")
+    _check_yaml_file(source)
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base=None, job_name="kubedistill"):
             composed = compose(config_name=name, overrides=[_add_or_override(o, config_dir) for o in overrides])
         data = OmegaConf.to_container(composed, resolve=True)
+    except yaml.YAMLError as error:  # in a file the defaults list pulls in
+        raise ConfigError(_yaml_error_message(error, source)) from None
     except (HydraException, OmegaConfBaseException, ValueError) as error:
         raise ConfigError(f"{source}: {error}") from None
     return config_from_dict(data, source)
+
+
+def _check_yaml_file(path: str) -> None:
+    """Stop on what Hydra reports badly: not UTF-8 (a traceback), a YAML error (a traceback), a top level that is
+    a list ("must be a DictConfig") or a plain string (read as a field of that name)."""
+    from omegaconf._utils import get_yaml_loader  # Hydra's own YAML dialect (rejects duplicate keys)
+
+    text = read_utf8(path, ConfigError)
+    try:
+        data = yaml.load(text, Loader=get_yaml_loader())
+    except yaml.YAMLError as error:
+        raise ConfigError(_yaml_error_message(error, path)) from None
+    if data is not None and not isinstance(data, dict):
+        kind = {list: "a list", str: "a plain string"}.get(type(data), f"a single {type(data).__name__} value")
+        raise ConfigError(
+            f"{path}: expected a mapping of config fields (`key: value` lines such as `max_steps: 100`), but the "
+            f"file holds {kind}"
+        )
+
+
+def _yaml_error_message(error: yaml.YAMLError, path: str) -> str:
+    """``file:line:column: invalid YAML: problem (context)`` from PyYAML's marks (which count from 0)."""
+    mark = getattr(error, "problem_mark", None)
+    if mark is None:
+        return f"{path}: invalid YAML: {error}"
+    name = path if mark.name.startswith("<") else mark.name  # "<unicode string>" when parsed from text
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    within = ""
+    if context and context_mark:
+        within = f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    hint = "" if isinstance(error, yaml.constructor.ConstructorError) else "; check the indentation, quotes and brackets"
+    return f"{name}:{mark.line + 1}:{mark.column + 1}: invalid YAML: {error.problem}{within}{hint}"
 
 
 def _add_or_override(override: str, config_dir: Path) -> str:
