@@ -11,6 +11,10 @@ import asyncio
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from distill_operator.settings import OperatorSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,14 +33,57 @@ def build_parser() -> argparse.ArgumentParser:
         "--reconcile-interval", type=float, default=None,
         help="Seconds between timer reconciles of a job (deadlines, TTL, Ray Jobs API polling). Default: 10.",
     )
+    parser.add_argument(
+        "--allow-service-account", action="append", default=[], metavar="PATTERN",
+        help="A spec.serviceAccountName the Ray pods may run as, besides the per-job <job>-trainer account the "
+        "operator creates (repeatable; NAME or NAMESPACE/NAME, shell globs allowed). Default: none.",
+    )
+    parser.add_argument(
+        "--allow-claim", action="append", default=None, metavar="PATTERN",
+        help="A spec.storage.claimName (PVC) jobs may mount (repeatable; NAME or NAMESPACE/NAME, shell globs "
+        "allowed). Default: any claim of the job's namespace.",
+    )
+    parser.add_argument(
+        "--dashboard-client", action="append", default=None, metavar="PEER",
+        help="Pods the job's NetworkPolicy admits to the Ray dashboard / Jobs API (port 8265), as "
+        "[NAMESPACE_LABELS:]POD_LABELS, e.g. kubernetes.io/metadata.name=ray-system:app.kubernetes.io/name="
+        "kuberay-operator (repeatable). Default: app.kubernetes.io/name=kuberay-operator and "
+        "app.kubernetes.io/name=kubedistill-operator in any namespace.",
+    )
+    parser.add_argument(
+        "--metrics-client", action="append", default=None, metavar="PEER",
+        help="Pods admitted to Ray's metrics port (8080), same form (repeatable). Default: "
+        "app.kubernetes.io/name=prometheus in any namespace.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="Verbose logging.")
     return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> "OperatorSettings":
+    """The flags as OperatorSettings (argparse error on a malformed peer)."""
+    from distill_operator import network
+    from distill_operator.settings import OperatorSettings
+
+    default = OperatorSettings()
+    try:
+        return OperatorSettings(
+            allowed_service_accounts=tuple(args.allow_service_account),
+            allowed_claims=tuple(args.allow_claim) if args.allow_claim is not None else default.allowed_claims,
+            dashboard_clients=tuple(map(network.parse_peer, args.dashboard_client))
+            if args.dashboard_client is not None else default.dashboard_clients,
+            metrics_clients=tuple(map(network.parse_peer, args.metrics_client))
+            if args.metrics_client is not None else default.metrics_clients,
+        )
+    except ValueError as error:
+        build_parser().error(str(error))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.reconcile_interval is not None:
         os.environ["KUBEDISTILL_RECONCILE_INTERVAL_SECONDS"] = str(args.reconcile_interval)
+    # The handlers read their settings from the environment (see settings.py), as kopf run -m would need.
+    os.environ.update(settings_from_args(args).to_env())
     import kopf
     from prometheus_client import start_http_server
 

@@ -29,6 +29,7 @@ from distill_operator.conditions import OPERATOR_STATUS_KEYS, decide, needs_reco
 from distill_operator.launchers import launcher_for
 from distill_operator.render import JobRef
 from distill_operator.resources import GROUP, KIND, PLURAL, TERMINAL_STATES, VERSION, parse_spec
+from distill_operator.settings import OperatorSettings, check_allowed
 from distill_trainer.config import format_validation_error
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ def _reconcile(namespace: str, name: str, fresh_body: Any = None) -> None:
     spec_error = None
     try:
         spec = parse_spec(body.get("spec") or {})
+        check_allowed(spec, job, OperatorSettings.from_env())  # service account / claim allow-lists
         launcher = launcher_for(spec, api)
     except ValidationError as error:
         spec, spec_error = None, format_validation_error(error, "spec").replace("\n", ";")

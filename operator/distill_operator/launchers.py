@@ -1,9 +1,11 @@
 """How an attempt of a DistillJob is started, observed and stopped.
 
 - ``KubeRayLauncher`` creates one ``ray.io/v1`` RayJob per attempt (KubeRay brings up a Ray cluster, runs the
-  trainer, tears the cluster down) and reads its ``jobDeploymentStatus``/``jobStatus``.
+  trainer, tears the cluster down) and reads its ``jobDeploymentStatus``/``jobStatus``. Before the first RayJob it
+  creates the job's NetworkPolicy (network.py): no Ray pod of the job exists unfenced.
 - ``RayAddressLauncher`` submits the trainer to an existing Ray cluster through the Ray Jobs API
-  (``ray.job_submission.JobSubmissionClient``) and reads the Ray job's status.
+  (``ray.job_submission.JobSubmissionClient``) and reads the Ray job's status. The address is checked to be a
+  base URL (scheme, host, port) before any request: the operator calls it from its own network position.
 
 Both report an ``Observation`` (conditions.py), so the run policy does not know which one ran the attempt.
 Launching is idempotent: names/ids are deterministic and "already exists" counts as launched.
@@ -21,10 +23,11 @@ import kopf
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from distill_operator import render
+from distill_operator import network, render
 from distill_operator.conditions import MISSING, Observation, observe_rayjob, observe_submission
 from distill_operator.render import JobRef
-from distill_operator.resources import DistillJobSpec
+from distill_operator.resources import DistillJobSpec, check_ray_address
+from distill_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +53,10 @@ class KubeRayLauncher:
 
     kind = "KubeRay"
 
-    def __init__(self, api_client: client.ApiClient):
+    def __init__(self, api_client: client.ApiClient, settings: OperatorSettings | None = None):
         self.custom = client.CustomObjectsApi(api_client)
+        self.networking = client.NetworkingV1Api(api_client)
+        self.settings = settings or OperatorSettings.from_env()
 
     def run_name(self, job: JobRef, attempt: int) -> str:
         return render.rayjob_name(job, attempt)
@@ -77,6 +82,7 @@ class KubeRayLauncher:
     def launch(
         self, spec: DistillJobSpec, job: JobRef, attempt: int, resume: bool, remaining_deadline: int | None
     ) -> None:
+        self.ensure_network_policy(job)
         manifest = render.render_rayjob(spec, job, attempt, resume, remaining_deadline)
         try:
             self.custom.create_namespaced_custom_object(
@@ -97,6 +103,30 @@ class KubeRayLauncher:
         from distill_operator import metrics
 
         metrics.RAYJOBS_CREATED.labels(launcher=self.kind).inc()
+
+    def ensure_network_policy(self, job: JobRef) -> None:
+        """Create the job's NetworkPolicy, or bring its spec up to date (the operator's settings may have changed).
+        One owned by something else is never written to, and then nothing is launched."""
+        manifest = network.render_network_policy(job, self.settings.dashboard_clients, self.settings.metrics_clients)
+        name = manifest["metadata"]["name"]
+        try:
+            self.networking.create_namespaced_network_policy(job.namespace, manifest, field_manager=render.MANAGER)
+            return
+        except ApiException as error:
+            if error.status != 409:
+                raise
+        existing = self.networking.read_namespaced_network_policy(name, job.namespace)
+        existing = existing.to_dict() if hasattr(existing, "to_dict") else existing
+        refs = (existing.get("metadata") or {}).get("owner_references") or []
+        if job.uid and not any(ref.get("uid") == job.uid for ref in refs):
+            raise kopf.TemporaryError(
+                f"NetworkPolicy {job.namespace}/{name} exists and belongs to another object; the job's Ray pods "
+                "are not launched without their own policy",
+                delay=10,
+            )
+        self.networking.patch_namespaced_network_policy(
+            name, job.namespace, {"spec": manifest["spec"]}, field_manager=render.MANAGER
+        )
 
     def stop(self, job: JobRef, attempt: int) -> None:
         try:
@@ -126,7 +156,7 @@ class RayAddressLauncher:
     _clients_lock = threading.Lock()
 
     def __init__(self, address: str):
-        self.address = address
+        self.address = check_ray_address(address)
 
     def _client(self) -> Any:
         from ray.job_submission import JobSubmissionClient
@@ -177,9 +207,11 @@ class RayAddressLauncher:
                 raise
 
 
-def launcher_for(spec: DistillJobSpec, api_client: client.ApiClient) -> Launcher:
+def launcher_for(
+    spec: DistillJobSpec, api_client: client.ApiClient, settings: OperatorSettings | None = None
+) -> Launcher:
     if spec.launcher.type == "RayAddress":
         if not spec.launcher.ray_address:
             raise ValueError("spec.launcher.rayAddress is required when spec.launcher.type is RayAddress")
         return RayAddressLauncher(spec.launcher.ray_address)
-    return KubeRayLauncher(api_client)
+    return KubeRayLauncher(api_client, settings)

@@ -32,6 +32,18 @@ MANAGER = "kubedistill-operator"
 # KubeRay derives RayCluster, pod and service names from the RayJob's name; it refuses names over 47 chars.
 RAYJOB_NAME_LIMIT = 47
 LABEL_VALUE_LIMIT = 63
+# Ray's ports that the NetworkPolicy (network.py) opens beyond the job's own pods.
+DASHBOARD_PORT = 8265  # dashboard and Ray Jobs API: KubeRay's submitter and controller call it
+METRICS_PORT = 8080  # Ray's Prometheus exporter (metrics-export-port) on every Ray pod
+# The read-only root filesystem leaves these writable, each an emptyDir: /tmp holds Ray's session directory
+# (/tmp/ray: sockets, logs, runtime_env working_dir) and tempfile's files; HOME holds ~/.cache (Hugging Face,
+# torch, triton) and ~/.config. KubeRay adds /dev/shm (the object store, and our shared-memory logits channel).
+TMP_DIR = "/tmp"
+HOME_DIR = "/home/kubedistill"
+ENV_POD_IP = "KUBEDISTILL_POD_IP"
+# Before this Ray version KubeRay's head probes call the dashboard on localhost:8265, so it cannot be bound to
+# the pod IP alone; from it on the probes are HTTP GETs of the dashboard agent through the pod IP.
+RAY_VERSION_UNIFIED_HEALTH_CHECK = (2, 53)
 
 
 @dataclass(frozen=True)
@@ -163,6 +175,58 @@ def _resources(cpu: int | str, memory: int | str, gpus: int = 0, gpu_name: str =
     return {"requests": amounts, "limits": limits}
 
 
+def trainer_service_account(job: JobRef) -> str:
+    """The per-job ServiceAccount the operator creates for the trainer (used when spec.serviceAccountName is unset)."""
+    return _bounded(f"{job.name}-trainer", 253)
+
+
+def service_account(spec: DistillJobSpec, job: JobRef) -> str:
+    return spec.service_account_name or trainer_service_account(job)
+
+
+def pod_security_context(spec: DistillJobSpec) -> dict[str, Any]:
+    """Pod level: a numeric non-root user (so runAsNonRoot holds for images whose USER is a name), an fsGroup
+    that makes the checkpoint volume writable for it (changed only when the volume root does not match it
+    already: no recursive chown of a large checkpoint volume on every start), the runtime's seccomp profile."""
+    run_as = spec.pod_security
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": run_as.run_as_user,
+        "runAsGroup": run_as.run_as_group,
+        "fsGroup": run_as.fs_group,
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    """Container level: nothing writable but the mounted volumes, no capabilities, no setuid gains."""
+    return {
+        "runAsNonRoot": True,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _writable_volumes() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """emptyDir volumes for what Ray and Python write under a read-only root filesystem (see TMP_DIR)."""
+    volumes = [{"name": "tmp", "emptyDir": {}}, {"name": "home", "emptyDir": {}}]
+    mounts = [{"name": "tmp", "mountPath": TMP_DIR}, {"name": "home", "mountPath": HOME_DIR}]
+    return volumes, mounts
+
+
+def _writable_env() -> list[dict[str, Any]]:
+    return [
+        {"name": "HOME", "value": HOME_DIR},
+        {"name": "XDG_CACHE_HOME", "value": f"{HOME_DIR}/.cache"},
+        {"name": "TMPDIR", "value": TMP_DIR},
+        {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},  # site-packages is read-only: do not try
+    ]
+
+
 def _pod_template(
     spec: DistillJobSpec,
     job: JobRef,
@@ -172,31 +236,86 @@ def _pod_template(
     node_selector: dict[str, str],
     tolerations: list[resources.Toleration],
     ports: list[dict[str, Any]],
+    api_token: bool = False,
 ) -> dict[str, Any]:
+    """A Ray pod: non-root, read-only root filesystem with emptyDirs for /tmp and HOME, the trainer config and
+    the checkpoint volume. Only ``api_token`` pods (the head: the trainer's driver reports progress from there)
+    get the service account's token mounted."""
     mounts = [{"name": "kubedistill-config", "mountPath": CONFIG_DIR, "readOnly": True}]
     volumes: list[dict[str, Any]] = [{"name": "kubedistill-config", "configMap": {"name": configmap_name(job)}}]
     if spec.storage is not None:
         mounts.append({"name": "checkpoints", "mountPath": spec.storage.mount_path})
         volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": spec.storage.claim_name}})
+    scratch_volumes, scratch_mounts = _writable_volumes()
+    volumes += scratch_volumes
+    mounts += scratch_mounts
+    env = [{"name": key, "value": value} for key, value in trainer_env(job).items()]
+    env += _writable_env()
+    env.append({"name": ENV_POD_IP, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
     container: dict[str, Any] = {
         "name": container_name,
         "image": spec.image,
         "resources": resources_,
-        "env": [{"name": key, "value": value} for key, value in trainer_env(job).items()],
+        "env": env,
         "volumeMounts": mounts,
+        "securityContext": container_security_context(),
     }
     if spec.image_pull_policy:
         container["imagePullPolicy"] = spec.image_pull_policy
     if ports:
         container["ports"] = ports
-    pod_spec: dict[str, Any] = {"containers": [container], "volumes": volumes}
-    if spec.service_account_name:
-        pod_spec["serviceAccountName"] = spec.service_account_name
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        # The same account on every pod (its imagePullSecrets pull the image), its token only where it is used.
+        "serviceAccountName": service_account(spec, job),
+        "automountServiceAccountToken": api_token,
+        "securityContext": pod_security_context(spec),
+    }
     if node_selector:
         pod_spec["nodeSelector"] = dict(node_selector)
     if tolerations:
         pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in tolerations]
     return {"metadata": {"labels": labels(job, attempt)}, "spec": pod_spec}
+
+
+def submitter_pod_template(spec: DistillJobSpec, job: JobRef, attempt: int) -> dict[str, Any]:
+    """KubeRay's submitter (K8sJobMode): a Job whose pod runs ``ray job submit`` against the head's dashboard
+    (KubeRay fills in the command). Ours only to give it the job's labels (the NetworkPolicy admits it by them),
+    the same security context and no API token: the trainer's driver runs on the head, not here."""
+    resources_ = {"requests": {"cpu": "500m", "memory": "200Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
+    volumes, mounts = _writable_volumes()
+    container: dict[str, Any] = {
+        "name": "ray-job-submitter",
+        "image": spec.image,
+        "resources": resources_,
+        "env": _writable_env(),
+        "volumeMounts": mounts,
+        "securityContext": container_security_context(),
+    }
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
+    pod_spec = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "volumes": volumes,
+        "serviceAccountName": service_account(spec, job),
+        "automountServiceAccountToken": False,
+        "securityContext": pod_security_context(spec),
+    }
+    return {"metadata": {"labels": labels(job, attempt)}, "spec": pod_spec}
+
+
+def dashboard_host(ray_version: str) -> str:
+    """Where the head's dashboard (and Ray Jobs API) listens. It must be reachable from other pods (KubeRay's
+    submitter and controller), so not loopback; the pod IP rather than every interface where KubeRay's probes
+    allow it (Ray >= 2.53), else 0.0.0.0. Who may connect is the NetworkPolicy's business (network.py)."""
+    try:
+        version = tuple(int(part) for part in ray_version.split(".")[:2])
+    except ValueError:
+        return "0.0.0.0"
+    # $(VAR) in a container's args is expanded by the kubelet from the container's env (ENV_POD_IP: status.podIP).
+    return f"$({ENV_POD_IP})" if version >= RAY_VERSION_UNIFIED_HEALTH_CHECK else "0.0.0.0"
 
 
 def render_rayjob(
@@ -215,8 +334,8 @@ def render_rayjob(
     workers = spec.workers
     head_ports = [
         {"containerPort": 6379, "name": "gcs-server"},
-        {"containerPort": 8265, "name": "dashboard"},
-        {"containerPort": 10001, "name": "client"},
+        {"containerPort": DASHBOARD_PORT, "name": "dashboard"},
+        {"containerPort": METRICS_PORT, "name": "metrics"},
     ]
     ray_spec: dict[str, Any] = {
         "entrypoint": shlex.join(entrypoint_args(CONFIG_PATH, resume)),
@@ -228,7 +347,10 @@ def render_rayjob(
         "rayClusterSpec": {
             "rayVersion": spec.ray_version,
             "headGroupSpec": {
-                "rayStartParams": {"dashboard-host": "0.0.0.0"},
+                "rayStartParams": {
+                    "dashboard-host": dashboard_host(spec.ray_version),
+                    "metrics-export-port": str(METRICS_PORT),
+                },
                 "template": _pod_template(
                     spec,
                     job,
@@ -238,6 +360,7 @@ def render_rayjob(
                     spec.head.node_selector,
                     spec.head.tolerations,
                     head_ports,
+                    api_token=True,
                 ),
             },
             "workerGroupSpecs": [
@@ -246,7 +369,7 @@ def render_rayjob(
                     "replicas": workers.replicas,
                     "minReplicas": workers.replicas,
                     "maxReplicas": workers.replicas,
-                    "rayStartParams": {},
+                    "rayStartParams": {"metrics-export-port": str(METRICS_PORT)},
                     "template": _pod_template(
                         spec,
                         job,
@@ -255,11 +378,12 @@ def render_rayjob(
                         _resources(workers.cpu, workers.memory, workers.gpus_per_worker, workers.gpu_resource_name),
                         workers.node_selector,
                         workers.tolerations,
-                        [],
+                        [{"containerPort": METRICS_PORT, "name": "metrics"}],
                     ),
                 }
             ],
         },
+        "submitterPodTemplate": submitter_pod_template(spec, job, attempt),
     }
     if active_deadline_seconds is not None:
         ray_spec["activeDeadlineSeconds"] = max(1, int(active_deadline_seconds))

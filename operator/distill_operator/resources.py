@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 from distill_trainer.config import DistillConfig
@@ -32,6 +32,35 @@ State = Literal["Pending", "Running", "Suspended", "Restarting", "Succeeded", "F
 TERMINAL_STATES = ("Succeeded", "Failed")
 
 QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+# spec.launcher.rayAddress: scheme, host and optional port, nothing else (no userinfo, path, query or fragment).
+# The host is a DNS name, an IPv4 address or a bracketed IPv6 address.
+RAY_ADDRESS_PATTERN = r"^https?://([A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?/?$"
+
+
+def check_ray_address(address: str, field: str = "spec.launcher.rayAddress") -> str:
+    """``address`` as ``scheme://host[:port]`` (a trailing '/' dropped), or ValueError naming ``field``.
+
+    The operator sends HTTP requests to it with its own network position; anything but the dashboard's base URL
+    (a path, query, fragment, user:password@) is refused rather than passed on.
+    """
+    import re
+    from urllib.parse import urlsplit
+
+    hint = (
+        f"{field} must be the Ray dashboard's base URL: http:// or https://, a host and an optional port, "
+        "e.g. http://raycluster-head-svc.ray:8265 (no user, path, query or fragment)"
+    )
+    if not isinstance(address, str) or not re.fullmatch(RAY_ADDRESS_PATTERN, address):
+        raise ValueError(f"{hint}; got {address!r}")
+    parts = urlsplit(address)
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0 or not parts.hostname:
+        raise ValueError(f"{hint}; got {address!r} (the port must be 1-65535)")
+    return f"{parts.scheme}://{parts.netloc}"
+
 
 
 class _K8sModel(BaseModel):
@@ -130,6 +159,22 @@ class RunPolicy(_K8sModel):
     )
 
 
+class PodSecuritySpec(_K8sModel):
+    """The numeric user and groups of every Ray pod (they run as non-root with a read-only root filesystem)."""
+
+    run_as_user: int = Field(
+        1000, ge=1, le=2147483647, description="UID of the Ray containers; not 0 (runAsNonRoot). Default: 1000."
+    )
+    run_as_group: int = Field(1000, ge=1, le=2147483647, description="Primary GID of the Ray containers. Default: 1000.")
+    fs_group: int = Field(
+        1000,
+        ge=1,
+        le=2147483647,
+        description="Group that owns the checkpoint volume (and may write it), applied when the volume's root "
+        "does not match already. Default: 1000.",
+    )
+
+
 class LauncherSpec(_K8sModel):
     """How the trainer is started."""
 
@@ -140,8 +185,10 @@ class LauncherSpec(_K8sModel):
     )
     ray_address: str | None = Field(
         None,
-        pattern=r"^https?://",
-        description="Ray dashboard address for type RayAddress, e.g. http://raycluster-head-svc.ray:8265.",
+        description="Ray dashboard address for type RayAddress: http(s)://host[:port] only (no path, query, "
+        "fragment or user), e.g. http://raycluster-head-svc.ray:8265. The operator calls it with its own network "
+        "access.",
+        json_schema_extra={"pattern": RAY_ADDRESS_PATTERN},
     )
     working_dir: str | None = Field(
         None,
@@ -149,6 +196,11 @@ class LauncherSpec(_K8sModel):
         description="For type RayAddress: an absolute directory on the Ray cluster; relative paths in "
         "spec.distill (models, data, output) are resolved against it. Default: paths are used as written.",
     )
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address_is_a_base_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_ray_address(value)
 
 
 class DistillJobSpec(_K8sModel):
@@ -168,6 +220,9 @@ class DistillJobSpec(_K8sModel):
         "progress reports. Default: the namespace's default account.",
     )
     ray_version: str = Field("2.60.0", min_length=1, description="Ray version in the image (KubeRay rayVersion).")
+    pod_security: PodSecuritySpec = Field(
+        default_factory=PodSecuritySpec, description="User and groups of the Ray pods (non-root, numeric)."
+    )
     head: HeadSpec = Field(default_factory=HeadSpec, description="The Ray head pod (runs the trainer driver).")
     workers: WorkersSpec = Field(default_factory=WorkersSpec, description="The GPU worker group.")
     storage: StorageSpec | None = Field(

@@ -86,3 +86,39 @@ def test_stop_stops_and_tolerates_unknown_jobs(launcher):
 
 def test_launcher_for_picks_by_spec():
     assert isinstance(launchers.launcher_for(spec(), api_client=None), launchers.RayAddressLauncher)
+
+
+BAD_ADDRESSES = [
+    "http://host:8265/any/path?x=1",  # became GET /any/path?x=1/api/version
+    "http://host:8265/api",
+    "http://host:8265?x=1",
+    "http://host:8265#frag",
+    "http://user:secret@host:8265",
+    "ftp://host:8265",
+    "host:8265",
+    "http://host:70000",
+    "http://",
+]
+
+
+@pytest.mark.parametrize("address", BAD_ADDRESSES)
+def test_ray_address_other_than_a_base_url_is_refused_before_any_request(address):
+    with pytest.raises(ValueError, match=r"spec\.launcher\.rayAddress"):
+        launchers.RayAddressLauncher(address)
+    import pydantic
+
+    body = {"image": "unused", "launcher": {"type": "RayAddress", "rayAddress": address},
+            "distill": {"max_steps": 5, "student_pretrain": "s", "teacher_pretrain": "t",
+                        "student": {"data_args": {"file_name": "d"}}}}
+    with pytest.raises(pydantic.ValidationError, match=r"rayAddress"):
+        parse_spec(body)
+
+
+@pytest.mark.parametrize("address, base", [
+    ("http://raycluster-head-svc.ray:8265", "http://raycluster-head-svc.ray:8265"),
+    ("https://ray.example.com/", "https://ray.example.com"),
+    ("http://10.0.0.7:8265", "http://10.0.0.7:8265"),
+    ("http://[fd00::7]:8265", "http://[fd00::7]:8265"),
+])
+def test_ray_address_base_urls_are_accepted(address, base):
+    assert launchers.RayAddressLauncher(address).address == base

@@ -80,7 +80,8 @@ def test_rayjob_has_head_gpu_workers_entrypoint_and_teardown():
     assert worker["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     for pod in (head, worker):
         mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
-        assert mounts == {"kubedistill-config": "/etc/kubedistill", "checkpoints": "/checkpoints"}
+        assert mounts == {"kubedistill-config": "/etc/kubedistill", "checkpoints": "/checkpoints",
+                          "tmp": "/tmp", "home": render.HOME_DIR}  # the last two: see the security test below
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert volumes["kubedistill-config"]["configMap"]["name"] == "qwen-distill-config"
         assert volumes["checkpoints"]["persistentVolumeClaim"]["claimName"] == "ckpt"
@@ -135,3 +136,86 @@ def test_example_manifests_parse_and_render():
         job = JobRef(body["metadata"]["name"], "default", "uid")
         config_from_dict(render.trainer_config(spec, job))
         render.render_rayjob(spec, job, 0, False)
+
+
+def _pods(rj):
+    cluster = rj["spec"]["rayClusterSpec"]
+    return {
+        "head": cluster["headGroupSpec"]["template"]["spec"],
+        "worker": cluster["workerGroupSpecs"][0]["template"]["spec"],
+        "submitter": rj["spec"]["submitterPodTemplate"]["spec"],
+    }
+
+
+def test_every_ray_pod_runs_non_root_read_only_without_capabilities():
+    rj = render.render_rayjob(parse_spec(spec_dict()), JOB, attempt=0, resume=False)
+    for role, pod in _pods(rj).items():
+        assert pod["securityContext"] == {
+            "runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+            "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"},
+        }, role
+        (container,) = pod["containers"]
+        assert container["securityContext"] == {
+            "runAsNonRoot": True, "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
+            "privileged": False, "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+        }, role
+        # What Ray and Python write goes to emptyDirs: /tmp (Ray's /tmp/ray session dir) and HOME (caches).
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes[mounts["/tmp"]] == {"name": "tmp", "emptyDir": {}}, role
+        assert volumes[mounts[render.HOME_DIR]] == {"name": "home", "emptyDir": {}}, role
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["HOME"] == render.HOME_DIR and env["TMPDIR"] == "/tmp", role
+        assert env["XDG_CACHE_HOME"].startswith(render.HOME_DIR + "/"), role
+
+
+def test_only_the_head_mounts_the_service_account_token():
+    # The trainer's driver (the progress reporter) runs on the head: Ray runs a job's entrypoint there.
+    pods = _pods(render.render_rayjob(parse_spec(spec_dict()), JOB, attempt=0, resume=False))
+    assert {role: pod["automountServiceAccountToken"] for role, pod in pods.items()} == {
+        "head": True, "worker": False, "submitter": False}
+    # One account everywhere (its imagePullSecrets pull the image): the per-job one unless the spec names one.
+    assert {pod["serviceAccountName"] for pod in pods.values()} == {"qwen-distill-trainer"}
+    named = _pods(render.render_rayjob(parse_spec(spec_dict(serviceAccountName="team-sa")), JOB, 0, False))
+    assert {pod["serviceAccountName"] for pod in named.values()} == {"team-sa"}
+
+
+def test_pod_user_and_groups_come_from_the_spec():
+    spec = parse_spec(spec_dict(podSecurity={"runAsUser": 1234, "runAsGroup": 100, "fsGroup": 4321}))
+    for pod in _pods(render.render_rayjob(spec, JOB, 0, False)).values():
+        context = pod["securityContext"]
+        assert (context["runAsUser"], context["runAsGroup"], context["fsGroup"]) == (1234, 100, 4321)
+
+
+def test_root_user_is_rejected_by_the_spec():
+    import pydantic
+    import pytest
+
+    with pytest.raises(pydantic.ValidationError, match="runAsUser"):
+        parse_spec(spec_dict(podSecurity={"runAsUser": 0}))
+
+
+def test_submitter_carries_the_job_labels_and_no_command():
+    rj = render.render_rayjob(parse_spec(spec_dict()), JOB, attempt=3, resume=True)
+    template = rj["spec"]["submitterPodTemplate"]
+    assert template["metadata"]["labels"] == render.labels(JOB, 3)  # the NetworkPolicy admits it by these
+    assert template["spec"]["restartPolicy"] == "Never"
+    (container,) = template["spec"]["containers"]
+    assert container["image"] == "registry.example/kubedistill:0.1"
+    assert "command" not in container and "args" not in container  # KubeRay fills in `ray job submit`
+
+
+def test_dashboard_listens_on_the_pod_ip_not_all_interfaces():
+    rj = render.render_rayjob(parse_spec(spec_dict()), JOB, attempt=0, resume=False)
+    head_group = rj["spec"]["rayClusterSpec"]["headGroupSpec"]
+    params = head_group["rayStartParams"]
+    assert params["dashboard-host"] == "$(KUBEDISTILL_POD_IP)" != "0.0.0.0"
+    assert params["metrics-export-port"] == str(render.METRICS_PORT)
+    # The kubelet expands $(KUBEDISTILL_POD_IP) in KubeRay's generated args from this container's env.
+    env = {e["name"]: e for e in head_group["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBEDISTILL_POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    ports = {p["name"]: p["containerPort"] for p in head_group["template"]["spec"]["containers"][0]["ports"]}
+    assert ports == {"gcs-server": 6379, "dashboard": 8265, "metrics": 8080}  # no Ray client port
+    # Older Ray: KubeRay's head probes call localhost:8265, so the dashboard must stay on all interfaces.
+    old = render.render_rayjob(parse_spec(spec_dict(rayVersion="2.40.0")), JOB, 0, False)
+    assert old["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
