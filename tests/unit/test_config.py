@@ -104,3 +104,75 @@ def test_cli_reports_config_errors_and_exits_2(tmp_path, capsys):
     assert main(["train", str(tmp_path / "run.yaml")]) == 2
     err = capsys.readouterr().err
     assert "distill_loss_weight" in err and "run.yaml" in err
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("max_steps: [1\nseed: 2\n",
+         r"run\.yaml:2:5: invalid YAML: expected ',' or '\]', but got ':' \(while parsing a flow sequence at line 1, "
+         r"column 12\)"),
+        ("max_steps: 1\n  seed: 2\n", r"run\.yaml:2:7: invalid YAML: mapping values are not allowed here"),
+        ('exp_name: "unclosed\n', r"run\.yaml:2:1: invalid YAML: found unexpected end of stream"),
+        ("max_steps: 1\nseed: 1\nseed: 2\n", r"run\.yaml:3:1: invalid YAML: found duplicate key seed"),
+        ("- max_steps: 1\n- seed: 2\n", r"run\.yaml: expected a mapping of config fields .* the file holds a list"),
+        ("max_steps\n", r"run\.yaml: expected a mapping of config fields .* the file holds a plain string"),
+        ("42\n", r"run\.yaml: expected a mapping of config fields .* the file holds a single int value"),
+    ],
+    ids=["unclosed-bracket", "bad-indent", "unclosed-quote", "duplicate-key", "list", "plain-string", "number"],
+)
+def test_bad_yaml_names_file_line_and_column(tmp_path, text, expected):
+    (tmp_path / "run.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=expected):
+        compose_config(tmp_path, "run")
+
+
+def test_yaml_error_in_a_file_of_the_defaults_list_names_that_file(tmp_path):
+    import yaml
+
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"defaults": ["_self_", {"optim": "fast"}], **BASE}))
+    (tmp_path / "optim").mkdir()
+    (tmp_path / "optim" / "fast.yaml").write_text("# @package _global_\nkd_temperature: [2\n")
+    with pytest.raises(ConfigError, match=r"optim/fast\.yaml:3:1: invalid YAML"):
+        compose_config(tmp_path, "run")
+
+
+def test_yaml_with_a_utf8_bom_is_read(tmp_path):
+    import yaml
+
+    (tmp_path / "run.yaml").write_bytes(b"\xef\xbb\xbf" + yaml.safe_dump(BASE).encode())
+    assert compose_config(tmp_path, "run").max_steps == 10
+
+
+def test_yaml_that_is_not_utf8_says_so_and_how_to_convert(tmp_path):
+    (tmp_path / "run.yaml").write_bytes("exp_name: caf\u00e9\nmax_steps: 1\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"run\.yaml:1: the file is not UTF-8 \(byte 0xe9 at byte offset 13, "
+                                          r"column 14\).*iconv -f latin1 -t utf-8"):
+        compose_config(tmp_path, "run")
+
+
+def run_launcher(args, cwd):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+@pytest.mark.parametrize("launcher", ["kubedistill train", "start_distill_pipeline.py"])
+def test_launchers_report_bad_yaml_in_one_line_with_exit_status_2(tmp_path, launcher):
+    from pathlib import Path
+
+    (tmp_path / "run.yaml").write_text("max_steps: 1\n  seed: 2\n")
+    root = Path(__file__).resolve().parents[2]
+    if launcher == "kubedistill train":
+        args = ["-m", "distill_trainer.cli", "train", str(tmp_path / "run.yaml")]
+    else:
+        args = [str(root / "examples" / "start_distill_pipeline.py"), "--config_path", str(tmp_path),
+                "--config_name", "run"]
+    done = run_launcher(args, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'run.yaml'}:2:7: invalid YAML: mapping values are not allowed here; check the "
+        "indentation, quotes and brackets"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]  # nothing written
