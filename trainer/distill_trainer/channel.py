@@ -17,21 +17,37 @@ calls; it comes with the GPU strategies.
 
 Protocol: a slot is overwritten ``slots`` publishes later. The pipeline hands each handle to the student
 and waits for its step before the teacher publishes again, so a reader never sees a slot being rewritten.
+
+Leftover segments: a teacher killed with SIGKILL (with its whole process group, as Ray does when the driver
+dies) never unlinks its segments, and each can be tokens x vocabulary x 4 bytes of /dev/shm. A segment's name
+says whose it is, ``kd_<pid namespace>_<pid>_<process start time>_<publisher>_<slot>_<generation>``, and every
+new publisher first removes the segments of processes that are gone: same pid namespace, and that pid no
+longer exists or now belongs to a process started at another time (pid reuse). Segments of live processes,
+of other pid namespaces sharing /dev/shm (containers; their pids mean nothing here), and names in any other
+form are never touched. Linux only (elsewhere segments are not listed as files and nothing is removed).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 import uuid
 import warnings
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
+log = logging.getLogger(__name__)
+
 Transport = Literal["shared_memory", "object_store"]
 _ALIGN = 64  # bytes; keeps every tensor in a segment cache-line aligned
+SHM_DIR = Path("/dev/shm")  # where Linux keeps POSIX shared-memory segments, one file each
+_SEGMENT_NAME = re.compile(r"^kd_([0-9a-z]+)_([0-9a-z]+)_([0-9a-z]+)_[0-9a-f]+_\d+_[0-9a-f]+$")
 
 
 @dataclass(frozen=True)
@@ -69,12 +85,97 @@ def _view(buffer, spec: TensorSpec) -> torch.Tensor:
     return torch.frombuffer(buffer, dtype=dtype, count=count, offset=spec.offset).view(spec.shape)
 
 
+def _base36(number: int) -> str:
+    digits = ""
+    while True:
+        number, digit = divmod(number, 36)
+        digits = "0123456789abcdefghijklmnopqrstuvwxyz"[digit] + digits
+        if not number:
+            return digits
+
+
+def _start_time(pid: int | str) -> str:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), base 36."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return _base36(int(stat[stat.rindex(")") + 2 :].split()[19]))  # the command name may hold spaces and ')'
+
+
+def _own_identity() -> tuple[str, str] | None:
+    """(pid namespace, start time) of this process, base 36; None where /proc cannot tell (not Linux)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+        return _base36(int(namespace[namespace.index("[") + 1 : -1])), _start_time("self")
+    except (OSError, ValueError):
+        return None
+
+
+def _owner_is_gone(namespace: str, pid: int, start: str, own_namespace: str) -> bool:
+    if namespace != own_namespace:
+        return False  # another pid namespace (another container sharing /dev/shm): its pids mean nothing here
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    try:
+        return _start_time(pid) != start  # the pid now belongs to another process
+    except FileNotFoundError:
+        return not _pid_exists(pid)  # it ended just now, or /proc hides it (hidepid): ask once more
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def remove_stale_segments(directory: Path = SHM_DIR) -> list[str]:
+    """Unlink the segments of publishers whose process is gone (see the module docstring); returns their names."""
+    own = _own_identity()
+    if own is None or not directory.is_dir():
+        return []
+    removed, freed = [], 0
+    for entry in directory.iterdir():
+        match = _SEGMENT_NAME.match(entry.name)
+        if match is None or not _owner_is_gone(match[1], int(match[2], 36), match[3], own[0]):
+            continue
+        try:
+            size = entry.stat().st_size
+            entry.unlink()
+        except OSError:  # gone already, or another user's (/dev/shm is sticky): not ours to remove
+            continue
+        removed.append(entry.name)
+        freed += size
+    if removed:
+        log.warning("removed %d shared-memory segment(s) of ended runs from %s (%.1f MB)", len(removed), directory,
+                    freed / 1e6)
+    return removed
+
+
+def _owner_prefix() -> str:
+    """``kd_<pid namespace>_<pid>_<start time>`` of this process ("0" where unknown: nothing cleans those)."""
+    namespace, start = _own_identity() or ("0", "0")
+    return f"kd_{namespace}_{_base36(os.getpid())}_{start}"
+
+
 class LogitsPublisher:
-    """Teacher side: owns the shared-memory segments and unlinks them on ``close``."""
+    """Teacher side: owns the shared-memory segments and unlinks them on ``close``.
+
+    Starting one first removes the segments that publishers of ended (killed) processes left behind.
+    """
 
     def __init__(self, transport: Transport = "shared_memory", slots: int = 2):
         self.transport = transport
-        self._prefix = f"kd_{uuid.uuid4().hex[:12]}"
+        if transport == "shared_memory":
+            remove_stale_segments()
+        self._token = uuid.uuid4().hex[:4]  # tells apart the publishers of one process
         self._segments: list[shared_memory.SharedMemory | None] = [None] * slots
         self._next = 0
 
@@ -93,7 +194,8 @@ class LogitsPublisher:
                 segment.unlink()
             # Grow with headroom so that varying batch widths do not reallocate every step.
             segment = shared_memory.SharedMemory(
-                name=f"{self._prefix}_{slot}_{uuid.uuid4().hex[:6]}", create=True, size=int(nbytes * 1.25)
+                name=f"{_owner_prefix()}_{self._token}_{slot}_{uuid.uuid4().hex[:6]}", create=True,
+                size=int(nbytes * 1.25),
             )
             self._segments[slot] = segment
         for spec in specs:
