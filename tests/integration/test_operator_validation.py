@@ -51,6 +51,11 @@ MISTAKES = [
     ("relative mount path", "spec.storage.mountPath", "ckpt", "spec.storage.mountPath"),
     ("storage without a claim", "spec.storage.claimName", _DELETE, "spec.storage.claimName"),
     ("bad dtype", "spec.distill.teacher.model_args.dtype", "fp8", "spec.distill.teacher.model_args.dtype"),
+    ("ray address with a path and query", "spec.launcher.rayAddress", "http://host:8265/any/path?x=1",
+     "spec.launcher.rayAddress"),
+    ("ray address with a user", "spec.launcher.rayAddress", "http://user:secret@host:8265", "spec.launcher.rayAddress"),
+    ("ray address without a scheme", "spec.launcher.rayAddress", "host:8265", "spec.launcher.rayAddress"),
+    ("root user for the ray pods", "spec.podSecurity.runAsUser", 0, "spec.podSecurity.runAsUser"),
     ("typo in a field name", "spec.distill.learning_rat", 0.1, "learning_rat"),
 ]
 
