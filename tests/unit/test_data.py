@@ -208,3 +208,32 @@ def test_batches_resume_from_cursor_exactly(tmp_path, tokenizer):
     resumed = ShuffledBatches(examples, batch_size=3, seed=5, cursor=saved)
     assert [resumed.next_batch() for _ in range(4)] == rest
     assert first != rest[:3]
+
+
+@pytest.mark.parametrize("case", ["latin-1", "huge-question"])
+def test_kubedistill_train_reports_bad_data_in_one_line_with_exit_status_2(tiny_setup, tmp_path, case):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import tiny_config_dict
+
+    data = tmp_path / "train.jsonl"
+    if case == "latin-1":
+        data.write_bytes('{"question": "caf\u00e9 1+1=", "answer": "2"}\n'.encode("latin-1"))
+        expected = f"error: {data}:1: the file is not UTF-8 (byte 0xe9 at byte offset 17, column 18)"
+    else:
+        data.write_text(json.dumps({"question": "1+2=" * (HUGE // 4), "answer": "3"}) + "\n")
+        expected = f"error: {data}:1: the prompt is more than 32 tokens (its first "
+    config = tiny_config_dict(tiny_setup, tmp_path)
+    config["student"]["data_args"] = {"file_name": str(data)}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+
+    done = subprocess.run([sys.executable, "-m", "distill_trainer.cli", "train", str(tmp_path / "run.yaml")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(expected), done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml", "train.jsonl"]  # nothing written
