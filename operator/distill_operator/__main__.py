@@ -69,9 +69,10 @@ def settings_from_args(args: argparse.Namespace) -> "OperatorSettings":
         return OperatorSettings(
             allowed_service_accounts=tuple(args.allow_service_account),
             allowed_claims=tuple(args.allow_claim) if args.allow_claim is not None else default.allowed_claims,
-            dashboard_clients=tuple(map(network.parse_peer, args.dashboard_client))
+            # An empty value ('') gives an empty list: that rule is left out of the NetworkPolicy.
+            dashboard_clients=tuple(network.parse_peer(p) for p in args.dashboard_client if p.strip())
             if args.dashboard_client is not None else default.dashboard_clients,
-            metrics_clients=tuple(map(network.parse_peer, args.metrics_client))
+            metrics_clients=tuple(network.parse_peer(p) for p in args.metrics_client if p.strip())
             if args.metrics_client is not None else default.metrics_clients,
         )
     except ValueError as error:

@@ -62,6 +62,8 @@ def _parse_labels(text: str, what: str) -> tuple[tuple[str, str], ...]:
 
 def parse_peer(text: str) -> Peer:
     """``[NAMESPACE_LABELS:]POD_LABELS`` -> Peer (ValueError with the offending part)."""
+    if not text.strip():
+        raise ValueError("an empty peer would match every pod of every namespace; name some labels")
     namespace_text, sep, pod_text = text.rpartition(":")
     peer = Peer(_parse_labels(namespace_text, f"namespace labels of {text!r}"), _parse_labels(pod_text, f"pod labels of {text!r}"))
     if sep and not peer.namespace_labels and not peer.pod_labels:

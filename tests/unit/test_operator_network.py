@@ -64,7 +64,7 @@ def test_peer_syntax():
                                                     "podSelector": {}}
 
 
-@pytest.mark.parametrize("text", ["app", "=x", "a b=c", ":", "app=x y", "bad/key/x=1"])
+@pytest.mark.parametrize("text", ["", " ", "app", "=x", "a b=c", ":", "app=x y", "bad/key/x=1"])
 def test_malformed_peers_are_refused(text):
     with pytest.raises(ValueError):
         parse_peer(text)

@@ -64,3 +64,9 @@ def test_flags_travel_to_the_handlers_through_the_environment():
 def test_malformed_peer_flag_is_a_usage_error():
     with pytest.raises(SystemExit):
         settings_from_args(build_parser().parse_args(["--dashboard-client", "not a label"]))
+
+
+def test_an_empty_client_flag_means_no_such_rule_never_everyone():
+    settings = settings_from_args(build_parser().parse_args(["--metrics-client", ""]))
+    assert settings.metrics_clients == ()
+    assert OperatorSettings.from_env({"KUBEDISTILL_METRICS_CLIENTS": ""}).metrics_clients == ()
