@@ -13,6 +13,7 @@ and padding). Cross-entropy and the KD term therefore select exactly the same po
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -78,10 +79,11 @@ def _line_of(text: str, position: int) -> int:
     return text.count("\n", 0, position) + 1
 
 
+_WHITESPACE_RUN = re.compile(r"[ \t\r\n]*")
+
+
 def _skip_whitespace(text: str, position: int) -> int:
-    while position < len(text) and text[position] in _JSON_WHITESPACE:
-        position += 1
-    return position
+    return _WHITESPACE_RUN.match(text, position).end()
 
 
 def _array_items(text: str, path: Path) -> list[tuple[str, Any]]:
@@ -93,8 +95,10 @@ def _array_items(text: str, path: Path) -> list[tuple[str, Any]]:
         return DataError(f"{path}:{_line_of(text, position)}: not valid JSON ({problem} at column {column})")
 
     position = _skip_whitespace(text, text.index("[") + 1)
+    line, counted = 1, 0  # line number at position `counted`, advanced incrementally (not quadratic in records)
     while position < len(text) and text[position] != "]":
-        where = f"{path}:{_line_of(text, position)}: record {len(items)}"
+        line, counted = line + text.count("\n", counted, position), position
+        where = f"{path}:{line}: record {len(items)}"
         try:
             item, position = _DECODER.raw_decode(text, position)
         except json.JSONDecodeError as error:
