@@ -259,11 +259,15 @@ def compose_config(config_path: str | Path, config_name: str, overrides: Sequenc
 def _check_yaml_file(path: str) -> None:
     """Stop on what Hydra reports badly: not UTF-8 (a traceback), a YAML error (a traceback), a top level that is
     a list ("must be a DictConfig") or a plain string (read as a field of that name)."""
-    from omegaconf._utils import get_yaml_loader  # Hydra's own YAML dialect (rejects duplicate keys)
+    try:
+        from omegaconf._utils import get_yaml_loader  # Hydra's own YAML dialect (rejects duplicate keys)
 
+        loader = get_yaml_loader()
+    except ImportError:  # a private helper; without it, plain safe YAML checks the same syntax
+        loader = yaml.SafeLoader
     text = read_utf8(path, ConfigError)
     try:
-        data = yaml.load(text, Loader=get_yaml_loader())
+        data = yaml.load(text, Loader=loader)
     except yaml.YAMLError as error:
         raise ConfigError(_yaml_error_message(error, path)) from None
     if data is not None and not isinstance(data, dict):
