@@ -89,3 +89,44 @@ def local_ray():
                  _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()
+
+
+def mount_tmpfs(path: Path, size: str, read_only: bool = False) -> None:
+    """Mount a tmpfs of ``size`` at ``path``, or skip the test: mounting needs root (CAP_SYS_ADMIN)."""
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN): {done.stderr.strip()}")
+
+
+def unmount(path: Path) -> None:
+    import subprocess
+
+    subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 4 MiB filesystem (tmpfs) at a fresh path, for out-of-space cases; unmounted after the test."""
+    path = tmp_path / "small-disk"
+    mount_tmpfs(path, "4m")
+    yield path
+    unmount(path)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory no file can be created in: a read-only tmpfs as root, else a chmod 0o555 directory."""
+    path = tmp_path / "read-only"
+    if os.geteuid() != 0:
+        path.mkdir()
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+        return
+    mount_tmpfs(path, "1m", read_only=True)
+    yield path
+    unmount(path)

@@ -384,3 +384,149 @@ def test_kill_between_the_renames_of_a_resave_is_repaired_on_resume(tmp_path, tr
     assert resolve_resume_checkpoint(True, output_dir) == existing  # moved back before looking
     assert_is_intact(existing, trained)
     assert hidden_entries(output_dir) == []  # the child's uncommitted temp dir is gone too
+
+
+# ----------------------------------------------------------------------------------- run identity
+
+from distill_trainer.checkpoint import RunConflictError, claim_output_dir  # noqa: E402
+from distill_trainer.run_identity import ENV_JOB_UID, RunIdentity, identity_from_dict, job_from_env  # noqa: E402
+
+
+def run_config(**changes) -> dict:
+    """The fingerprinted part of a config, as a checkpoint's distill_config.json holds it."""
+    config = {
+        "student_pretrain": "/models/student", "teacher_pretrain": "/models/teacher", "seed": 1,
+        "kd_objective": "forward_kl", "distill_loss_weight": 0.5, "logits_topk": 64, "sequence_length": 32,
+        "max_steps": 20, "exp_name": "a",
+        "student": {"data_args": {"file_name": "/data/train.jsonl"},
+                    "training_args": {"per_device_train_batch_size": 4, "learning_rate": 1e-3}},
+    }
+    for key, value in changes.items():
+        config[key] = value
+    return config
+
+
+RUN_A = identity_from_dict(run_config())
+RUN_B = identity_from_dict(run_config(seed=2, kd_objective="reverse_kl"))
+
+
+def save_as(output_dir, step, trained, identity, **kwargs):
+    return save(output_dir, step, trained, identity=identity, **kwargs)
+
+
+def checkpoint_names(output_dir) -> list[str]:
+    return sorted(p.name for p in pathlib.Path(output_dir).iterdir() if p.name.startswith("checkpoint-"))
+
+
+def test_pruning_never_deletes_another_runs_checkpoints(tmp_path, trained):
+    save_as(tmp_path, 18, trained, RUN_A)
+    save_as(tmp_path, 20, trained, RUN_A)
+    save_as(tmp_path, 2, trained, RUN_B, max_to_keep=1)
+    save_as(tmp_path, 4, trained, RUN_B, max_to_keep=1)
+    assert checkpoint_names(tmp_path) == ["checkpoint-18", "checkpoint-20", "checkpoint-4"]
+
+
+def test_fresh_run_into_another_runs_output_dir_is_refused_naming_both(tmp_path, trained):
+    save_as(tmp_path, 18, trained, RUN_A)
+    save_as(tmp_path, 20, trained, RUN_A)
+    with pytest.raises(RunConflictError) as error:
+        claim_output_dir(tmp_path, RUN_B)
+    message = str(error.value)
+    assert "checkpoint-18, checkpoint-20 of another run" in message
+    assert RUN_A.fingerprint in message and RUN_B.fingerprint in message
+    assert "seed: 1 (theirs) vs 2 (this run)" in message
+    assert "kd_objective: 'forward_kl' (theirs) vs 'reverse_kl' (this run)" in message
+    assert "overwrite_output_dir=true" in message
+    assert checkpoint_names(tmp_path) == ["checkpoint-18", "checkpoint-20"]  # nothing touched
+
+
+def test_overwrite_deletes_only_the_other_runs_checkpoints(tmp_path, trained):
+    save_as(tmp_path, 20, trained, RUN_A)
+    save_as(tmp_path, 2, trained, RUN_B)
+    assert claim_output_dir(tmp_path, RUN_B, overwrite=True) == ["checkpoint-20"]
+    assert checkpoint_names(tmp_path) == ["checkpoint-2"]
+    assert hidden_entries(tmp_path) == []
+
+
+def test_own_checkpoints_are_claimed_silently(tmp_path, trained):
+    save_as(tmp_path, 2, trained, RUN_A)
+    assert claim_output_dir(tmp_path, RUN_A) == []
+
+
+def test_resume_true_refuses_another_runs_newest_checkpoint(tmp_path, trained):
+    save_as(tmp_path, 20, trained, RUN_A)
+    with pytest.raises(RunConflictError, match="refusing to resume from a checkpoint of another run"):
+        resolve_resume_checkpoint(True, tmp_path, RUN_B)
+    assert resolve_resume_checkpoint(True, tmp_path, RUN_A) == tmp_path / "checkpoint-20"
+
+
+def test_resume_from_an_explicit_checkpoint_of_another_run_is_refused(tmp_path, trained):
+    path = save_as(tmp_path / "a", 20, trained, RUN_A)
+    with pytest.raises(RunConflictError, match=r"student_pretrain=.*checkpoint-20/student"):
+        resolve_resume_checkpoint(str(path), tmp_path / "b", RUN_B)
+
+
+def test_identity_ignores_what_may_change_on_resume():
+    extended = identity_from_dict(run_config(max_steps=200, exp_name="longer",
+                                             student={"data_args": {"file_name": "/data/train.jsonl"},
+                                                      "training_args": {"per_device_train_batch_size": 4,
+                                                                        "learning_rate": 5e-4}}))
+    assert extended.fingerprint == RUN_A.fingerprint
+    bigger_batch = identity_from_dict(run_config(student={"data_args": {"file_name": "/data/train.jsonl"},
+                                                          "training_args": {"per_device_train_batch_size": 8}}))
+    assert bigger_batch.fingerprint != RUN_A.fingerprint
+
+
+def test_a_recreated_distilljob_is_another_run():
+    env = {"KUBEDISTILL_DISTILLJOB_NAME": "dj", "KUBEDISTILL_DISTILLJOB_NAMESPACE": "team"}
+    first = identity_from_dict(run_config(), job=job_from_env({**env, ENV_JOB_UID: "uid-1"}))
+    again = identity_from_dict(run_config(), job=job_from_env({**env, ENV_JOB_UID: "uid-1"}))
+    recreated = identity_from_dict(run_config(), job=job_from_env({**env, ENV_JOB_UID: "uid-2"}))
+    assert first.fingerprint == again.fingerprint != recreated.fingerprint
+    assert first.fingerprint != RUN_A.fingerprint  # a local run with the same config is not the job
+    assert job_from_env({}) is None
+
+
+def test_checkpoint_without_identity_file_is_identified_by_its_recorded_config(tmp_path, trained):
+    # Written before run identities existed: only distill_config.json says which run it was.
+    save(tmp_path, 20, trained, config=run_config())
+    assert ckpt.checkpoint_identity(tmp_path / "checkpoint-20").fingerprint == RUN_A.fingerprint
+    assert claim_output_dir(tmp_path, RUN_A) == []
+    with pytest.raises(RunConflictError):
+        claim_output_dir(tmp_path, RUN_B)
+
+
+def test_identity_round_trips_through_the_checkpoint(tmp_path, trained):
+    path = save_as(tmp_path, 2, trained, RUN_B)
+    assert ckpt.checkpoint_identity(path) == RunIdentity(fields=RUN_B.fields)
+
+
+# -------------------------------------------------------------------------- non-finite, full disk
+
+
+def test_model_with_nonfinite_weights_is_never_saved_and_prunes_nothing(tmp_path, trained):
+    save(tmp_path, 2, trained)
+    model = tiny_model()
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    optimizer, scheduler = optimizer_and_scheduler(model)
+    with pytest.raises(CheckpointError, match=r"refusing to write checkpoint-4: parameter .* NaN/inf"):
+        save_checkpoint(tmp_path, 4, model=model, tokenizer=trained["tokenizer"], optimizer=optimizer,
+                        scheduler=scheduler, trainer_state={}, max_to_keep=1)
+    assert checkpoint_names(tmp_path) == ["checkpoint-2"]
+
+
+def test_full_disk_names_the_directory_and_the_intact_checkpoint(small_tmpfs, trained):
+    first = save(small_tmpfs, 2, trained)
+    size = sum(f.stat().st_size for f in first.rglob("*") if f.is_file())
+    # Fill what is left but less than one more checkpoint needs.
+    free = os.statvfs(small_tmpfs).f_bavail * os.statvfs(small_tmpfs).f_frsize
+    (small_tmpfs / "ballast").write_bytes(b"\0" * max(0, free - size // 2))
+    with pytest.raises(CheckpointError) as error:
+        save(small_tmpfs, 4, trained)
+    assert str(error.value).startswith(f"no space left on {small_tmpfs}: checkpoint-4 not written; "
+                                       f"the previous checkpoint-2 is intact")
+    assert checkpoint_names(small_tmpfs) == ["checkpoint-2"] and hidden_entries(small_tmpfs) == []
+    (small_tmpfs / "ballast").unlink()
+    optimizer, scheduler = optimizer_and_scheduler(tiny_model())
+    assert load_checkpoint(first, optimizer=optimizer, scheduler=scheduler)["step"] == 2

@@ -12,6 +12,7 @@ Layout of one checkpoint (the directory name is the commit point):
         rng_state.pt          python / numpy / torch CPU / torch CUDA generator states
         trainer_state.json    {"step": <step>, ...whatever the pipeline passes (data position, ...)}
         distill_config.json   the run's config, when given
+        run_identity.json     which run wrote it (see run_identity.py), when given
 
 How a save stays atomic: everything is written into a hidden sibling `.checkpoint-<step>.tmp-<pid>`,
 every file is fsynced, and only then is the directory renamed to `checkpoint-<step>`. A crash at any
@@ -21,11 +22,16 @@ the new one in, then deletes the old one; a crash between those two renames is r
 save or resume by moving the old directory back. Pruned checkpoints are likewise renamed to a hidden
 name before they are deleted, so a half-deleted directory never looks like a checkpoint.
 
+Run identity: a checkpoint stamped with a `RunIdentity` belongs to that run. `claim_output_dir` refuses (or,
+when told to overwrite, deletes) checkpoints of other runs before training starts, `resolve_resume_checkpoint`
+refuses to resume from one, and pruning only ever removes the saving run's own checkpoints.
+
 One writer per output_dir is assumed (rank 0 of the student); readers may run at any time.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -38,6 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .run_identity import RunIdentity, differences, read_identity
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -47,6 +55,10 @@ SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng_state.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "distill_config.json"
+IDENTITY_FILE = "run_identity.json"
+# Below this many free bytes after a failed write, the disk is taken to be full (torch.save reports a full
+# disk as "unexpected pos ..." rather than ENOSPC).
+_FULL_DISK_BYTES = 1 << 20
 
 _CHECKPOINT_RE = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
 # Hidden work directories: `.checkpoint-<step>.<kind>-<pid>`; the leading dot keeps them out of
@@ -56,6 +68,10 @@ _WORK_RE = re.compile(rf"^\.{re.escape(CHECKPOINT_PREFIX)}(\d+)\.(tmp|old|deleti
 
 class CheckpointError(RuntimeError):
     """A checkpoint the user pointed at is missing or incomplete; the message names the path and the fix."""
+
+
+class RunConflictError(CheckpointError):
+    """``output_dir`` holds checkpoints of another run; the message names both runs and the way out."""
 
 
 # --------------------------------------------------------------------------------------------- RNG
@@ -128,6 +144,7 @@ def save_checkpoint(
     scheduler: Any,
     trainer_state: dict,
     config: dict | None = None,
+    identity: RunIdentity | None = None,
     max_to_keep: int = 0,
 ) -> pathlib.Path:
     """Write `<output_dir>/checkpoint-<step>` atomically and return its path.
@@ -135,7 +152,8 @@ def save_checkpoint(
     `model` / `tokenizer` are saved with their `save_pretrained` (HF format, safetensors).
     `trainer_state` must be JSON-serializable; its `step` is set to `step`. After a successful save,
     checkpoints are pruned to the `max_to_keep` newest by step (0 keeps all); the one just written is
-    always kept.
+    always kept, and with an `identity` only checkpoints of that same run are candidates.
+    A full disk raises CheckpointError naming the directory and the newest checkpoint left intact.
     """
     if step < 0:
         raise ValueError(f"checkpoint step must be >= 0, got {step}")
@@ -144,6 +162,14 @@ def save_checkpoint(
     # Serialize the JSON parts first: a non-serializable value fails here, before anything is written.
     state_json = json.dumps({**trainer_state, "step": step}, indent=2, sort_keys=True)
     config_json = json.dumps(config, indent=2, sort_keys=True) if config is not None else None
+    bad = _first_nonfinite_parameter(model)
+    if bad is not None:
+        # A diverged model must never replace (or, through pruning, delete) a good checkpoint.
+        raise CheckpointError(
+            f"refusing to write {CHECKPOINT_PREFIX}{step}: parameter {bad} holds NaN/inf values; "
+            f"the existing checkpoints in {output_dir} are left as they are"
+        )
+    identity_json = json.dumps(identity.to_json(), indent=2, sort_keys=True) if identity is not None else None
 
     output_dir = pathlib.Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -161,20 +187,53 @@ def save_checkpoint(
         (tmp / TRAINER_STATE_FILE).write_text(state_json)
         if config_json is not None:
             (tmp / CONFIG_FILE).write_text(config_json)
+        if identity_json is not None:
+            (tmp / IDENTITY_FILE).write_text(identity_json)
         # Data must be on disk before the rename that publishes it, or a power loss could leave a
         # committed name pointing at empty files.
         _fsync_tree(tmp)
         _commit(tmp, final)
-    except BaseException:
+    except BaseException as error:
         # Also on KeyboardInterrupt: leave nothing half-written behind (a SIGKILL is handled by the
         # stale-directory cleanup of the next save instead).
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, Exception) and _disk_full(error, output_dir):
+            previous = find_latest_checkpoint(output_dir)
+            intact = f"the previous {previous.name} is intact" if previous else "no earlier checkpoint exists"
+            raise CheckpointError(
+                f"no space left on {output_dir.resolve()}: {final.name} not written; {intact}. "
+                f"Free space there (or lower max_ckpt_to_keep), then resume with resume_from_checkpoint=true."
+            ) from None
         raise
     logger.info("saved checkpoint %s", final)
 
     if max_to_keep > 0:
-        _prune(output_dir, keep=max_to_keep, protect=final)
+        _prune(output_dir, keep=max_to_keep, protect=final, identity=identity)
     return final
+
+
+def _first_nonfinite_parameter(model: Any) -> str | None:
+    named = getattr(model, "named_parameters", None)
+    if named is None:
+        return None
+    with torch.no_grad():
+        for name, param in named():
+            if not bool(torch.isfinite(param).all()):
+                return name
+    return None
+
+
+def _disk_full(error: Exception, directory: pathlib.Path) -> bool:
+    """Whether a failed write ran out of space: ENOSPC/EDQUOT, or (torch.save hides the errno) no free space left."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    try:
+        return shutil.disk_usage(directory).free < _FULL_DISK_BYTES
+    except OSError:
+        return False
 
 
 def _commit(tmp: pathlib.Path, final: pathlib.Path) -> None:
@@ -220,8 +279,11 @@ def _recover_interrupted_saves(output_dir: pathlib.Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def _prune(output_dir: pathlib.Path, *, keep: int, protect: pathlib.Path) -> None:
+def _prune(output_dir: pathlib.Path, *, keep: int, protect: pathlib.Path, identity: RunIdentity | None) -> None:
     others = [p for p in _complete_checkpoints(output_dir) if p != protect]
+    if identity is not None:
+        # Never another run's: claim_output_dir refused them at start, but a second writer may have appeared.
+        others = [p for p in others if _belongs_to(p, identity)]
     # `protect` takes one of the `keep` slots; the rest go to the newest others.
     for path in others[: max(0, len(others) - (keep - 1))]:
         step = path.name[len(CHECKPOINT_PREFIX):]
@@ -293,8 +355,70 @@ def find_latest_checkpoint(output_dir: str | os.PathLike) -> pathlib.Path | None
     return checkpoints[-1] if checkpoints else None
 
 
+# ----------------------------------------------------------------------------------- run identity
+
+
+def checkpoint_identity(path: pathlib.Path) -> RunIdentity | None:
+    """The run that wrote checkpoint `path` (derived from its config for checkpoints older than identities)."""
+    return read_identity(path, IDENTITY_FILE, CONFIG_FILE)
+
+
+def _belongs_to(path: pathlib.Path, identity: RunIdentity) -> bool:
+    theirs = checkpoint_identity(path)
+    return theirs is not None and theirs.fingerprint == identity.fingerprint
+
+
+def _conflict_message(paths: list[pathlib.Path], identity: RunIdentity, what: str, fix: str) -> str:
+    theirs = checkpoint_identity(paths[-1])
+    names = ", ".join(p.name for p in paths)
+    lines = [
+        f"{what}: {paths[-1].parent.resolve()} holds {names} of another run.",
+        f"  theirs:   {theirs.describe() if theirs else 'an unknown run (no run_identity.json or distill_config.json)'}",
+        f"  this run: {identity.describe()}",
+    ]
+    if theirs is not None:
+        lines += ["  differences:"] + [f"    {line}" for line in differences(identity, theirs)]
+    lines.append(f"  {fix}")
+    return "\n".join(lines)
+
+
+def claim_output_dir(output_dir: str | os.PathLike, identity: RunIdentity, *, overwrite: bool = False) -> list[str]:
+    """Make sure `output_dir` holds no checkpoint of another run before this one trains into it.
+
+    Without `overwrite`, any complete checkpoint whose identity differs raises RunConflictError (nothing is
+    touched). With `overwrite`, those checkpoints are deleted (renamed hidden first, like pruning) and their
+    names returned. Checkpoints of this same run are kept: they are what `resume_from_checkpoint=true` uses.
+    """
+    output_dir = pathlib.Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    _recover_interrupted_saves(output_dir)
+    foreign = [p for p in _complete_checkpoints(output_dir) if not _belongs_to(p, identity)]
+    if not foreign:
+        return []
+    if not overwrite:
+        raise RunConflictError(
+            _conflict_message(
+                foreign,
+                identity,
+                "output_dir is in use by another run",
+                "Nothing was changed. Choose a new output_dir, or set overwrite_output_dir=true to delete "
+                "those checkpoints and start this run there.",
+            )
+        )
+    for path in foreign:
+        step = path.name[len(CHECKPOINT_PREFIX):]
+        doomed = output_dir / f".{CHECKPOINT_PREFIX}{step}.deleting-{os.getpid()}"
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        logger.warning("overwrite_output_dir=true: deleted %s of another run", path)
+    return [p.name for p in foreign]
+
+
 def resolve_resume_checkpoint(
-    resume_from_checkpoint: bool | str | os.PathLike | None, output_dir: str | os.PathLike
+    resume_from_checkpoint: bool | str | os.PathLike | None,
+    output_dir: str | os.PathLike,
+    identity: RunIdentity | None = None,
 ) -> pathlib.Path | None:
     """Turn the `resume_from_checkpoint` setting into a checkpoint path, or None to start fresh.
 
@@ -303,6 +427,7 @@ def resolve_resume_checkpoint(
       job that is retried from the start and one that crashed after a save use the same setting.
     - a path: that checkpoint. A relative path is taken from the working directory, or else from
       `output_dir` (so `checkpoint-100` works). Missing or incomplete raises CheckpointError.
+    With an `identity`, a checkpoint written by another run raises RunConflictError instead of being used.
     """
     if resume_from_checkpoint is None or resume_from_checkpoint is False:
         return None
@@ -313,6 +438,8 @@ def resolve_resume_checkpoint(
             # before looking, so resume does not silently fall back to an older step.
             _recover_interrupted_saves(output_dir)
         latest = find_latest_checkpoint(output_dir)
+        if latest is not None and identity is not None:
+            _check_same_run(latest, identity)
         if latest is None:
             logger.info("resume_from_checkpoint=true: no checkpoint in %s, starting from step 0", output_dir)
         else:
@@ -339,8 +466,23 @@ def resolve_resume_checkpoint(
             f"checkpoint (missing {', '.join(missing)}).{hint} Point it at a {CHECKPOINT_PREFIX}<step> "
             f"directory written by save_checkpoint, or set resume_from_checkpoint=true."
         )
+    if identity is not None:
+        _check_same_run(path, identity)
     logger.info("resuming from %s", path)
     return path
+
+
+def _check_same_run(path: pathlib.Path, identity: RunIdentity) -> None:
+    if not _belongs_to(path, identity):
+        raise RunConflictError(
+            _conflict_message(
+                [path],
+                identity,
+                "refusing to resume from a checkpoint of another run",
+                f"To start a new run from its weights, set student_pretrain={path / STUDENT_DIR} and "
+                f"resume_from_checkpoint=false; to continue that run, use its own config.",
+            )
+        )
 
 
 def load_checkpoint(path: str | os.PathLike, *, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict:

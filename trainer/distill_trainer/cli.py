@@ -14,9 +14,11 @@ from typing import Callable, Sequence
 from .checkpoint import CheckpointError
 from .config import ConfigError, DistillConfig, compose_config, load_config
 from .data import DataError
+from .pipeline import NonFiniteLossError
 
-# Mistakes in the user's config, data or resume path: one message and exit status 2, no traceback.
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointError)
+# Mistakes in the user's config, data, output or resume paths, another run's checkpoints in output_dir, a
+# full disk, a diverged run: one message and exit status 2, no traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointError, NonFiniteLossError)
 
 
 def launch(load: Callable[[], DistillConfig]) -> int:

@@ -137,7 +137,22 @@ class DistillConfig(_Strict):
     resume_from_checkpoint: bool | str = Field(
         False, description="false: start fresh; true: newest checkpoint in output_dir; a path: that checkpoint."
     )
-    max_ckpt_to_keep: int = Field(0, ge=0, description="Keep at most this many checkpoints (oldest pruned); 0 = all.")
+    max_ckpt_to_keep: int = Field(
+        0, ge=0, description="Keep at most this many of this run's checkpoints (oldest pruned); 0 = all."
+    )
+    overwrite_output_dir: bool = Field(
+        False,
+        description="If output_dir holds checkpoints of another run (other models, data, objective, seed, batch, "
+        "sequence length, or DistillJob), delete them and train there; false stops before training with a message.",
+    )
+    on_nonfinite_loss: Literal["stop", "skip"] = Field(
+        "stop",
+        description="When a step's loss or gradient norm is NaN/inf: stop (exit non-zero naming the step; nothing "
+        "is saved from that state) or skip (drop that step's update and go on).",
+    )
+    max_skipped_steps: int = Field(
+        10, ge=1, description="With on_nonfinite_loss=skip: stop once this many steps in a row were skipped."
+    )
 
     student_pretrain: str = Field(..., min_length=1, description="HF-format directory of the student model and tokenizer.")
     teacher_pretrain: str = Field(..., min_length=1, description="HF-format directory of the teacher model.")

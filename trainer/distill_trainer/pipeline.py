@@ -5,14 +5,17 @@ normalizer of both loss terms), and for each micro-batch have the teacher publis
 student accumulate gradients; then one optimizer step. Evaluation every ``eval_steps``, an atomic
 checkpoint every ``save_steps``, and both at the last step.
 
-Everything the user can get wrong (config, model paths, vocabularies, data) is checked before Ray starts
-and before anything is written.
+Everything the user can get wrong (config, model paths, vocabularies, data, writable output directories,
+another run's checkpoints in ``output_dir``) is checked before Ray starts and before anything is written.
+A step whose loss or gradient norm is NaN/inf is never applied: the run stops there (or skips the step,
+if configured), so no checkpoint is written from a non-finite state.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +24,15 @@ from . import checkpoint
 from .config import ConfigError, DistillConfig
 from .data import IGNORE_INDEX, DataCursor, Example, ShuffledBatches, collate, load_examples
 from .models import VocabInfo, check_shared_vocab, load_tokenizer
+from .run_identity import RunIdentity, identity_of
 from .tracking import Tracker
 from .workers import MicroBatchStats, Workers, create_workers, default_num_threads
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient norm and the run stopped; the message names the step."""
 
 
 @dataclass
@@ -43,10 +51,36 @@ class Prepared:
     train: list[Example]
     eval: list[Example]
     resume_from: Path | None
+    identity: RunIdentity
+
+
+def check_writable_dir(path: str, field_name: str) -> None:
+    """Create ``path`` if needed and prove a file can be written there, or raise ConfigError naming the field.
+
+    Done before Ray starts: otherwise a bad ``output_dir`` is only found at the first save, after the work.
+    """
+    target = Path(path)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{field_name}={path!r} is an existing file, not a directory; choose a directory") from None
+    except OSError as error:
+        raise ConfigError(f"{field_name}={path!r} cannot be created: {error.strerror} ({error.filename})") from None
+    if not target.is_dir():
+        raise ConfigError(f"{field_name}={path!r} is not a directory; choose a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".kubedistill-write-test-"):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"{field_name}={path!r} is not writable: {error.strerror}; choose a directory this user can write to"
+        ) from None
 
 
 def prepare(config: DistillConfig) -> Prepared:
-    """All user-facing checks: model dirs, shared vocabulary, data files, the resume checkpoint."""
+    """All user-facing checks: model dirs, shared vocabulary, data files, output directories, run identity,
+    the resume checkpoint. Only with ``overwrite_output_dir`` does it change anything (another run's
+    checkpoints are deleted), and only once every other check has passed."""
     vocab = check_shared_vocab(config.student_pretrain, config.teacher_pretrain)
     if config.logits_topk > vocab.size:
         raise ConfigError(f"logits_topk={config.logits_topk} exceeds the vocabulary size {vocab.size}; use 0 for all")
@@ -60,8 +94,17 @@ def prepare(config: DistillConfig) -> Prepared:
     )
     train = load_examples(data_args.file_name, tokenizer, **options)
     eval_examples = load_examples(data_args.eval_file_name, tokenizer, **options) if data_args.eval_file_name else []
-    resume_from = checkpoint.resolve_resume_checkpoint(config.resume_from_checkpoint, config.output_dir)
-    return Prepared(vocab, train, eval_examples, resume_from)
+    check_writable_dir(config.output_dir, "output_dir")
+    check_writable_dir(config.logging_dir, "logging_dir")
+
+    identity = identity_of(config)
+    resume = config.resume_from_checkpoint
+    # An explicit checkpoint path is checked first, so that overwrite_output_dir never deletes what it names.
+    resume_from = checkpoint.resolve_resume_checkpoint(resume, config.output_dir, identity) if resume is not True else None
+    checkpoint.claim_output_dir(config.output_dir, identity, overwrite=config.overwrite_output_dir)
+    if resume is True:
+        resume_from = checkpoint.resolve_resume_checkpoint(True, config.output_dir, identity)
+    return Prepared(vocab, train, eval_examples, resume_from, identity)
 
 
 def ensure_ray() -> bool:
@@ -112,6 +155,7 @@ class DistillPipeline:
                 prepared.eval,
                 str(prepared.resume_from) if prepared.resume_from else None,
                 self.num_threads,
+                prepared.identity,
             )
             return self._train(workers, prepared)
         finally:
@@ -138,6 +182,7 @@ class DistillPipeline:
             log.info("resuming from %s at step %d", prepared.resume_from, start_step)
         batches = ShuffledBatches(prepared.train, args.per_device_train_batch_size, config.seed, cursor)
         result = RunResult(final_step=start_step, last_checkpoint=str(prepared.resume_from or "") or None)
+        skipped_in_a_row = 0
 
         with Tracker(
             config.logging_dir,
@@ -148,10 +193,14 @@ class DistillPipeline:
             sinks=self._sinks(),
         ) as tracker:
             for step in range(start_step + 1, config.max_steps + 1):
-                metrics = self._train_step(workers, batches, prepared.vocab.pad_token_id)
+                metrics, applied = self._train_step(workers, batches, prepared.vocab.pad_token_id)
                 result.final_step, result.last_train_metrics = step, metrics
                 tracker.advance(step)
-                logged = dict(metrics) if _is_due(step, config.logging_steps, config.max_steps) else {}
+                skipped_in_a_row = 0 if applied else skipped_in_a_row + 1
+                if skipped_in_a_row:
+                    tracker.log(step, metrics)  # the bad step is always on record
+                    self._on_nonfinite(step, metrics, skipped_in_a_row, result.last_checkpoint)
+                logged = dict(metrics) if _is_due(step, config.logging_steps, config.max_steps) and applied else {}
                 if prepared.eval and _is_due(step, config.eval_steps, config.max_steps):
                     result.eval_metrics = ray.get(workers.student.evaluate.remote())
                     logged.update(result.eval_metrics)
@@ -159,11 +208,33 @@ class DistillPipeline:
                     tracker.log(step, logged)
                 if _is_due(step, config.save_steps, config.max_steps):
                     trainer_state = {"step": step, "data_cursor": vars(batches.cursor).copy()}
-                    result.last_checkpoint = ray.get(workers.student.save_checkpoint.remote(step, trainer_state))
+                    result.last_checkpoint = _get(workers.student.save_checkpoint.remote(step, trainer_state))
                     tracker.checkpoint_saved(step, result.last_checkpoint)
         return result
 
-    def _train_step(self, workers: Workers, batches: ShuffledBatches, pad_token_id: int) -> dict[str, float]:
+    def _on_nonfinite(self, step: int, metrics: dict[str, float], in_a_row: int, last_checkpoint: str | None) -> None:
+        """A step was not applied (NaN/inf loss or gradient norm): stop, or warn and go on under ``skip``."""
+        config = self.config
+        shown = ", ".join(
+            f"{key}={metrics[key]:.4g}" for key in ("train/loss", "train/student_loss", "train/distill_loss", "train/grad_norm")
+            if key in metrics
+        )
+        if config.on_nonfinite_loss == "skip" and in_a_row < config.max_skipped_steps:
+            log.warning("step %d: loss or gradient norm is not finite (%s); step skipped (%d in a row, limit %d)",
+                        step, shown, in_a_row, config.max_skipped_steps)
+            return
+        why = "" if config.on_nonfinite_loss == "stop" else f" for {in_a_row} steps in a row (max_skipped_steps)"
+        raise NonFiniteLossError(
+            f"step {step}: the loss or gradient norm is NaN/inf{why} ({shown}). The update was not applied and no "
+            f"checkpoint was written from this state; the newest checkpoint is {last_checkpoint or 'none'}. "
+            f"Lower student.training_args.learning_rate (now {config.train_args.learning_rate:g}), check the data, "
+            f"or set on_nonfinite_loss=skip to drop such steps."
+        )
+
+    def _train_step(
+        self, workers: Workers, batches: ShuffledBatches, pad_token_id: int
+    ) -> tuple[dict[str, float], bool]:
+        """One optimizer step; returns its metrics and whether the update was applied (False: NaN/inf)."""
         import ray
 
         config = self.config
@@ -185,17 +256,17 @@ class DistillPipeline:
             transfer_seconds += micro.open_seconds
             student_seconds += micro.compute_seconds
             stats.append(micro)
-        grad_norm, lr, step_seconds = ray.get(workers.student.optimizer_step.remote())
-        student_seconds += step_seconds
+        update = ray.get(workers.student.optimizer_step.remote())
+        student_seconds += update.seconds
         elapsed = time.perf_counter() - started
 
         weight = config.distill_loss_weight
         ce = sum(s.ce_sum for s in stats) / label_tokens
         metrics = {
-            "train/loss": (1 - weight) * ce,
+            "train/loss": (1 - weight) * ce if weight < 1 else 0.0,  # 0·inf would be NaN
             "train/student_loss": ce,
-            "train/grad_norm": grad_norm,
-            "student/lr": lr,
+            "train/grad_norm": update.grad_norm,
+            "student/lr": update.lr,
             "train/tokens_per_second": sum(s.input_tokens for s in stats) / elapsed,
             "time/teacher_forward": teacher_seconds,
             "time/logits_transfer": transfer_seconds,
@@ -205,4 +276,17 @@ class DistillPipeline:
             kd = sum(s.kd_sum for s in stats) / label_tokens
             metrics["train/distill_loss"] = kd
             metrics["train/loss"] += weight * kd
-        return metrics
+        return metrics, update.applied
+
+
+def _get(ref):
+    """``ray.get``, but a user-facing error raised in an actor (e.g. a full disk at save) comes out as itself,
+    not wrapped in a RayTaskError whose text is a remote traceback."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, checkpoint.CheckpointError):
+            raise error.cause from None
+        raise

@@ -24,6 +24,7 @@ from .config import DistillConfig
 from .data import IGNORE_INDEX, Example, eval_batches, collate
 from .losses import TopK, kd_loss, topk_teacher_logits
 from .models import VocabInfo
+from .run_identity import RunIdentity
 from .strategies.torch import TorchInferStrategy, TorchTrainStrategy
 
 
@@ -76,6 +77,14 @@ class TeacherWorker:
 
 
 @dataclass(frozen=True)
+class OptimizerStepStats:
+    grad_norm: float  # before clipping; NaN/inf when the gradients were not finite
+    lr: float
+    seconds: float
+    applied: bool  # False: the loss or gradient norm was not finite and the weights were left unchanged
+
+
+@dataclass(frozen=True)
 class MicroBatchStats:
     ce_sum: float  # summed cross-entropy over this micro-batch's label tokens
     kd_sum: float  # summed per-token KD divergence (0 when distill_loss_weight is 0)
@@ -95,10 +104,12 @@ class StudentWorker:
         eval_examples: Sequence[Example] = (),
         resume_from: str | None = None,
         num_threads: int = 0,
+        identity: RunIdentity | None = None,
     ):
         from transformers import AutoTokenizer
 
         self.config = config
+        self.identity = identity
         self.vocab = vocab
         self.eval_examples = list(eval_examples)
         self.device = _setup_process(config.seed, num_threads, bool(config.student.device_mapping))
@@ -118,6 +129,7 @@ class StudentWorker:
                 resume_from, optimizer=self.strategy.optimizer, scheduler=self.strategy.scheduler
             )
         self.receiver = LogitsReceiver()
+        self._loss_finite = True  # of the micro-batches accumulated since the last optimizer step
 
     def node_id(self) -> str:
         import ray
@@ -150,7 +162,8 @@ class StudentWorker:
         rows = logits[mask]  # [N_label, V], the positions both terms are computed on
         ce_sum = F.cross_entropy(rows.float(), labels[mask], reduction="sum")
         weight = config.distill_loss_weight
-        loss = (1.0 - weight) * ce_sum / global_label_tokens
+        # Only terms with a non-zero weight enter the loss: 0·inf is NaN, and pure KD must not stop on the CE.
+        loss = (1.0 - weight) * ce_sum / global_label_tokens if weight < 1 else ce_sum.new_zeros(())
         kd_sum = torch.zeros(())
         if weight > 0:
             if targets is None:
@@ -167,7 +180,10 @@ class StudentWorker:
             )
             loss = loss + weight * kd_mean
             kd_sum = kd_mean.detach() * global_label_tokens
-        loss.backward()
+        if torch.isfinite(loss.detach()):
+            loss.backward()
+        else:  # its gradients would be NaN/inf everywhere; optimizer_step will not apply this step
+            self._loss_finite = False
         return MicroBatchStats(
             ce_sum=float(ce_sum.detach()),
             kd_sum=float(kd_sum),
@@ -177,11 +193,12 @@ class StudentWorker:
             compute_seconds=time.perf_counter() - opened,
         )
 
-    def optimizer_step(self) -> tuple[float, float, float]:
-        """Returns (grad norm, lr, seconds)."""
+    def optimizer_step(self) -> OptimizerStepStats:
+        """Apply the accumulated gradients, unless the loss or the gradient norm was NaN/inf."""
         start = time.perf_counter()
-        grad_norm, lr = self.strategy.optimizer_step()
-        return grad_norm, lr, time.perf_counter() - start
+        grad_norm, lr, applied = self.strategy.optimizer_step(loss_finite=self._loss_finite)
+        self._loss_finite = True
+        return OptimizerStepStats(grad_norm, lr, time.perf_counter() - start, applied)
 
     def evaluate(self) -> dict[str, float]:
         """Held-out cross-entropy per answer token, and exact match of greedy answers when configured."""
@@ -225,6 +242,7 @@ class StudentWorker:
             scheduler=self.strategy.scheduler,
             trainer_state=trainer_state,
             config=self.config.model_dump(mode="json"),
+            identity=self.identity,
             max_to_keep=self.config.max_ckpt_to_keep,
         )
         return str(path)
@@ -261,6 +279,7 @@ def create_workers(
     eval_examples: Sequence[Example],
     resume_from: str | None,
     num_threads: int,
+    identity: RunIdentity | None = None,
 ) -> Workers:
     """Co-locate teacher and student in one placement-group bundle (same node; same GPU when one is mapped)."""
     import ray
@@ -278,7 +297,7 @@ def create_workers(
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
     )
     student = ray.remote(StudentWorker).options(**options).remote(
-        config, vocab, eval_examples, resume_from, num_threads
+        config, vocab, eval_examples, resume_from, num_threads, identity
     )
     teacher = None
     if config.distill_loss_weight > 0:

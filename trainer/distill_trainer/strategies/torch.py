@@ -82,15 +82,22 @@ class TorchTrainStrategy:
         out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
         return out.logits[..., : self.vocab_size]
 
-    def optimizer_step(self) -> tuple[float, float]:
-        """Clip, step, advance the schedule; returns (gradient norm before clipping, lr used for this step)."""
+    def optimizer_step(self, loss_finite: bool = True) -> tuple[float, float, bool]:
+        """Clip, step, advance the schedule; returns (gradient norm before clipping, lr used, whether applied).
+
+        The update is not applied when the loss was not finite or the gradient norm is NaN/inf: one such
+        step would make every weight non-finite. The schedule still advances, so the learning rate stays a
+        function of the step number (as with AMP's skipped steps).
+        """
         lr = self.scheduler.get_last_lr()[0]
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.optimizer.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        applied = loss_finite and math.isfinite(grad_norm)
+        if applied:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm), float(lr)
+        return grad_norm, float(lr), applied
 
     @torch.inference_mode()
     def eval_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
