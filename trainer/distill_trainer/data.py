@@ -1,8 +1,10 @@
 """Question/answer records -> tokenized, prompt-masked, padded batches.
 
 A record is one JSON object with the prompt under ``question_key`` and the answer under ``answer_key``,
-in a JSON array file or a JSONL file (one object per line). Every record is validated and tokenized
-before training starts, so a bad line stops the run with its file and line number and nothing is written.
+in a JSON array file or a JSONL file (one object per line; only ``\n`` ends a line), in UTF-8 with or
+without a BOM. Every record is validated and tokenized before training starts, so a bad line (not JSON, a
+duplicate key, a missing or non-string field, a prompt longer than ``sequence_length``) stops the run with its
+file and line number and nothing is written.
 
 Labels are stored already shifted: ``labels[t]`` is the token that position ``t`` predicts
 (``input_ids[t + 1]``), or -100 where nothing is learned (the prompt, unless ``distill_on_prompt``,
@@ -191,11 +193,13 @@ _CHARS_PER_TOKEN_GUESS = 8
 def _bounded_ids(encode, text: str, needed: int) -> tuple[list[int], int]:
     """``encode(text)``, or ``encode`` of a prefix of ``text`` that already gives at least ``2 * needed`` tokens.
 
-    Returns the ids and how many characters of ``text`` they cover. Tokenization is not exact at a cut (a BPE
-    merge or a pre-tokenizer rule can span it), so the prefix must give twice the tokens we keep: its first
-    ``needed`` are far from the cut and equal those of the whole text. A tokenizer that packs more characters
-    into a token than guessed only costs more rounds (prefixes grow 4x); none is ever refused on a guess.
-    A text shorter than the first prefix, i.e. every ordinary record, is tokenized whole, exactly as before.
+    Returns the ids and how many characters of ``text`` they cover. A cut can change the tokens just before it
+    (a BPE merge or a pre-tokenizer rule may span it), never ``needed`` of them, so the prefix must give twice the
+    tokens we keep: the first ``needed`` lie far from the cut and are those of the whole text, and a prompt whose
+    prefix alone is ``2 * needed`` tokens is certainly over ``needed``. A tokenizer that packs more characters
+    into a token than guessed only costs more rounds (prefixes grow 4x, the last one being the whole text);
+    nothing is ever refused on the guess. A text shorter than the first prefix, i.e. every ordinary record, is
+    tokenized whole, exactly as before.
     """
     size = max(1024, _CHARS_PER_TOKEN_GUESS * 2 * needed)
     while size < len(text):
@@ -211,8 +215,9 @@ def tokenize_record(
 ) -> Example:
     """Prompt ids + answer ids + EOS, truncated to ``sequence_length``, with shifted labels.
 
-    Work and memory are bounded by ``sequence_length``, not by the record: a huge question is refused and a
-    huge answer truncated after tokenizing only a prefix of it.
+    Work and memory follow ``sequence_length``, not the size of the record: a huge question is refused and a
+    huge answer truncated after tokenizing only a prefix of it (about 16 characters per token of
+    ``sequence_length`` for tokenizers averaging under 8 characters a token; denser ones take more rounds).
     """
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos_token; set one in its tokenizer_config.json")
