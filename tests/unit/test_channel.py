@@ -5,6 +5,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -136,9 +137,15 @@ def test_only_segments_whose_owner_is_provably_gone_are_removed(tmp_path):
         "kd_3f2a9c0d1e4b_0_a1b2c3": "kept",  # the older naming: whose it is cannot be told
         "other_segment": "kept",
     }
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # ends, and is not reaped until wait() below
+    while channel._stat_fields(zombie.pid)[0] != "Z":
+        time.sleep(0.05)
+    zombie_start = channel._start_time(channel._stat_fields(zombie.pid))
+    names[f"kd_{namespace}_{channel._base36(zombie.pid)}_{zombie_start}_ab12_0_c0ffee"] = "removed"  # never runs again
     for name in names:
         (tmp_path / name).write_bytes(b"x" * 10)
     removed = channel.remove_stale_segments(tmp_path)
+    zombie.wait()
     assert sorted(removed) == sorted(name for name, fate in names.items() if fate == "removed")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, fate in names.items() if fate == "kept")
     own.close()

@@ -94,36 +94,24 @@ def _base36(number: int) -> str:
             return digits
 
 
-def _start_time(pid: int | str) -> str:
-    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), base 36."""
+def _stat_fields(pid: int | str) -> list[str]:
+    """/proc/PID/stat from field 3 (state) on; the command name before it may hold spaces and ')'."""
     stat = Path(f"/proc/{pid}/stat").read_text()
-    return _base36(int(stat[stat.rindex(")") + 2 :].split()[19]))  # the command name may hold spaces and ')'
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def _start_time(fields: list[str]) -> str:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), base 36."""
+    return _base36(int(fields[19]))
 
 
 def _own_identity() -> tuple[str, str] | None:
     """(pid namespace, start time) of this process, base 36; None where /proc cannot tell (not Linux)."""
     try:
         namespace = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
-        return _base36(int(namespace[namespace.index("[") + 1 : -1])), _start_time("self")
-    except (OSError, ValueError):
-        return None
-
-
-def _owner_is_gone(namespace: str, pid: int, start: str, own_namespace: str) -> bool:
-    if namespace != own_namespace:
-        return False  # another pid namespace (another container sharing /dev/shm): its pids mean nothing here
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass  # alive, another user's
-    try:
-        return _start_time(pid) != start  # the pid now belongs to another process
-    except FileNotFoundError:
-        return not _pid_exists(pid)  # it ended just now, or /proc hides it (hidepid): ask once more
+        return _base36(int(namespace[namespace.index("[") + 1 : -1])), _start_time(_stat_fields("self"))
     except (OSError, ValueError, IndexError):
-        return False
+        return None
 
 
 def _pid_exists(pid: int) -> bool:
@@ -132,8 +120,23 @@ def _pid_exists(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        pass
+        pass  # alive, another user's
     return True
+
+
+def _owner_is_gone(namespace: str, pid: int, start: str, own_namespace: str) -> bool:
+    if namespace != own_namespace or pid <= 0:
+        return False  # another pid namespace (another container sharing /dev/shm): its pids mean nothing here
+    if not _pid_exists(pid):
+        return True
+    try:
+        fields = _stat_fields(pid)
+        # A zombie never runs again; a different start time means the pid now belongs to another process.
+        return fields[0] == "Z" or _start_time(fields) != start
+    except FileNotFoundError:
+        return not _pid_exists(pid)  # it ended just now, or /proc hides it (hidepid): ask once more
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def remove_stale_segments(directory: Path = SHM_DIR) -> list[str]:
