@@ -7,18 +7,25 @@ Two steps, both without a cluster:
    should write, the one action to take (launch an attempt, delete the attempt, delete the job) and the events.
 
 Conditions follow the Kubernetes conventions: CamelCase reasons, human messages, ``lastTransitionTime`` changes
-only when ``status`` flips, ``observedGeneration`` on each. ``status.progress`` is the trainer's: ``decide``
-reads it for messages and never returns it.
+only when ``status`` flips, ``observedGeneration`` on each. ``status.progress`` is the trainer's report (mirrored
+and checked by the operator): ``decide`` reads it for messages only and never returns it. State, conditions,
+restarts and completion come from the launcher's observation and the operator's own status keys.
+
+Immutable spec fields (``resources.IMMUTABLE_SPEC_FIELDS``): ``spec_hashes`` records a hash of each at the first
+reconcile (``status.specHashes``); ``changed_fields`` names the ones edited since, which the job ignores (it keeps
+its original, see handlers.py) with a ``SpecChangeIgnored`` condition.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal, Mapping
 
-from distill_operator.resources import TERMINAL_STATES, DistillJobSpec
+from distill_operator.resources import IMMUTABLE_SPEC_FIELDS, TERMINAL_STATES, DistillJobSpec
 
 Phase = Literal["Missing", "Pending", "Running", "Succeeded", "Failed"]
 Action = Literal["none", "launch", "stop", "delete_job"]
@@ -34,8 +41,24 @@ OPERATOR_STATUS_KEYS = (
     "attempt",
     "attemptStartTime",
     "restarts",
+    "specHashes",
     "conditions",
 )
+
+
+def spec_hashes(spec: Mapping[str, Any]) -> dict[str, str]:
+    """sha256 (16 hex) of each immutable field of a raw spec as stored (canonical JSON; "-" when absent)."""
+    out = {}
+    for name in IMMUTABLE_SPEC_FIELDS:
+        value = json.dumps(spec.get(name), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        out[name] = hashlib.sha256(value.encode()).hexdigest()[:16] if name in spec else "-"
+    return out
+
+
+def changed_fields(spec: Mapping[str, Any], recorded: Mapping[str, str]) -> list[str]:
+    """The immutable fields (``spec.<name>``) whose hash differs from the one recorded at the first reconcile."""
+    now = spec_hashes(spec)
+    return [f"spec.{name}" for name in IMMUTABLE_SPEC_FIELDS if name in recorded and recorded[name] != now[name]]
 
 
 def format_time(moment: datetime) -> str:
@@ -188,13 +211,19 @@ def decide(
     observation: Observation | None,
     now: datetime,
     run_name: Any = None,
+    hashes: Mapping[str, str] | None = None,
+    ignored_changes: list[str] | tuple[str, ...] = (),
 ) -> Decision:
     """The run policy. ``observation`` is the current attempt's (None when no attempt was launched yet).
 
     ``run_name(attempt) -> str`` names an attempt's RayJob/submission (for status.rayJobName and messages).
+    ``hashes``: the immutable fields' hashes to record when status has none yet; ``ignored_changes``: the
+    immutable fields edited since (``changed_fields``): the job keeps its original and says so in a condition.
     """
     st = _Status(status, now, generation)
     st.data["observedGeneration"] = generation
+    if hashes and not st.data.get("specHashes"):
+        st.data["specHashes"] = dict(hashes)
     progress = status.get("progress") or {}
     attempt = status.get("attempt")
     name_of = run_name or (lambda a: f"attempt-{a}")
@@ -202,18 +231,34 @@ def decide(
     def decision(action: Action = "none", **kwargs: Any) -> Decision:
         return Decision(status=st.data, action=action, events=st.events, **kwargs)
 
-    # Terminal states stay terminal; only the TTL is left to act on.
+    running = observation is not None and observation.phase in ("Pending", "Running")
+
+    # Terminal states stay terminal; only the TTL is left to act on, and an attempt still running is stopped.
     if status.get("state") in TERMINAL_STATES:
         ttl = spec.run_policy.ttl_seconds_after_finished if spec is not None else None
         done = _elapsed(status.get("completionTime"), now)
         if ttl is not None and done is not None and done >= ttl:
             return decision("delete_job")
-        return decision()
+        return decision("stop", attempt=attempt) if running else decision()
 
     if spec is None:
-        st.set("Failed", True, "InvalidSpec", spec_error or "invalid spec", "Warning")
-        st.data.update(state="Failed", message=spec_error or "invalid spec", completionTime=format_time(now))
-        return decision()
+        st.finish(False, "InvalidSpec", spec_error or "invalid spec")
+        # Never a running RayJob behind a terminal DistillJob.
+        return decision("stop", attempt=attempt) if attempt is not None else decision()
+
+    if ignored_changes:
+        fields = ", ".join(ignored_changes)
+        st.set(
+            "SpecChangeIgnored",
+            True,
+            "ImmutableFieldChanged",
+            f"{fields} changed after creation and is ignored: the job keeps running its original configuration "
+            f"({', '.join('spec.' + f for f in IMMUTABLE_SPEC_FIELDS)} are immutable). Revert the edit, or delete "
+            "and re-create the DistillJob to run the new configuration",
+            "Warning",
+        )
+    else:
+        st.clear("SpecChangeIgnored", "SpecMatches", "the immutable fields match the original")
 
     policy = spec.run_policy
     if policy.suspend:
@@ -225,12 +270,12 @@ def decide(
         st.clear("Running", "Suspended", message)
         st.clear("Restarting", "Suspended", message)
         st.data.update(state="Suspended", message=message)
-        running = observation is not None and observation.phase in ("Pending", "Running")
         if attempt is not None and (running or not already):
             return decision("stop", attempt=attempt)
         return decision()
 
     def launch(next_attempt: int, resume: bool) -> Decision:
+        st.clear("Conflict", "NoConflict", "the children's names are free or owned by this DistillJob")
         st.data.update(attempt=next_attempt, rayJobName=name_of(next_attempt), attemptStartTime=format_time(now))
         remaining = None
         if policy.active_deadline_seconds is not None:
@@ -310,6 +355,21 @@ def decide(
     return launch(attempt + 1, resume=True)
 
 
+def launch_blocked(old: Mapping[str, Any], planned: Decision, conflict: str, now: datetime, generation: int | None) -> Decision:
+    """The status when ``planned`` (a launch) could not run because a child's name is taken by an object this
+    DistillJob does not own (``conflict`` names it). Nothing is written to that object and nothing else changes:
+    the old status (no new attempt, no restart counted) plus a ``Conflict`` condition; the timer loop tries the
+    same launch again on every tick, so the job proceeds once the object is gone."""
+    st = _Status(old, now, generation)
+    st.data["observedGeneration"] = generation
+    if planned.status.get("specHashes"):
+        st.data["specHashes"] = planned.status["specHashes"]
+    message = f"{conflict}; the operator never adopts or modifies it. Delete or rename it and the job proceeds"
+    st.set("Conflict", True, "NameConflict", message, "Warning")
+    st.data.update(state=planned.status.get("state") or "Pending", message=message)
+    return Decision(status=st.data, events=st.events)
+
+
 def timer_due(spec: Mapping[str, Any], status: Mapping[str, Any], now: datetime) -> bool:
     """Whether a time-based check of this job is due now (raw spec/status dicts, as watched).
 
@@ -321,6 +381,8 @@ def timer_due(spec: Mapping[str, Any], status: Mapping[str, Any], now: datetime)
     if state in TERMINAL_STATES:
         ttl, done = policy.get("ttlSecondsAfterFinished"), _elapsed(status.get("completionTime"), now)
         return ttl is not None and done is not None and done >= ttl
+    if is_true(status.get("conditions") or [], "Conflict"):
+        return True  # waiting for a foreign object to go: try again every tick
     if state is None or policy.get("suspend") or state == "Suspended":
         return False
     if (spec.get("launcher") or {}).get("type") == "RayAddress":

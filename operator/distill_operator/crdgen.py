@@ -16,8 +16,8 @@ no $ref, no type inside anyOf, no null type. The conversion below is small and e
   YAML ``true``/``false``/``"/path"`` all pass the API server, and the operator validates it with the
   trainer's own model (a bad value sets ``Failed`` with reason ``InvalidSpec``). It is the one field the
   schema alone does not check.
-Rules that need more than one field (teacher and student layouts, rayAddress for the RayAddress launcher) are
-added as CEL ``x-kubernetes-validations`` in ``crds/distilljob.yaml`` (Kubernetes >= 1.25). Before 1.25 kubectl
+Rules that need more than one field (teacher and student layouts, rayAddress for the RayAddress launcher) and the
+immutability of ``resources.IMMUTABLE_SPEC_FIELDS`` (``self == oldSelf``) are added as CEL ``x-kubernetes-validations`` in ``crds/distilljob.yaml`` (Kubernetes >= 1.25). Before 1.25 kubectl
 refuses that key, so ``crds/distilljob-no-cel.yaml`` is the same CRD without it; the operator checks the same rules
 with pydantic either way.
 """
@@ -57,6 +57,24 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
         },
     ],
 }
+
+
+
+def _immutable_rules() -> list[dict[str, str]]:
+    """``spec.<field>`` unchanged after creation, for each of resources.IMMUTABLE_SPEC_FIELDS (transition rules:
+    checked on updates only). Older servers: the operator ignores such an edit with a SpecChangeIgnored condition."""
+    rules = []
+    for name in resources.IMMUTABLE_SPEC_FIELDS:
+        field = resources.DistillJobSpec.model_fields[name].alias or name
+        rules.append({
+            "rule": f"has(self.{field}) == has(oldSelf.{field}) && (!has(self.{field}) || self.{field} == oldSelf.{field})",
+            "message": f"spec.{field} is immutable after creation; delete and re-create the DistillJob to run "
+            "another configuration",
+        })
+    return rules
+
+
+CEL_RULES["spec"] = _immutable_rules()
 
 PRINTER_COLUMNS = [
     {"name": "State", "type": "string", "jsonPath": ".status.state", "description": "Summary state."},

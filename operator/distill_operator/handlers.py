@@ -4,9 +4,13 @@ Triggers: a DistillJob the operator has not acted on yet (new, spec changed, or 
 change of a RayJob the operator created, and one operator-wide timer loop for what is due by the clock (deadlines,
 TTL, Ray Jobs API polling) and for retrying failed reconciles. ``reconcile`` reads the DistillJob fresh, observes the current attempt,
 asks ``conditions.decide`` what to do, does it (launch / stop / delete), then writes the operator's status keys
-with a merge patch that never contains ``status.progress`` (the trainer's, written with server-side apply).
-Reconciles of one job are serialized by a lock; children have deterministic names, so running it twice, or
-after an operator restart, never creates a second RayJob.
+with a merge patch. Reconciles of one job are serialized by a lock; children have deterministic names, so running
+it twice, or after an operator restart, never creates a second RayJob, and a name taken by an object the job does
+not own is a ``Conflict`` condition, never a write to that object (children.py).
+
+Edits of the immutable spec fields are ignored: the job runs with the original ones, read back from its config
+ConfigMap (children.py), and a ``SpecChangeIgnored`` condition names the field. The trainer's progress reports
+(its ``<job>-progress`` ConfigMap, the only object it may write) are checked and mirrored into ``status.progress``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 import threading
 from datetime import datetime, timezone
 from functools import partial
+from types import SimpleNamespace
 from typing import Any
 
 import kopf
@@ -24,11 +29,19 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from distill_operator import metrics, render
-from distill_operator.conditions import OPERATOR_STATUS_KEYS, decide, needs_reconcile, timer_due
+from distill_operator import access, children, metrics, render
+from distill_operator.conditions import (
+    OPERATOR_STATUS_KEYS,
+    changed_fields,
+    decide,
+    launch_blocked,
+    needs_reconcile,
+    spec_hashes,
+    timer_due,
+)
 from distill_operator.launchers import launcher_for
 from distill_operator.render import JobRef
-from distill_operator.resources import GROUP, KIND, PLURAL, TERMINAL_STATES, VERSION, parse_spec
+from distill_operator.resources import GROUP, KIND, PLURAL, TERMINAL_STATES, VERSION, LauncherSpec, parse_spec
 from distill_operator.settings import OperatorSettings, check_allowed
 from distill_trainer.config import format_validation_error
 
@@ -100,43 +113,76 @@ def _reconcile(namespace: str, name: str, fresh_body: Any = None) -> None:
         return
     job = JobRef.from_body(body)
     status = body.get("status") or {}
+    core = client.CoreV1Api(api)
+    now = datetime.now(timezone.utc)
+    generation = body["metadata"].get("generation")
+
+    # Immutable fields: the original ones, whatever the spec says now (conditions.changed_fields names edits).
+    raw = body.get("spec") or {}
+    hashes = status.get("specHashes") or spec_hashes(raw)
+    ignored = changed_fields(raw, hashes)
+    effective, spec_error = raw, None
+    if ignored:
+        original = children.original_spec(core, job, hashes)
+        if original is None:
+            spec_error = (
+                f"{', '.join(ignored)} changed after creation and the original configuration (ConfigMap "
+                f"{render.configmap_name(job)}) is gone: revert the edit, or delete and re-create the DistillJob"
+            )
+        else:
+            effective = children.with_original(raw, original)
     spec = launcher = None
-    spec_error = None
-    try:
-        spec = parse_spec(body.get("spec") or {})
-        check_allowed(spec, job, OperatorSettings.from_env())  # service account / claim allow-lists
-        launcher = launcher_for(spec, api)
-    except ValidationError as error:
-        spec, spec_error = None, format_validation_error(error, "spec").replace("\n", ";")
-    except ValueError as error:
-        spec, spec_error = None, str(error)
+    if spec_error is None:
+        try:
+            spec = parse_spec(effective)
+            check_allowed(spec, job, OperatorSettings.from_env())  # service account / claim allow-lists
+            launcher = launcher_for(spec, api)
+        except ValidationError as error:
+            spec, spec_error = None, format_validation_error(error, "spec").replace("\n", ";")
+        except ValueError as error:
+            spec, spec_error = None, str(error)
+    if launcher is None:
+        launcher = _launcher_of_invalid_spec(effective, api)  # still able to stop what runs
     attempt = status.get("attempt")
     observation = launcher.observe(job, attempt) if launcher and attempt is not None else None
     decision = decide(
         spec=spec,
         spec_error=spec_error,
         status=status,
-        generation=body["metadata"].get("generation"),
+        generation=generation,
         observation=observation,
-        now=datetime.now(timezone.utc),
+        now=now,
         run_name=partial(launcher.run_name, job) if launcher else None,
+        hashes=hashes,
+        ignored_changes=ignored,
     )
 
-    if decision.action == "launch":
-        _ensure_configmap(client.CoreV1Api(api), spec, job)
-        launcher.launch(spec, job, decision.attempt, decision.resume, decision.remaining_deadline)
-        if decision.status.get("restarts", 0) > (status.get("restarts") or 0):
-            metrics.RESTARTS.inc()
-    elif decision.action == "stop":
+    try:
+        first = not status.get("specHashes") and decision.status.get("state") not in TERMINAL_STATES
+        if spec is not None and (first or decision.action == "launch"):
+            children.ensure_config(core, spec, effective, job)  # the record of the original, from the start
+        if decision.action == "launch":
+            children.ensure_trainer_access(
+                core, client.RbacAuthorizationV1Api(api), spec, job, pods=launcher.kind == "KubeRay"
+            )
+            launcher.launch(spec, job, decision.attempt, decision.resume, decision.remaining_deadline)
+            if decision.status.get("restarts", 0) > (status.get("restarts") or 0):
+                metrics.RESTARTS.inc()
+    except children.ChildConflict as conflict:
+        decision = launch_blocked(status, decision, str(conflict), now, generation)
+        # Logged once, when the Conflict condition appears (it is retried quietly on every tick).
+        log.log(logging.WARNING if decision.events else logging.DEBUG, "DistillJob %s/%s: %s", namespace, name, conflict)
+    if decision.action == "stop" and launcher is not None:
         launcher.stop(job, decision.attempt)
     elif decision.action == "delete_job":
         log.info("ttlSecondsAfterFinished passed: deleting DistillJob %s/%s", namespace, name)
         try:
             custom.delete_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background"
+                GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background",
+                body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=job.uid)),
             )
         except ApiException as error:
-            if error.status != 404:
+            if error.status not in (404, 409):
                 raise
         metrics.forget(namespace, name)
         return
@@ -149,21 +195,38 @@ def _reconcile(namespace: str, name: str, fresh_body: Any = None) -> None:
         )
         _acted.add((namespace, name))
     for type_, reason, message in decision.events:
-        post_event(client.CoreV1Api(api), body, type_, reason, message)
+        post_event(core, body, type_, reason, message)
     metrics.record_conditions(namespace, name, new.get("conditions", []))
 
 
-def _ensure_configmap(core: client.CoreV1Api, spec: Any, job: JobRef) -> None:
-    """Create the trainer ConfigMap, or bring its data up to date (the spec may change while suspended)."""
-    manifest = render.render_configmap(spec, job)
+def _launcher_of_invalid_spec(spec: dict[str, Any], api: client.ApiClient) -> Any:
+    """For a spec that does not validate: a launcher built from spec.launcher alone, to stop a running attempt."""
     try:
-        core.create_namespaced_config_map(job.namespace, manifest, field_manager=render.MANAGER)
-    except ApiException as error:
-        if error.status != 409:
-            raise
-        core.patch_namespaced_config_map(
-            manifest["metadata"]["name"], job.namespace, {"data": manifest["data"]}, field_manager=render.MANAGER
-        )
+        return launcher_for(SimpleNamespace(launcher=LauncherSpec.model_validate(spec.get("launcher") or {})), api)
+    except (ValidationError, ValueError):
+        return None
+
+
+def mirror_progress(namespace: str, name: str, data: Any) -> None:
+    """The trainer's report (its progress ConfigMap's data), checked, into status.progress of its DistillJob."""
+    progress = access.progress_from_report(data)
+    key = (namespace, name)
+    if not progress or key not in _watched:
+        return
+    with _lock_for(namespace, name):
+        if (_watched[key][1].get("progress") or {}) == progress:
+            return
+        # A merge patch: keys the report no longer has are removed (null).
+        patch = {"status": {"progress": {k: progress.get(k) for k in access.PROGRESS_FIELDS}}}
+        try:
+            client.CustomObjectsApi(api_client()).patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, name, patch,
+                field_manager=render.MANAGER, _content_type="application/merge-patch+json",
+            )
+        except ApiException as error:
+            if error.status != 404:
+                raise
+        _acted.add(key)
 
 
 def post_event(core: client.CoreV1Api, body: Any, type_: str, reason: str, message: str) -> None:
@@ -226,6 +289,9 @@ def login(**kwargs: Any) -> Any:
 _watched: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {}
 _retry: set[tuple[str, str]] = set()
 _acted: set[tuple[str, str]] = set()  # jobs whose status this process has written
+# (namespace, progress ConfigMap name) -> (DistillJob name, uid): which job a progress report belongs to, from the
+# operator's own records (never from labels or owners on the ConfigMap, which its trainer may patch).
+_progress_of: dict[tuple[str, str], tuple[str, str]] = {}
 _timer_task: asyncio.Task | None = None
 
 
@@ -238,7 +304,9 @@ def distilljob_changed(type: str, body: Any, namespace: str, name: str, **_: Any
     trainer's progress) do not change the generation, so they do not trigger a reconcile.
     """
     key = (namespace, name)
+    progress_key = (namespace, render.progress_configmap_name(JobRef(name, namespace, "")))
     if type == "DELETED":
+        _progress_of.pop(progress_key, None)
         _watched.pop(key, None)
         _retry.discard(key)
         _acted.discard(key)
@@ -248,6 +316,7 @@ def distilljob_changed(type: str, body: Any, namespace: str, name: str, **_: Any
         return
     spec, status = dict(body.get("spec") or {}), dict(body.get("status") or {})
     _watched[key] = (spec, status)
+    _progress_of[progress_key] = (name, body.get("metadata", {}).get("uid", ""))
     if status.get("state") in TERMINAL_STATES and not needs_reconcile(body):
         metrics.record_conditions(namespace, name, status.get("conditions") or [])
         return  # finished: nothing to resume (the timer loop handles a TTL)
@@ -263,6 +332,21 @@ def rayjob_changed(type: str, body: Any, namespace: str, **_: Any) -> None:
     for ref in body.get("metadata", {}).get("ownerReferences") or []:
         if ref.get("kind") == KIND and ref.get("apiVersion", "").startswith(f"{GROUP}/"):
             reconcile(namespace, ref["name"], "rayjob")
+
+
+@kopf.on.event(
+    "", "v1", "configmaps",
+    labels={render.LABEL_MANAGED_BY: render.MANAGER, access.COMPONENT_LABEL: access.PROGRESS_COMPONENT},
+)
+def progress_changed(type: str, body: Any, namespace: str, name: str, **_: Any) -> None:
+    """A trainer reported progress: mirror it (checked) into status.progress of the job that owns that ConfigMap."""
+    owner = _progress_of.get((namespace, name))
+    if type == "DELETED" or owner is None:
+        return
+    job_name, uid = owner
+    if not uid or uid not in [ref.get("uid") for ref in body.get("metadata", {}).get("ownerReferences") or []]:
+        return  # not the ConfigMap the operator created for this job
+    mirror_progress(namespace, job_name, body.get("data"))
 
 
 async def _timer_loop() -> None:

@@ -19,11 +19,11 @@ import threading
 from pathlib import Path
 from typing import Any, Protocol
 
-import kopf
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from distill_operator import network, render
+from distill_operator.children import ChildConflict
 from distill_operator.conditions import MISSING, Observation, observe_rayjob, observe_submission
 from distill_operator.render import JobRef
 from distill_operator.resources import DistillJobSpec, check_ray_address
@@ -32,6 +32,7 @@ from distill_operator.settings import OperatorSettings
 log = logging.getLogger(__name__)
 
 RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayjobs"
+NET_GROUP, NET_VERSION, NET_PLURAL = "networking.k8s.io", "v1", "networkpolicies"
 
 
 class Launcher(Protocol):
@@ -93,11 +94,7 @@ class KubeRayLauncher:
                 raise
             existing = self.get(job, attempt)
             if existing is not None and not _owned_by(existing, job):
-                raise kopf.TemporaryError(
-                    f"RayJob {manifest['metadata']['name']} exists and belongs to another object; waiting for it "
-                    "to be garbage-collected",
-                    delay=10,
-                ) from None
+                raise ChildConflict("RayJob", job.namespace, manifest["metadata"]["name"]) from None
             log.info("RayJob %s/%s already exists (launched before a restart)", job.namespace, manifest["metadata"]["name"])
             return
         from distill_operator import metrics
@@ -119,16 +116,16 @@ class KubeRayLauncher:
         existing = existing.to_dict() if hasattr(existing, "to_dict") else existing
         refs = (existing.get("metadata") or {}).get("owner_references") or []
         if job.uid and not any(ref.get("uid") == job.uid for ref in refs):
-            raise kopf.TemporaryError(
-                f"NetworkPolicy {job.namespace}/{name} exists and belongs to another object; the job's Ray pods "
-                "are not launched without their own policy",
-                delay=10,
-            )
+            raise ChildConflict("NetworkPolicy", job.namespace, name)  # no Ray pods without their own policy
         self.networking.patch_namespaced_network_policy(
             name, job.namespace, {"spec": manifest["spec"]}, field_manager=render.MANAGER
         )
 
     def stop(self, job: JobRef, attempt: int) -> None:
+        """Delete the attempt's RayJob if it is ours (the uid precondition: never one re-created by someone else)."""
+        rayjob = self.get(job, attempt)
+        if rayjob is None or not _owned_by(rayjob, job):
+            return
         try:
             self.custom.delete_namespaced_custom_object(
                 RAY_GROUP,
@@ -137,9 +134,10 @@ class KubeRayLauncher:
                 RAY_PLURAL,
                 self.run_name(job, attempt),
                 propagation_policy="Background",
+                body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=rayjob["metadata"]["uid"])),
             )
         except ApiException as error:
-            if error.status != 404:
+            if error.status not in (404, 409):
                 raise
 
 

@@ -18,13 +18,15 @@ import yaml
 
 from distill_operator import resources
 from distill_operator.resources import DistillJobSpec
+from distill_trainer import k8s_progress
 from distill_trainer.config import dump_config
 
 CONFIG_DIR = "/etc/kubedistill"
 CONFIG_FILE = "distill.yaml"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
-ENV_JOB_NAME = "KUBEDISTILL_DISTILLJOB_NAME"
-ENV_JOB_NAMESPACE = "KUBEDISTILL_DISTILLJOB_NAMESPACE"
+# The trainer's environment: names shared with trainer/distill_trainer/k8s_progress.py.
+ENV_JOB_NAME, ENV_JOB_NAMESPACE, ENV_JOB_UID = k8s_progress.ENV_NAME, k8s_progress.ENV_NAMESPACE, k8s_progress.ENV_UID
+ENV_PROGRESS_CONFIGMAP = k8s_progress.ENV_PROGRESS_CONFIGMAP
 LABEL_JOB = "kubedistill.io/distilljob"
 LABEL_ATTEMPT = "kubedistill.io/attempt"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -70,6 +72,11 @@ def _bounded(name: str, limit: int) -> str:
 
 def configmap_name(job: JobRef) -> str:
     return _bounded(f"{job.name}-config", 253)
+
+
+def progress_configmap_name(job: JobRef) -> str:
+    """The ConfigMap the trainer reports progress to (the only object its account may patch; see access.py)."""
+    return _bounded(f"{job.name}-progress", 253)
 
 
 def rayjob_name(job: JobRef, attempt: int) -> str:
@@ -163,8 +170,13 @@ def entrypoint_args(config_path: str = CONFIG_PATH, resume: bool = False) -> lis
 
 
 def trainer_env(job: JobRef) -> dict[str, str]:
-    """Tells the trainer's progress reporter which DistillJob to write status.progress to."""
-    return {ENV_JOB_NAME: job.name, ENV_JOB_NAMESPACE: job.namespace}
+    """Tells the trainer which DistillJob it runs under (its run identity) and where to report progress."""
+    return {
+        ENV_JOB_NAME: job.name,
+        ENV_JOB_NAMESPACE: job.namespace,
+        ENV_JOB_UID: job.uid,
+        ENV_PROGRESS_CONFIGMAP: progress_configmap_name(job),
+    }
 
 
 def _resources(cpu: int | str, memory: int | str, gpus: int = 0, gpu_name: str = "") -> dict[str, Any]:

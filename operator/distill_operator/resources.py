@@ -10,7 +10,7 @@ Kubernetes-facing fields are camelCase (``runPolicy.backoffLimit``); ``spec.dist
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
@@ -26,7 +26,12 @@ SHORT_NAMES = ["dj"]
 API_VERSION = f"{GROUP}/{VERSION}"
 
 # Condition types, in the order they usually appear. Each is True/False with a CamelCase reason.
-CONDITION_TYPES = ("Created", "Running", "Suspended", "Restarting", "Succeeded", "Failed")
+# SpecChangeIgnored: an immutable spec field (IMMUTABLE_SPEC_FIELDS) was edited; the job keeps its original.
+# Conflict: a child's name is taken by an object this DistillJob does not own; nothing is launched until it is gone.
+ConditionType = Literal[
+    "Created", "Running", "Suspended", "Restarting", "Succeeded", "Failed", "SpecChangeIgnored", "Conflict"
+]
+CONDITION_TYPES: tuple[str, ...] = get_args(ConditionType)
 # The one-word summary in status.state (a printer column); terminal states never change again.
 State = Literal["Pending", "Running", "Suspended", "Restarting", "Succeeded", "Failed"]
 TERMINAL_STATES = ("Succeeded", "Failed")
@@ -60,7 +65,6 @@ def check_ray_address(address: str, field: str = "spec.launcher.rayAddress") -> 
     if port == 0 or not parts.hostname:
         raise ValueError(f"{hint}; got {address!r} (the port must be 1-65535)")
     return f"{parts.scheme}://{parts.netloc}"
-
 
 
 class _K8sModel(BaseModel):
@@ -203,6 +207,13 @@ class LauncherSpec(_K8sModel):
         return None if value is None else check_ray_address(value)
 
 
+# Fields of spec fixed at creation: what the run computes, where its checkpoints live, where it runs. Edits are
+# rejected by the API server (CEL, Kubernetes >= 1.25; crdgen generates the rule from this tuple) and ignored by
+# the operator on every server (a SpecChangeIgnored condition names the field; the job keeps its original).
+# Everything else (runPolicy at once; image, head, workers, serviceAccountName from the next attempt) may change.
+IMMUTABLE_SPEC_FIELDS = ("distill", "storage", "launcher")
+
+
 class DistillJobSpec(_K8sModel):
     """What to distill, on which image and hardware, and the run policy."""
 
@@ -216,8 +227,9 @@ class DistillJobSpec(_K8sModel):
     )
     service_account_name: str | None = Field(
         None,
-        description="Service account of the Ray pods. It needs patch on distilljobs/status for the trainer's "
-        "progress reports. Default: the namespace's default account.",
+        description="Service account of the Ray pods. Default: <name>-trainer, created by the operator for this "
+        "job, which may only read and patch the job's progress ConfigMap <name>-progress (the operator binds the "
+        "same per-job Role to an account named here).",
     )
     ray_version: str = Field("2.60.0", min_length=1, description="Ray version in the image (KubeRay rayVersion).")
     pod_security: PodSecuritySpec = Field(
@@ -235,9 +247,7 @@ class DistillJobSpec(_K8sModel):
 class Condition(_K8sModel):
     """A Kubernetes condition: lastTransitionTime changes only when status flips."""
 
-    type: Literal["Created", "Running", "Suspended", "Restarting", "Succeeded", "Failed"] = Field(
-        ..., description="Condition type."
-    )
+    type: ConditionType = Field(..., description="Condition type.")
     status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
     reason: str = Field(..., description="CamelCase reason of the last transition.")
     message: str = Field("", description="Human-readable detail.")
@@ -246,7 +256,7 @@ class Condition(_K8sModel):
 
 
 class Progress(_K8sModel):
-    """Written by the trainer (field manager kubedistill-trainer); the operator never writes it."""
+    """The trainer's report, mirrored by the operator from the ConfigMap <name>-progress (checked types and bounds)."""
 
     step: int | None = Field(None, description="Last completed optimizer step.")
     max_steps: int | None = Field(None, description="Optimizer steps of the whole run.")
@@ -257,7 +267,7 @@ class Progress(_K8sModel):
 
 
 class DistillJobStatus(_K8sModel):
-    """Observed state, written by the operator (except progress)."""
+    """Observed state, written by the operator only (progress is mirrored from the trainer's progress ConfigMap)."""
 
     state: State | None = Field(None, description="Summary: Pending, Running, Suspended, Restarting, Succeeded, Failed.")
     message: str | None = Field(None, description="Why the job is in this state.")
@@ -268,9 +278,14 @@ class DistillJobStatus(_K8sModel):
     attempt: int | None = Field(None, description="Index of the current attempt; every retry or resume adds one.")
     attempt_start_time: str | None = Field(None, description="When the current attempt was launched (RFC 3339).")
     restarts: int | None = Field(None, description="Retries after failures so far (compared with backoffLimit).")
+    spec_hashes: dict[str, str] | None = Field(
+        None,
+        description="sha256 of each immutable spec field (distill, storage, launcher) as first seen: the "
+        "operator's record of the original; a differing hash is an ignored edit (condition SpecChangeIgnored).",
+    )
     conditions: list[Condition] = Field(
         default_factory=list,
-        description="Created, Running, Suspended, Restarting, Succeeded, Failed.",
+        description="Created, Running, Suspended, Restarting, Succeeded, Failed, SpecChangeIgnored, Conflict.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     progress: Progress | None = Field(None, description="Training progress reported by the trainer.")

@@ -52,7 +52,7 @@ def test_create_renders_children_and_conditions_follow_rayjob_to_success(operato
     jobs.wait_state("ok", "Running")
     running_since = jobs.condition("ok", "Running")["lastTransitionTime"]
 
-    # The trainer reports progress with server-side apply under its own field manager.
+    # The trainer reports progress into its own ConfigMap; the operator mirrors it into status.progress.
     reporter = K8sProgressReporter("ok", kube_namespace, max_steps=10, min_interval_seconds=0)
     reporter.log(5, {"train/loss": 1.25, "train/tokens_per_second": 900.0})
     reporter.checkpoint_saved(5, "/checkpoints/ok/output/checkpoint-5")
@@ -65,8 +65,9 @@ def test_create_renders_children_and_conditions_follow_rayjob_to_success(operato
     assert status["completionTime"]
     # The operator's status writes left the trainer's progress alone.
     assert status["progress"]["loss"] == 1.25 and status["progress"]["lastCheckpoint"].endswith("checkpoint-5")
-    managers = {m["manager"]: m for m in jobs.get("ok")["metadata"]["managedFields"]}
-    assert "kubedistill-trainer" in managers and managers["kubedistill-trainer"]["operation"] == "Apply"
+    progress_cm = kube.get("v1", "ConfigMap", "ok-progress", kube_namespace)
+    assert "kubedistill-trainer" in {m["manager"] for m in progress_cm["metadata"]["managedFields"]}
+    assert "kubedistill-trainer" not in {m["manager"] for m in jobs.get("ok")["metadata"]["managedFields"]}
     assert running_since <= jobs.condition("ok", "Running")["lastTransitionTime"]
     reasons = wait_for(lambda: {r for _, r in jobs.events("ok")} >= {"RayJobCreated", "RayJobRunning", "Succeeded"}
                        and {r for _, r in jobs.events("ok")}, message="events")

@@ -9,14 +9,18 @@ import pytest
 from distill_operator.conditions import (
     MISSING,
     Observation,
+    changed_fields,
     decide,
     format_time,
     get_condition,
+    launch_blocked,
     observe_rayjob,
     observe_submission,
     set_condition,
+    spec_hashes,
+    timer_due,
 )
-from distill_operator.resources import CONDITION_TYPES, parse_spec
+from distill_operator.resources import CONDITION_TYPES, IMMUTABLE_SPEC_FIELDS, parse_spec
 
 T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 PENDING = Observation("Pending", "RayJobPending", "starting")
@@ -150,14 +154,17 @@ def test_failure_retries_with_resume_until_backoff_limit():
     assert job.status["restarts"] == 2
 
 
-def test_terminal_states_stay_terminal():
+def test_terminal_states_stay_terminal_and_never_leave_an_attempt_running():
     job = Job(spec(backoffLimit=0))
     job.step()
     job.step(FAILED)
     assert job.status["state"] == "Failed"
     frozen = dict(job.status)
-    for observation in (RUNNING, SUCCEEDED, MISSING, PENDING):
+    for observation in (SUCCEEDED, MISSING):
         assert job.step(observation, after=100).action == "none"
+    for observation in (RUNNING, PENDING):  # e.g. a status written behind the operator's back: stop the RayJob
+        d = job.step(observation, after=100)
+        assert (d.action, d.attempt) == ("stop", 0) and d.events == []
     assert job.status["state"] == "Failed" and job.status["conditions"] == frozen["conditions"]
 
 
@@ -226,6 +233,79 @@ def test_invalid_spec_fails_with_reason():
     assert failed["reason"] == "InvalidSpec" and "spec.distill.x" in failed["message"]
 
 
+def test_invalid_spec_edit_while_running_fails_the_job_and_stops_its_attempt():
+    job = Job(spec())
+    job.step()
+    job.step(RUNNING)
+    job.generation = 2
+    d = decide(spec=None, spec_error="spec.image: bad", status=job.status, generation=2, observation=RUNNING,
+               now=T0 + timedelta(seconds=5))
+    assert (d.action, d.attempt) == ("stop", 0)
+    assert d.status["state"] == "Failed" and get_condition(d.status["conditions"], "Failed")["reason"] == "InvalidSpec"
+    assert get_condition(d.status["conditions"], "Running")["status"] == "False"
+
+
+RAW = {"image": "img", "distill": {"max_steps": 10, "seed": 1}, "storage": {"claimName": "ckpt"},
+       "runPolicy": {"backoffLimit": 1}}
+
+
+def test_spec_hashes_name_the_immutable_fields_that_changed():
+    recorded = spec_hashes(RAW)
+    assert set(recorded) == set(IMMUTABLE_SPEC_FIELDS) and recorded["launcher"] == "-"
+    assert changed_fields(RAW, recorded) == []
+    assert changed_fields({**RAW, "image": "other", "runPolicy": {"suspend": True}}, recorded) == []
+    edited = {**RAW, "distill": {"max_steps": 10, "seed": 2}, "launcher": {"type": "KubeRay"}}
+    assert changed_fields(edited, recorded) == ["spec.distill", "spec.launcher"]
+    assert changed_fields({k: v for k, v in RAW.items() if k != "storage"}, recorded) == ["spec.storage"]
+    # Key order is not a change (the hash is of canonical JSON).
+    assert changed_fields({**RAW, "distill": {"seed": 1, "max_steps": 10}}, recorded) == []
+
+
+def test_immutable_edit_is_ignored_with_a_condition_and_one_event_and_cleared_when_reverted():
+    job = Job(spec())
+    d = decide(spec=job.spec, spec_error=None, status={}, generation=1, observation=None, now=T0,
+               hashes={"distill": "a", "storage": "b", "launcher": "-"})
+    assert d.status["specHashes"] == {"distill": "a", "storage": "b", "launcher": "-"}
+    job.status = d.status
+    job.step(RUNNING)
+    d = decide(spec=job.spec, spec_error=None, status=job.status, generation=2, observation=RUNNING, now=T0,
+               hashes={"distill": "other"}, ignored_changes=["spec.distill"])
+    assert d.action == "none" and d.status["state"] == "Running"  # the running attempt goes on, untouched
+    assert d.status["specHashes"]["distill"] == "a"  # the record of the original never moves
+    ignored = get_condition(d.status["conditions"], "SpecChangeIgnored")
+    assert ignored["status"] == "True" and ignored["reason"] == "ImmutableFieldChanged"
+    assert "spec.distill changed after creation" in ignored["message"] and ignored["observedGeneration"] == 2
+    assert [e[:2] for e in d.events] == [("Warning", "ImmutableFieldChanged")]
+    again = decide(spec=job.spec, spec_error=None, status=d.status, generation=2, observation=RUNNING, now=T0,
+                   ignored_changes=["spec.distill"])
+    assert again.events == []
+    reverted = decide(spec=job.spec, spec_error=None, status=d.status, generation=3, observation=RUNNING, now=T0)
+    assert get_condition(reverted.status["conditions"], "SpecChangeIgnored")["status"] == "False"
+
+
+def test_launch_blocked_by_a_foreign_object_changes_nothing_but_a_conflict_condition():
+    job = Job(spec(backoffLimit=2))
+    job.step()
+    job.step(RUNNING)
+    before = dict(job.status)
+    planned = decide(spec=job.spec, spec_error=None, status=before, generation=1, observation=FAILED, now=T0)
+    assert planned.action == "launch" and planned.status["restarts"] == 1
+    message = "RayJob ns/job-1 exists and is not owned by this DistillJob"
+    blocked = launch_blocked(before, planned, message, T0, 1)
+    assert blocked.action == "none"
+    assert (blocked.status["attempt"], blocked.status["restarts"]) == (0, 0)  # no attempt, no restart counted
+    conflict = get_condition(blocked.status["conditions"], "Conflict")
+    assert conflict["status"] == "True" and conflict["reason"] == "NameConflict" and message in conflict["message"]
+    assert blocked.status["state"] == "Restarting" and message in blocked.status["message"]
+    assert [e[:2] for e in blocked.events] == [("Warning", "NameConflict")]
+    assert launch_blocked(blocked.status, planned, message, T0, 1).events == []  # once, not every tick
+    assert timer_due({}, blocked.status, T0)  # tried again on every tick
+    # The object is gone: the same launch goes through and the condition clears.
+    d = decide(spec=job.spec, spec_error=None, status=blocked.status, generation=1, observation=FAILED, now=T0)
+    assert d.action == "launch" and d.status["restarts"] == 1
+    assert get_condition(d.status["conditions"], "Conflict")["status"] == "False"
+
+
 def test_reasons_are_camel_case_and_types_known():
     job = Job(spec(backoffLimit=1))
     for obs in (None, PENDING, RUNNING, FAILED, RUNNING, SUCCEEDED):
@@ -236,8 +316,6 @@ def test_reasons_are_camel_case_and_types_known():
 
 
 def test_timer_is_due_only_when_a_deadline_or_ttl_has_come():
-    from distill_operator.conditions import timer_due
-
     started = {"state": "Running", "startTime": format_time(T0), "attemptStartTime": format_time(T0)}
     at = lambda seconds: T0 + timedelta(seconds=seconds)  # noqa: E731
     assert not timer_due({}, started, at(10_000))

@@ -1,6 +1,9 @@
-"""The trainer's status.progress reporter: off without the env, rate-limited, never raising."""
+"""The trainer's progress reporter: off without the env, writes only its progress ConfigMap, rate-limited, never
+raising."""
 
 from __future__ import annotations
+
+import json
 
 from distill_trainer import k8s_progress
 from distill_trainer.k8s_progress import K8sProgressReporter
@@ -26,7 +29,15 @@ def test_off_unless_running_under_a_distilljob(monkeypatch):
     assert k8s_progress.from_env(max_steps=10) is None
     monkeypatch.setenv("KUBEDISTILL_DISTILLJOB_NAMESPACE", "ns")
     r = k8s_progress.from_env(max_steps=10)
-    assert (r.name, r.namespace, r.max_steps) == ("job", "ns", 10)
+    assert (r.name, r.namespace, r.max_steps, r.configmap) == ("job", "ns", 10, "job-progress")
+    monkeypatch.setenv("KUBEDISTILL_PROGRESS_CONFIGMAP", "job-abc123-progress")  # the operator's (bounded) name
+    assert k8s_progress.from_env(max_steps=10).configmap == "job-abc123-progress"
+
+
+def sent_progress(patch):
+    """The report a patch carries: one JSON object under data["progress.json"], nothing else."""
+    assert set(patch) == {"data"} and set(patch["data"]) == {k8s_progress.PROGRESS_KEY}
+    return json.loads(patch["data"][k8s_progress.PROGRESS_KEY])
 
 
 def test_reports_are_rate_limited_and_checkpoints_flush_at_once():
@@ -34,25 +45,21 @@ def test_reports_are_rate_limited_and_checkpoints_flush_at_once():
     r = reporter(sent.append, clock)
     r.log(1, {"train/loss": 2.5, "train/tokens_per_second": 1000.0, "other": 1.0})
     assert len(sent) == 1
-    patch = sent[0]
-    assert patch["apiVersion"] == "kubedistill.io/v1alpha1" and patch["kind"] == "DistillJob"
-    assert patch["metadata"] == {"name": "job", "namespace": "ns"}
-    progress = patch["status"]["progress"]
-    assert set(patch["status"]) == {"progress"}  # nothing else of status is claimed
+    progress = sent_progress(sent[0])
     assert progress["step"] == 1 and progress["maxSteps"] == 100
     assert progress["loss"] == 2.5 and progress["tokensPerSecond"] == 1000.0 and progress["updatedAt"]
     clock.t = 5
     r.log(2, {"train/loss": 2.0})
     assert len(sent) == 1  # within the interval
     r.checkpoint_saved(2, "/ckpt/checkpoint-2")
-    assert len(sent) == 2 and sent[-1]["status"]["progress"]["lastCheckpoint"] == "/ckpt/checkpoint-2"
+    assert len(sent) == 2 and sent_progress(sent[-1])["lastCheckpoint"] == "/ckpt/checkpoint-2"
     clock.t = 20
     r.log(3, {"train/loss": float("nan")})
-    assert sent[-1]["status"]["progress"]["step"] == 3 and sent[-1]["status"]["progress"]["loss"] == 2.0
+    assert sent_progress(sent[-1])["step"] == 3 and sent_progress(sent[-1])["loss"] == 2.0
     clock.t = 21
     r.log(4, {})
     r.close()
-    assert sent[-1]["status"]["progress"]["step"] == 4
+    assert sent_progress(sent[-1])["step"] == 4
     n = len(sent)
     r.close()
     assert len(sent) == n  # nothing new to say
@@ -63,7 +70,7 @@ def test_last_step_is_always_reported():
     r = reporter(sent.append, clock, max_steps=2)
     r.log(1, {})
     r.log(2, {})
-    assert sent[-1]["status"]["progress"]["step"] == 2
+    assert sent_progress(sent[-1])["step"] == 2
 
 
 def test_api_errors_never_reach_training(caplog):

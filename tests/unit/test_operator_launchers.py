@@ -65,7 +65,8 @@ def test_submit_is_idempotent_and_carries_config_env_and_resume_flag(launcher):
     assert submitted["submission_id"] == launcher.run_name(JOB, 1) == "kubedistill-ml-tiny-abcdef01-1"
     assert shlex.split(submitted["entrypoint"]) == ["kubedistill", "train", "distill.yaml", "resume_from_checkpoint=true"]
     assert submitted["runtime_env"]["env_vars"] == {
-        "KUBEDISTILL_DISTILLJOB_NAME": "tiny", "KUBEDISTILL_DISTILLJOB_NAMESPACE": "ml"}
+        "KUBEDISTILL_DISTILLJOB_NAME": "tiny", "KUBEDISTILL_DISTILLJOB_NAMESPACE": "ml",
+        "KUBEDISTILL_DISTILLJOB_UID": JOB.uid, "KUBEDISTILL_PROGRESS_CONFIGMAP": "tiny-progress"}
     assert submitted["uploaded_config"]["student_pretrain"] == "/repo/models/s"
     assert launcher.observe(JOB, 1).phase == "Pending"
 

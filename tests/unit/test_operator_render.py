@@ -65,9 +65,7 @@ def test_rayjob_has_head_gpu_workers_entrypoint_and_teardown():
     spec = rj["spec"]
     assert shlex.split(spec["entrypoint"]) == ["kubedistill", "train", "/etc/kubedistill/distill.yaml"]
     assert spec["shutdownAfterJobFinishes"] is True and spec["backoffLimit"] == 0
-    assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"] == {
-        "KUBEDISTILL_DISTILLJOB_NAME": "qwen-distill", "KUBEDISTILL_DISTILLJOB_NAMESPACE": "ml"
-    }
+    assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"] == render.trainer_env(JOB)
     cluster = spec["rayClusterSpec"]
     head = cluster["headGroupSpec"]["template"]["spec"]
     assert head["containers"][0]["image"] == "registry.example/kubedistill:0.1"
@@ -219,3 +217,26 @@ def test_dashboard_listens_on_the_pod_ip_not_all_interfaces():
     # Older Ray: KubeRay's head probes call localhost:8265, so the dashboard must stay on all interfaces.
     old = render.render_rayjob(parse_spec(spec_dict(rayVersion="2.40.0")), JOB, 0, False)
     assert old["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+
+
+def test_trainer_env_names_the_distilljob_its_uid_and_its_progress_configmap():
+    env = render.trainer_env(JOB)
+    assert env == {
+        "KUBEDISTILL_DISTILLJOB_NAME": "qwen-distill",
+        "KUBEDISTILL_DISTILLJOB_NAMESPACE": "ml",
+        "KUBEDISTILL_DISTILLJOB_UID": "0123456789abcdef",
+        "KUBEDISTILL_PROGRESS_CONFIGMAP": "qwen-distill-progress",
+    }
+    rj = render.render_rayjob(parse_spec(spec_dict()), JOB, attempt=0, resume=False)
+    assert yaml.safe_load(rj["spec"]["runtimeEnvYAML"])["env_vars"] == env
+    head = rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {e["name"]: e.get("value") for e in head["env"]}["KUBEDISTILL_DISTILLJOB_UID"] == "0123456789abcdef"
+    sub = render.render_submission(parse_spec(spec_dict()), JOB, attempt=0, resume=False)
+    assert sub["runtime_env"]["env_vars"]["KUBEDISTILL_DISTILLJOB_UID"] == "0123456789abcdef"
+
+
+def test_ray_pods_run_as_the_per_job_trainer_account_unless_the_spec_names_one():
+    for spec, account in ((spec_dict(), "qwen-distill-trainer"), (spec_dict(serviceAccountName="team"), "team")):
+        cluster = render.render_rayjob(parse_spec(spec), JOB, attempt=0, resume=False)["spec"]["rayClusterSpec"]
+        pods = [cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]]
+        assert {pod["spec"]["serviceAccountName"] for pod in pods} == {account}

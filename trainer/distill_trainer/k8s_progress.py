@@ -1,15 +1,20 @@
-"""Training progress -> ``status.progress`` of the DistillJob the trainer runs under.
+"""Training progress -> the progress ConfigMap of the DistillJob the trainer runs under.
 
 Active only when the operator launched the trainer: it sets ``KUBEDISTILL_DISTILLJOB_NAME`` and
-``KUBEDISTILL_DISTILLJOB_NAMESPACE``; ``K8sProgressReporter.from_env`` returns None otherwise, so local runs never
-touch Kubernetes. Writes go through server-side apply under the field manager ``kubedistill-trainer``, which
-owns ``status.progress`` and nothing else (the operator's merge patches never touch it). Reports are
-rate-limited (checkpoints and close() flush at once), and an API error is logged, never raised: a Kubernetes
-hiccup must not kill a training run.
+``KUBEDISTILL_DISTILLJOB_NAMESPACE`` (and ``KUBEDISTILL_PROGRESS_CONFIGMAP``, ``KUBEDISTILL_DISTILLJOB_UID``);
+``K8sProgressReporter.from_env`` returns None otherwise, so local runs never touch Kubernetes.
+
+The report is one JSON object ``{step, maxSteps, loss, tokensPerSecond, lastCheckpoint, updatedAt}`` under the key
+``progress.json`` of the ConfigMap ``<job>-progress``, written with a merge patch as field manager
+``kubedistill-trainer``. That ConfigMap is the only object the trainer's account may touch (get/patch, created by the
+operator); the operator checks the report and mirrors it into the DistillJob's ``status.progress``. A trainer
+cannot write any DistillJob's status. Reports are rate-limited (checkpoints and close() flush at once), and an API
+error is logged, never raised: a Kubernetes hiccup must not kill a training run.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -20,10 +25,13 @@ from typing import Any, Callable, Mapping
 
 log = logging.getLogger(__name__)
 
+# Names that cross the operator/trainer boundary (the operator's render.py and access.py use the same).
 ENV_NAME = "KUBEDISTILL_DISTILLJOB_NAME"
 ENV_NAMESPACE = "KUBEDISTILL_DISTILLJOB_NAMESPACE"
+ENV_UID = "KUBEDISTILL_DISTILLJOB_UID"  # metadata.uid of the DistillJob: part of the run's identity
+ENV_PROGRESS_CONFIGMAP = "KUBEDISTILL_PROGRESS_CONFIGMAP"
+PROGRESS_KEY = "progress.json"
 FIELD_MANAGER = "kubedistill-trainer"
-GROUP, VERSION, PLURAL, KIND = "kubedistill.io", "v1alpha1", "distilljobs", "DistillJob"
 
 
 def _now() -> str:
@@ -41,10 +49,12 @@ class K8sProgressReporter:
         min_interval_seconds: float = 10.0,
         apply: Callable[[dict[str, Any]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        configmap: str | None = None,
     ):
         self.name, self.namespace, self.max_steps = name, namespace, max_steps
+        self.configmap = configmap or f"{name}-progress"
         self.min_interval_seconds = min_interval_seconds
-        self._apply = apply or self._server_side_apply
+        self._apply = apply or self._patch_configmap
         self._clock = clock
         self._progress: dict[str, Any] = {"maxSteps": max_steps}
         self._last_sent: float | None = None
@@ -58,6 +68,7 @@ class K8sProgressReporter:
         if not name or not namespace:
             return None
         interval = float(os.environ.get("KUBEDISTILL_PROGRESS_INTERVAL_SECONDS", kwargs.pop("min_interval_seconds", 10.0)))
+        kwargs.setdefault("configmap", os.environ.get(ENV_PROGRESS_CONFIGMAP) or None)
         return cls(name, namespace, max_steps, min_interval_seconds=interval, **kwargs)
 
     # --- the tracking protocol ---------------------------------------------------------------------------
@@ -91,20 +102,18 @@ class K8sProgressReporter:
 
     def _flush_locked(self) -> None:
         self._progress["updatedAt"] = _now()
-        patch = {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": KIND,
-            "metadata": {"name": self.name, "namespace": self.namespace},
-            "status": {"progress": dict(self._progress)},
-        }
+        patch = {"data": {PROGRESS_KEY: json.dumps(self._progress, sort_keys=True)}}
         self._last_sent = self._clock()
         self._dirty = False
         try:
             self._apply(patch)
         except Exception as error:  # noqa: BLE001 - progress is best effort; training goes on
-            log.warning("could not report progress to DistillJob %s/%s: %s", self.namespace, self.name, error)
+            log.warning(
+                "could not report progress to ConfigMap %s/%s of DistillJob %s: %s",
+                self.namespace, self.configmap, self.name, error,
+            )
 
-    def _server_side_apply(self, patch: dict[str, Any]) -> None:
+    def _patch_configmap(self, patch: dict[str, Any]) -> None:
         from kubernetes import client, config
 
         if self._api is None:
@@ -114,11 +123,10 @@ class K8sProgressReporter:
             except config.ConfigException:
                 # KUBECONFIG is read now: the kubernetes package reads it once at import, which may be too early.
                 config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
-            self._api = client.CustomObjectsApi(client.ApiClient(configuration))
-        self._api.patch_namespaced_custom_object_status(
-            GROUP, VERSION, self.namespace, PLURAL, self.name, patch,
-            field_manager=FIELD_MANAGER, force=True,
-            _content_type="application/apply-patch+yaml", _request_timeout=10,
+            self._api = client.CoreV1Api(client.ApiClient(configuration))
+        self._api.patch_namespaced_config_map(
+            self.configmap, self.namespace, patch, field_manager=FIELD_MANAGER,
+            _content_type="application/merge-patch+json", _request_timeout=10,
         )
 
 
