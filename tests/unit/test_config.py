@@ -3,7 +3,7 @@
 import pytest
 
 from distill_trainer.cli import main
-from distill_trainer.config import ConfigError, compose_config, config_from_dict
+from distill_trainer.config import ConfigError, compose_config, config_from_dict, dump_config
 
 BASE = {
     "max_steps": 10,
@@ -71,8 +71,76 @@ def test_teacher_and_student_must_share_device_layout():
 
 def test_student_must_use_a_train_strategy():
     data = with_changes(student={"data_args": {"file_name": "x"}, "strategy_args": {"strategy_name": "torch_infer"}})
-    with pytest.raises(ConfigError, match="student.strategy_args.strategy_name must be a \\*_train"):
+    with pytest.raises(ConfigError, match=r"student\.strategy_args\.strategy_name: must be a \*_train strategy "
+                                          r"\(got 'torch_infer'\)"):
         config_from_dict(data)
+
+
+@pytest.mark.parametrize("teacher", [
+    {"model_args": {"dtype": "bf16"}},
+    {"strategy_args": {"gpu_memory_utilization": 0.5}},
+    {"device_mapping": []},
+])
+def test_teacher_section_without_strategy_name_gets_the_inference_strategy(teacher):
+    config = config_from_dict(with_changes(teacher=teacher))
+    assert config.teacher.strategy_args.strategy_name == "torch_infer"
+    assert config.student.strategy_args.strategy_name == "torch_train"
+    # What a checkpoint records and the operator renders says so too.
+    assert dump_config(config)["teacher"]["strategy_args"]["strategy_name"] == "torch_infer"
+
+
+def test_teacher_set_to_a_train_strategy_is_still_rejected():
+    with pytest.raises(ConfigError, match=r"teacher\.strategy_args\.strategy_name: must be an \*_infer strategy"):
+        config_from_dict(with_changes(teacher={"strategy_args": {"strategy_name": "torch_train"}}))
+
+
+@pytest.mark.parametrize(
+    "changes, line",
+    [
+        ({"teacher": {"strategy_args": {"tp_size": 2}}},
+         "  teacher.strategy_args.tp_size: must equal student.strategy_args.tp_size (1): teacher and student share "
+         "a parallel layout (got 2)"),
+        ({"teacher": {"device_mapping": [0]}},
+         "  teacher.device_mapping: must equal student.device_mapping []: each student rank reads the logits of the "
+         "teacher rank on its device (got [0])"),
+        ({"student": {"data_args": {"file_name": "x"}, "device_mapping": [0, 1]}, "teacher": {"device_mapping": [0, 1]}},
+         "  student.device_mapping: more than one device needs data/tensor parallel ranks"),
+        ({"student": {"data_args": {"file_name": "x"}, "strategy_args": {"pp_size": 2}},
+          "teacher": {"strategy_args": {"pp_size": 2}}},
+         "  student.device_mapping: 1 rank(s) (an empty list is one CPU rank) is not a multiple of tp_size*pp_size=2"
+         " (got [])"),
+        ({"student": {}}, "  student.data_args.file_name: required: the training data file"),
+    ],
+)
+def test_cross_field_error_names_the_field_path_and_only_the_clashing_values(changes, line):
+    with pytest.raises(ConfigError) as error:
+        config_from_dict(with_changes(**changes), source="my.yaml")
+    message = str(error.value)
+    assert message.splitlines()[0] == "invalid configuration in my.yaml:"
+    assert message.splitlines()[1].startswith(line), message
+    assert len(message.splitlines()) == 2
+    assert "<top level>" not in message and "student_pretrain" not in message  # not the whole config dict
+
+
+def test_cross_field_error_under_a_distilljob_spec_is_prefixed_with_the_spec_path():
+    from pydantic import BaseModel, ValidationError
+
+    from distill_trainer.config import DistillConfig, format_validation_error
+
+    class Spec(BaseModel):
+        distill: DistillConfig
+
+    with pytest.raises(ValidationError) as error:
+        Spec(distill=with_changes(teacher={"strategy_args": {"tp_size": 2}}))
+    assert format_validation_error(error.value, "spec").splitlines()[1].startswith(
+        "  distill.teacher.strategy_args.tp_size: must equal student.strategy_args.tp_size (1)")
+
+
+def test_metrics_endpoint_is_off_and_loopback_by_default():
+    config = config_from_dict(BASE)
+    assert (config.metrics_port, config.metrics_bind_address, config.metrics_linger_seconds) == (0, "127.0.0.1", 0)
+    with pytest.raises(ConfigError, match=r"metrics_port: .*65535"):
+        config_from_dict(with_changes(metrics_port=70000))
 
 
 def test_device_mapping_accepts_the_range_expression_of_the_original_configs():

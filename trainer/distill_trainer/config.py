@@ -17,6 +17,7 @@ from typing import Any, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from .textfiles import read_utf8
 
@@ -73,7 +74,9 @@ class StrategyArgs(_Strict):
     """How a model runs on its ranks."""
 
     strategy_name: Literal["torch_train", "torch_infer"] = Field(
-        "torch_train", description="torch_train (student) / torch_infer (teacher): HF transformers on one device."
+        "torch_train",
+        description="torch_train (student) / torch_infer (teacher): HF transformers on one device. A teacher section "
+        "that leaves it unset gets torch_infer.",
     )
     tp_size: int = Field(1, ge=1, description="Tensor-parallel size.")
     pp_size: int = Field(1, ge=1, description="Pipeline-parallel size.")
@@ -174,42 +177,91 @@ class DistillConfig(_Strict):
     )
     eval_max_new_tokens: int = Field(32, ge=1, description="Generation budget per answer for eval_exact_match.")
 
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Serve the run's Prometheus metrics (kubedistill_trainer_*) at http://<metrics_bind_address>:"
+        "<port>/metrics on the driver; 0 = off. Under a DistillJob (KubeRay launcher) the operator sets 9108 on "
+        "the Ray head, whatever is written here.",
+    )
+    metrics_bind_address: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="Address the metrics endpoint listens on: 127.0.0.1 = this machine only, 0.0.0.0 = every "
+        "interface. Under a DistillJob (KubeRay launcher) the operator sets 0.0.0.0 (the job's NetworkPolicy "
+        "admits only the metrics clients).",
+    )
+    metrics_linger_seconds: float = Field(
+        0.0,
+        ge=0,
+        le=3600,
+        description="After the run ends (finished, stopped or failed), keep serving the final metrics this long, "
+        "so that the last scrape sees them; set it to about the scrape interval. Under a DistillJob (KubeRay "
+        "launcher) the operator sets 30 unless this is set.",
+    )
+
     student: WorkerConfig = Field(default_factory=WorkerConfig)
     teacher: WorkerConfig = Field(default_factory=_default_teacher)
 
     @model_validator(mode="after")
+    def _teacher_defaults_to_inference(self) -> "DistillConfig":
+        # StrategyArgs defaults to the student's torch_train; a teacher section that leaves strategy_name unset
+        # (e.g. only model_args) means the teacher's default, torch_infer.
+        if "strategy_name" not in self.teacher.strategy_args.model_fields_set:
+            self.teacher.strategy_args.strategy_name = "torch_infer"
+        return self
+
+    @model_validator(mode="after")
     def _check_workers(self) -> "DistillConfig":
+        # Each error names the field to change and the values that clash (format_validation_error prints
+        # `path: message (got value)`), not the whole config.
         student, teacher = self.student, self.teacher
-        if not student.strategy_args.strategy_name.endswith("_train"):
-            raise ValueError("student.strategy_args.strategy_name must be a *_train strategy")
-        if not teacher.strategy_args.strategy_name.endswith("_infer"):
-            raise ValueError("teacher.strategy_args.strategy_name must be an *_infer strategy")
-        # Teacher logits are handed to the student rank on the same device, so both sides need the same layout.
         s, t = student.strategy_args, teacher.strategy_args
-        if (s.tp_size, s.pp_size) != (t.tp_size, t.pp_size):
-            raise ValueError(
-                f"teacher and student must share a parallel layout: student tp/pp={s.tp_size}/{s.pp_size}, "
-                f"teacher tp/pp={t.tp_size}/{t.pp_size}"
-            )
+        if not s.strategy_name.endswith("_train"):
+            raise _field_error("student.strategy_args.strategy_name", "must be a *_train strategy", s.strategy_name)
+        if not t.strategy_name.endswith("_infer"):
+            raise _field_error("teacher.strategy_args.strategy_name", "must be an *_infer strategy", t.strategy_name)
+        # Teacher logits are handed to the student rank on the same device, so both sides need the same layout.
+        for name in ("tp_size", "pp_size"):
+            if getattr(t, name) != getattr(s, name):
+                raise _field_error(
+                    f"teacher.strategy_args.{name}",
+                    f"must equal student.strategy_args.{name} ({getattr(s, name)}): teacher and student share a "
+                    "parallel layout",
+                    getattr(t, name),
+                )
         if student.device_mapping != teacher.device_mapping:
-            raise ValueError(
-                f"teacher.device_mapping {teacher.device_mapping} must equal student.device_mapping "
-                f"{student.device_mapping}: each student rank reads the logits of the teacher rank on its device"
+            raise _field_error(
+                "teacher.device_mapping",
+                f"must equal student.device_mapping {student.device_mapping}: each student rank reads the logits "
+                "of the teacher rank on its device",
+                teacher.device_mapping,
             )
         ranks = max(1, len(student.device_mapping))
         if ranks % (s.tp_size * s.pp_size):
-            raise ValueError(
-                f"len(student.device_mapping)={ranks} is not a multiple of tp_size*pp_size={s.tp_size * s.pp_size}"
+            raise _field_error(
+                "student.device_mapping",
+                f"{ranks} rank(s) (an empty list is one CPU rank) is not a multiple of tp_size*pp_size="
+                f"{s.tp_size * s.pp_size}",
+                student.device_mapping,
             )
         if len(student.device_mapping) > 1:
-            raise ValueError(
-                "device_mapping with more than one device needs data/tensor parallel ranks, which arrive with the "
-                "megatron strategies; use one device ([0]) or none (CPU)"
+            raise _field_error(
+                "student.device_mapping",
+                "more than one device needs data/tensor parallel ranks, which arrive with the megatron "
+                "strategies; use one device ([0]) or none (CPU)",
+                student.device_mapping,
             )
-        if (s.tp_size, s.pp_size) != (1, 1):
-            raise ValueError("tp_size/pp_size > 1 need the megatron strategies, which this version does not ship")
+        for name in ("tp_size", "pp_size"):
+            if getattr(s, name) != 1:
+                raise _field_error(
+                    f"student.strategy_args.{name}",
+                    "values > 1 need the megatron strategies, which this version does not ship",
+                    getattr(s, name),
+                )
         if student.data_args.file_name is None:
-            raise ValueError("student.data_args.file_name is required: the training data file")
+            raise _field_error("student.data_args.file_name", "required: the training data file")
         return self
 
     @property
@@ -221,16 +273,39 @@ class DistillConfig(_Strict):
         return self.student.data_args
 
 
+_NO_VALUE = object()
+
+
+def _field_error(path: str, message: str, got: Any = _NO_VALUE) -> PydanticCustomError:
+    """A cross-field error of a model validator, reported at ``path`` (dotted, below the model) with ``got``."""
+    context: dict[str, Any] = {"field": path, "message": message}
+    if got is not _NO_VALUE:
+        context["got"] = got
+    return PydanticCustomError("cross_field", "{message}", context)
+
+
 def format_validation_error(error: ValidationError, source: str) -> str:
-    """One line per problem: ``source: field.path: message (got value)``."""
+    """One line per problem: ``field.path: message (got value)`` under a heading naming ``source``.
+
+    A model validator's error (the loc of the whole model) is reported at the field it names (``_field_error``)
+    with only the values that clash; without one, its input (the whole section) is not printed.
+    """
     lines = [f"invalid configuration in {source}:"]
     for item in error.errors():
-        path = ".".join(str(p) for p in item["loc"]) or "<top level>"
+        loc = [str(p) for p in item["loc"]]
+        context = item.get("ctx") or {}
         message = item["msg"].removeprefix("Value error, ")
-        got = "" if item["type"] in ("missing",) else f" (got {item.get('input')!r})"
+        value = item.get("input")
+        if item["type"] == "cross_field":
+            loc.append(context["field"])
+            got = f" (got {context['got']!r})" if "got" in context else ""
+        elif item["type"] == "missing" or (isinstance(value, dict) and not item["type"].endswith("_type")):
+            got = ""  # a validator of a whole section: its input is the section
+        else:
+            got = f" (got {value!r})"
         if item["type"] == "extra_forbidden":
             message, got = "unknown field (check the spelling)", ""
-        lines.append(f"  {path}: {message}{got}")
+        lines.append(f"  {'.'.join(loc) or '<top level>'}: {message}{got}")
     return "\n".join(lines)
 
 

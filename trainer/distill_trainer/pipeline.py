@@ -167,9 +167,20 @@ class DistillPipeline:
     def _sinks(self):
         from . import k8s_progress
 
+        sinks = []
         # Only under a DistillJob (the operator sets the env vars): status.progress on the resource.
-        sink = k8s_progress.from_env(max_steps=self.config.max_steps)
-        return [sink] if sink is not None else []
+        progress = k8s_progress.from_env(max_steps=self.config.max_steps)
+        if progress is not None:
+            sinks.append(progress)
+        if self.config.metrics_port:
+            from .prometheus_sink import PrometheusSink
+
+            try:
+                sinks.append(PrometheusSink.from_config(self.config))
+            except OSError as error:  # e.g. the port is taken: metrics are a side channel, training goes on
+                log.warning("cannot serve Prometheus metrics on %s:%d (%s); training goes on without them",
+                            self.config.metrics_bind_address, self.config.metrics_port, error)
+        return sinks
 
     def _train(self, workers: Workers, prepared: Prepared) -> RunResult:
         import ray

@@ -6,7 +6,8 @@ One `Tracker` per run (on the driver). Every `log(step, metrics)` call goes to:
   (several calls for one step, e.g. train then eval, merge into its one line), flushed at once so
   `tail -f` and a crashed run both see every logged step; non-finite values are written as `null`
   (JSON has no NaN),
-- every extra `MetricsSink` (Prometheus exporter, Kubernetes status reporter, ...).
+- every extra `MetricsSink`: the Prometheus exporter (`prometheus_sink.py`, on with `metrics_port`), the
+  DistillJob progress reporter (`k8s_progress.py`, under a DistillJob), ...
 
 Tags the pipeline logs:
     train/loss               total loss: (1 - distill_loss_weight) * CE + distill_loss_weight * KD
