@@ -7,7 +7,8 @@ raylet/object-manager/worker ports accept any peer too. So ingress to the job's 
   by render.py), on all ports: Ray's GCS, raylet and worker ports must stay reachable between them;
 - the dashboard clients (``--dashboard-client``; default KubeRay's controller, which polls the job through the
   dashboard, and this operator) on the dashboard port only;
-- the metrics clients (``--metrics-client``; default Prometheus) on Ray's metrics port only.
+- the metrics clients (``--metrics-client``; default Prometheus) on the metrics ports only: Ray's (8080, every
+  pod) and the trainer's (9108, the driver on the head).
 Egress is not restricted (the trainer reads models and data, the head reaches the API server).
 
 A peer is written ``[NAMESPACE_LABELS:]POD_LABELS``, each side ``key=value[,key=value...]``; an empty side matches
@@ -21,7 +22,16 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from distill_operator.render import DASHBOARD_PORT, LABEL_JOB, LABEL_MANAGED_BY, METRICS_PORT, JobRef, _bounded, labels
+from distill_operator.render import (
+    DASHBOARD_PORT,
+    LABEL_JOB,
+    LABEL_MANAGED_BY,
+    METRICS_PORT,
+    TRAINER_METRICS_PORT,
+    JobRef,
+    _bounded,
+    labels,
+)
 from distill_operator.render import owner_reference
 
 # A label key: an optional DNS-subdomain prefix and '/', then a name; a value: empty or a name (<= 63 chars).
@@ -93,13 +103,15 @@ def render_network_policy(
     dashboard_clients: tuple[Peer, ...] = DEFAULT_DASHBOARD_CLIENTS,
     metrics_clients: tuple[Peer, ...] = DEFAULT_METRICS_CLIENTS,
 ) -> dict[str, Any]:
-    """Ingress to the job's Ray pods: from themselves (any port), dashboard clients (8265), metrics clients (8080)."""
+    """Ingress to the job's Ray pods: from themselves (any port), dashboard clients (8265), metrics clients (Ray's
+    8080 and the trainer's 9108)."""
     ingress: list[dict[str, Any]] = [{"from": [{"podSelector": job_pod_selector(job)}]}]
-    for peers, port in ((dashboard_clients, DASHBOARD_PORT), (metrics_clients, METRICS_PORT)):
+    for peers, ports in ((dashboard_clients, (DASHBOARD_PORT,)), (metrics_clients, (METRICS_PORT, TRAINER_METRICS_PORT))):
         if peers:
-            ingress.append(
-                {"from": [peer.to_manifest() for peer in peers], "ports": [{"protocol": "TCP", "port": port}]}
-            )
+            ingress.append({
+                "from": [peer.to_manifest() for peer in peers],
+                "ports": [{"protocol": "TCP", "port": port} for port in ports],
+            })
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",

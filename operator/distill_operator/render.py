@@ -37,6 +37,13 @@ LABEL_VALUE_LIMIT = 63
 # Ray's ports that the NetworkPolicy (network.py) opens beyond the job's own pods.
 DASHBOARD_PORT = 8265  # dashboard and Ray Jobs API: KubeRay's submitter and controller call it
 METRICS_PORT = 8080  # Ray's Prometheus exporter (metrics-export-port) on every Ray pod
+# The trainer's own metrics (distill_trainer.prometheus_sink: kubedistill_trainer_*), served by the driver on the
+# head, under this container port name (a PodMonitor scrapes it by name).
+TRAINER_METRICS_PORT = 9108
+TRAINER_METRICS_PORT_NAME = "trainer-metrics"
+# How long the driver keeps serving its final metrics after the run, unless spec.distill sets it: about one
+# scrape interval, so that the last values (the final eval, a NaN that stopped the run) are scraped.
+TRAINER_METRICS_LINGER_SECONDS = 30.0
 # The read-only root filesystem leaves these writable, each an emptyDir: /tmp holds Ray's session directory
 # (/tmp/ray: sockets, logs, runtime_env working_dir) and tempfile's files; HOME holds ~/.cache (Hugging Face,
 # torch, triton) and ~/.config. KubeRay adds /dev/shm (the object store, and our shared-memory logits channel).
@@ -124,7 +131,8 @@ PATH_FIELDS = (
 
 def trainer_config(spec: DistillJobSpec, job: JobRef) -> dict[str, Any]:
     """The trainer YAML as data: ``spec.distill`` with relative output/logging dirs moved onto the storage,
-    and, for the RayAddress launcher with a workingDir, every relative path resolved against it."""
+    for the RayAddress launcher with a workingDir every relative path resolved against it, and for KubeRay
+    the metrics endpoint on TRAINER_METRICS_PORT of the head pod."""
     config = dump_config(spec.distill)
     working_dir = spec.launcher.working_dir if spec.launcher.type == "RayAddress" else None
     if working_dir:
@@ -140,6 +148,13 @@ def trainer_config(spec: DistillJobSpec, job: JobRef) -> dict[str, Any]:
         for key in ("output_dir", "logging_dir"):
             if not posixpath.isabs(config[key]):
                 config[key] = posixpath.normpath(posixpath.join(base, config[key]))
+    if spec.launcher.type == "KubeRay":
+        # The driver runs on the head pod we render: serve its metrics on the pod's network (the container port
+        # and the NetworkPolicy's metrics rule name this port). A RayAddress cluster is not ours: as written.
+        config["metrics_port"] = TRAINER_METRICS_PORT
+        config["metrics_bind_address"] = "0.0.0.0"
+        if "metrics_linger_seconds" not in spec.distill.model_fields_set:
+            config["metrics_linger_seconds"] = TRAINER_METRICS_LINGER_SECONDS
     return config
 
 
@@ -348,6 +363,7 @@ def render_rayjob(
         {"containerPort": 6379, "name": "gcs-server"},
         {"containerPort": DASHBOARD_PORT, "name": "dashboard"},
         {"containerPort": METRICS_PORT, "name": "metrics"},
+        {"containerPort": TRAINER_METRICS_PORT, "name": TRAINER_METRICS_PORT_NAME},
     ]
     ray_spec: dict[str, Any] = {
         "entrypoint": shlex.join(entrypoint_args(CONFIG_PATH, resume)),

@@ -98,7 +98,7 @@ def test_network_policy_is_owned_by_the_job_and_admits_only_its_pods_dashboard_c
              "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kubedistill-operator"}}},
         ], "ports": [{"protocol": "TCP", "port": 8265}]},
         {"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}],
-         "ports": [{"protocol": "TCP", "port": 8080}]},
+         "ports": [{"protocol": "TCP", "port": 8080}, {"protocol": "TCP", "port": 9108}]},  # Ray's, the trainer's
     ]
     # The policy selects every Ray pod of the job, submitter included (KubeRay copies template labels to pods).
     for template in _templates(rayjob).values():

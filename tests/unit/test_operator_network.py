@@ -28,8 +28,9 @@ def test_policy_admits_the_jobs_own_pods_the_dashboard_clients_and_prometheus_on
             {"namespaceSelector": {},
              "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kubedistill-operator"}}},
         ], "ports": [{"protocol": "TCP", "port": 8265}]},
+        # Ray's metrics on every pod, the trainer's (kubedistill_trainer_*) on the head.
         {"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}],
-         "ports": [{"protocol": "TCP", "port": 8080}]},
+         "ports": [{"protocol": "TCP", "port": 8080}, {"protocol": "TCP", "port": 9108}]},
     ]
 
 
@@ -45,6 +46,19 @@ def test_policy_selects_exactly_the_labels_render_puts_on_ray_pods():
     for template in templates:
         assert selector.items() <= template["metadata"]["labels"].items()
     assert len(_pods(rj)) == 3
+
+
+def test_metrics_rule_opens_the_ports_render_exposes_for_metrics():
+    from distill_operator.resources import parse_spec
+    from tests.unit.test_operator_render import spec_dict
+
+    rj = render.render_rayjob(parse_spec(spec_dict()), JOB, attempt=1, resume=False)
+    head = rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    metrics_ports = {p["containerPort"] for p in head["ports"] if p["name"] in ("metrics", "trainer-metrics")}
+    rule = network.render_network_policy(JOB, metrics_clients=(parse_peer("team=obs:app=vm"),))["spec"]["ingress"][-1]
+    assert {p["port"] for p in rule["ports"]} == metrics_ports == {8080, 9108}
+    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"team": "obs"}},
+                             "podSelector": {"matchLabels": {"app": "vm"}}}]
 
 
 def test_empty_client_lists_drop_their_rule():

@@ -54,6 +54,31 @@ def test_absolute_output_dir_and_no_storage_are_left_alone():
     assert config["output_dir"] == "/abs/out" and config["logging_dir"] == "./output/logs"
 
 
+def test_trainer_serves_its_metrics_on_the_head_pods_network_under_kuberay():
+    config = config_from_dict(render.trainer_config(parse_spec(spec_dict()), JOB))
+    assert (config.metrics_port, config.metrics_bind_address) == (9108, "0.0.0.0") == (
+        render.TRAINER_METRICS_PORT, "0.0.0.0")
+    assert config.metrics_linger_seconds == render.TRAINER_METRICS_LINGER_SECONDS
+    # The port is the operator's to choose (container port, NetworkPolicy); the linger is the user's if set.
+    spec = spec_dict()
+    spec["distill"].update(metrics_port=1234, metrics_bind_address="127.0.0.1", metrics_linger_seconds=5)
+    config = config_from_dict(render.trainer_config(parse_spec(spec), JOB))
+    assert (config.metrics_port, config.metrics_bind_address, config.metrics_linger_seconds) == (9108, "0.0.0.0", 5)
+    rj = render.render_rayjob(parse_spec(spec_dict()), JOB, attempt=0, resume=False)
+    cluster = rj["spec"]["rayClusterSpec"]
+    head_ports = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+    assert {"containerPort": 9108, "name": "trainer-metrics"} in head_ports
+    # Only the head runs the driver.
+    worker_ports = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["ports"]
+    assert all(p["containerPort"] != 9108 for p in worker_ports)
+
+
+def test_ray_address_launcher_keeps_the_metrics_settings_as_written():
+    spec = spec_dict(launcher={"type": "RayAddress", "rayAddress": "http://127.0.0.1:8265"})
+    config = config_from_dict(yaml.safe_load(render.render_submission(parse_spec(spec), JOB, 0, False)["config_yaml"]))
+    assert (config.metrics_port, config.metrics_bind_address, config.metrics_linger_seconds) == (0, "127.0.0.1", 0)
+
+
 def test_rayjob_has_head_gpu_workers_entrypoint_and_teardown():
     rj = render.render_rayjob(parse_spec(spec_dict()), JOB, attempt=0, resume=False)
     assert (rj["apiVersion"], rj["kind"]) == ("ray.io/v1", "RayJob")
@@ -213,7 +238,8 @@ def test_dashboard_listens_on_the_pod_ip_not_all_interfaces():
     env = {e["name"]: e for e in head_group["template"]["spec"]["containers"][0]["env"]}
     assert env["KUBEDISTILL_POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     ports = {p["name"]: p["containerPort"] for p in head_group["template"]["spec"]["containers"][0]["ports"]}
-    assert ports == {"gcs-server": 6379, "dashboard": 8265, "metrics": 8080}  # no Ray client port
+    # No Ray client port; the trainer's metrics under the name a PodMonitor selects.
+    assert ports == {"gcs-server": 6379, "dashboard": 8265, "metrics": 8080, "trainer-metrics": 9108}
     # Older Ray: KubeRay's head probes call localhost:8265, so the dashboard must stay on all interfaces.
     old = render.render_rayjob(parse_spec(spec_dict(rayVersion="2.40.0")), JOB, 0, False)
     assert old["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
