@@ -1,8 +1,11 @@
 """Prometheus metrics of the operator (served on --metrics-port).
 
 Names carry the ``kubedistill_`` prefix and base units (seconds); counters end in ``_total``. Labels are
-bounded: ``handler`` (a few fixed names), ``launcher`` (KubeRay, RayAddress), ``condition`` (the six types).
-No label ever holds a job name.
+bounded: ``handler`` (a few fixed names), ``launcher`` (KubeRay, RayAddress), ``condition`` (the condition types).
+One family names jobs, ``kubedistill_distilljob_condition{distilljob_namespace, distilljob_name, condition}``
+(as kube-state-metrics does for pods), so that an alert can say which job failed: one series per condition type
+and DistillJob the operator knows, dropped when the job is deleted. Its job labels are the trainer's
+(``kubedistill_trainer_*``), so the two join ``on (distilljob_namespace, distilljob_name)``.
 """
 
 from __future__ import annotations
@@ -49,17 +52,27 @@ def forget(namespace: str, name: str) -> None:
 
 
 class _JobsByCondition:
-    """kubedistill_distilljobs{condition}: DistillJobs whose condition of that type is True."""
+    """kubedistill_distilljobs{condition}: DistillJobs whose condition of that type is True; and per job,
+    kubedistill_distilljob_condition{distilljob_namespace, distilljob_name, condition}: 1 while True, else 0."""
 
     def collect(self):  # noqa: D401 - prometheus collector protocol
         family = GaugeMetricFamily(
             "kubedistill_distilljobs", "DistillJobs whose condition of this type is True.", labels=["condition"]
         )
+        per_job = GaugeMetricFamily(
+            "kubedistill_distilljob_condition",
+            "1 while this condition of the DistillJob is True, else 0.",
+            labels=["distilljob_namespace", "distilljob_name", "condition"],
+        )
         with _conditions_lock:
-            sets = list(_true_conditions.values())
+            jobs = sorted(_true_conditions.items())
         for condition in CONDITION_TYPES:
-            family.add_metric([condition], sum(condition in s for s in sets))
+            family.add_metric([condition], sum(condition in true for _, true in jobs))
+        for (namespace, name), true in jobs:
+            for condition in CONDITION_TYPES:
+                per_job.add_metric([namespace, name, condition], float(condition in true))
         yield family
+        yield per_job
 
 
 def register(registry: CollectorRegistry = REGISTRY) -> None:
@@ -73,11 +86,12 @@ register()
 def track(handler: str) -> Iterator[None]:
     """Count one reconcile and its duration; count it as an error when it raises."""
     RECONCILES.labels(handler=handler).inc()
+    errors = RECONCILE_ERRORS.labels(handler=handler)  # exported from the first reconcile on, at 0 until one fails
     start = time.perf_counter()
     try:
         yield
     except Exception:
-        RECONCILE_ERRORS.labels(handler=handler).inc()
+        errors.inc()
         raise
     finally:
         RECONCILE_DURATION.labels(handler=handler).observe(time.perf_counter() - start)
