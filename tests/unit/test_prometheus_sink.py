@@ -140,3 +140,40 @@ def test_a_taken_port_fails_at_start():
             make_sink(port=first.port)
     finally:
         first.close()
+
+
+def test_close_keeps_serving_the_final_values_for_the_linger_time(monkeypatch):
+    sink = make_sink(port=0, linger_seconds=30)
+    sink.log(7, TRAIN)
+    during_linger = []
+
+    def sleep(seconds):  # instead of waiting: scrape as Prometheus would meanwhile
+        during_linger.append((seconds, scrape(sink.port)[(ps.STEP, tuple(sorted(JOB.items())))]))
+
+    monkeypatch.setattr(ps.time, "sleep", sleep)
+    sink.close()
+    assert during_linger == [(30, 7)]
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", sink.port), timeout=2):
+        pass
+
+
+def test_pipeline_serves_metrics_only_with_metrics_port_and_trains_on_when_the_port_is_taken(monkeypatch, caplog):
+    from distill_trainer.pipeline import DistillPipeline
+
+    for name in ("KUBEDISTILL_DISTILLJOB_NAME", "KUBEDISTILL_DISTILLJOB_NAMESPACE"):
+        monkeypatch.delenv(name, raising=False)
+    base = {"max_steps": 5, "student_pretrain": "s", "teacher_pretrain": "t", "student": {"data_args": {"file_name": "x"}}}
+    assert DistillPipeline(config_from_dict(base))._sinks() == []
+
+    taken = make_sink(port=0)
+    try:
+        config = config_from_dict({**base, "metrics_port": taken.port})
+        assert DistillPipeline(config)._sinks() == []
+        assert f"cannot serve Prometheus metrics on 127.0.0.1:{taken.port}" in caplog.text
+    finally:
+        taken.close()
+    (sink,) = DistillPipeline(config)._sinks()  # now free
+    try:
+        assert isinstance(sink, PrometheusSink) and sink.port == taken.port
+    finally:
+        sink.close()
