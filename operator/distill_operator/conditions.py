@@ -355,7 +355,9 @@ def decide(
     return launch(attempt + 1, resume=True)
 
 
-def launch_blocked(old: Mapping[str, Any], planned: Decision, conflict: str, now: datetime, generation: int | None) -> Decision:
+def launch_blocked(
+    old: Mapping[str, Any], planned: Decision, conflict: str, now: datetime, generation: int | None
+) -> Decision:
     """The status when ``planned`` (a launch) could not run because a child's name is taken by an object this
     DistillJob does not own (``conflict`` names it). Nothing is written to that object and nothing else changes:
     the old status (no new attempt, no restart counted) plus a ``Conflict`` condition; the timer loop tries the

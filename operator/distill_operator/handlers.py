@@ -171,7 +171,8 @@ def _reconcile(namespace: str, name: str, fresh_body: Any = None) -> None:
     except children.ChildConflict as conflict:
         decision = launch_blocked(status, decision, str(conflict), now, generation)
         # Logged once, when the Conflict condition appears (it is retried quietly on every tick).
-        log.log(logging.WARNING if decision.events else logging.DEBUG, "DistillJob %s/%s: %s", namespace, name, conflict)
+        level = logging.WARNING if decision.events else logging.DEBUG
+        log.log(level, "DistillJob %s/%s: %s", namespace, name, conflict)
     if decision.action == "stop" and launcher is not None:
         launcher.stop(job, decision.attempt)
     elif decision.action == "delete_job":

@@ -78,7 +78,8 @@ def test_edit_of_immutable_fields_is_ignored_and_retries_keep_the_original(opera
     assert status["restarts"] == 1  # backoffLimit 2 (the mutable edit) allowed the retry
 
     # Reverting the edit clears the condition.
-    jobs.patch_spec("frozen", {"distill": {"max_steps": 10, "output_dir": None}, "storage": {"claimName": "checkpoints"}})
+    jobs.patch_spec("frozen", {"distill": {"max_steps": 10, "output_dir": None},
+                               "storage": {"claimName": "checkpoints"}})
     wait_for(lambda: jobs.condition("frozen", "SpecChangeIgnored").get("status") == "False",
              message="SpecChangeIgnored cleared after the revert")
 
