@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from distill_operator.settings import OperatorSettings
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubedistill operator",
@@ -55,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="Pods admitted to Ray's metrics port (8080), same form (repeatable). Default: "
         "app.kubernetes.io/name=prometheus in any namespace.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="Verbose logging.")
+    parser.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info",
+        help="debug logs kopf's handler runs and API requests; info (default) the operator's own decisions.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="Verbose logging (= --log-level debug).")
     return parser
 
 
@@ -90,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from distill_operator import handlers  # noqa: F401  (registers the handlers)
 
-    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.PLAIN)
-    if not args.verbose:
+    level = "debug" if args.verbose else args.log_level
+    kopf.configure(verbose=level == "debug", log_format=kopf.LogFormat.PLAIN)
+    logging.getLogger().setLevel(level.upper())
+    if level != "debug":
         # kopf logs every handler run at INFO; at 200 jobs that logging alone costs seconds of the event loop.
         # What matters is in our own log lines, the DistillJob's events and conditions, and /metrics.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)

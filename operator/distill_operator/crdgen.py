@@ -1,6 +1,7 @@
 """Generate the DistillJob CustomResourceDefinition from the pydantic models in resources.py.
 
-    python -m distill_operator.crdgen --write    # writes crds/distilljob.yaml and crds/distilljob-no-cel.yaml
+    python -m distill_operator.crdgen --write    # writes crds/distilljob.yaml, crds/distilljob-no-cel.yaml and
+                                                 # charts/kubedistill/crds/distilljob.yaml (the Helm chart's copy)
     python -m distill_operator.crdgen --check    # exit 1 when a committed file is stale
     python -m distill_operator.crdgen [--no-cel] > crd.yaml
 
@@ -36,6 +37,9 @@ from distill_operator import resources
 
 CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "distilljob.yaml"
 CRD_NO_CEL_PATH = CRD_PATH.with_name("distilljob-no-cel.yaml")
+# The Helm chart installs the CEL variant from its crds/ folder (helm installs those before the templates, and never
+# upgrades or deletes them). Clusters older than 1.25: install crds/distilljob-no-cel.yaml and use --skip-crds.
+CHART_CRD_PATH = CRD_PATH.parents[1] / "charts" / "kubedistill" / "crds" / "distilljob.yaml"
 
 # CEL rules (Kubernetes >= 1.25), keyed by the dotted schema path they sit on.
 CEL_RULES: dict[str, list[dict[str, str]]] = {
@@ -241,17 +245,28 @@ def render_crd_yaml(cel: bool = True) -> str:
     return header + yaml.safe_dump(build_crd(cel), sort_keys=False, width=120)
 
 
+def generated_files() -> dict[Path, str]:
+    """Every committed copy of the CRD and the text it must have."""
+    return {
+        CRD_PATH: render_crd_yaml(cel=True),
+        CRD_NO_CEL_PATH: render_crd_yaml(cel=False),
+        CHART_CRD_PATH: render_crd_yaml(cel=True),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distill_operator.crdgen", description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--write", action="store_true", help=f"write {CRD_PATH.name} and {CRD_NO_CEL_PATH.name}")
+    group.add_argument(
+        "--write", action="store_true", help=f"write crds/{CRD_PATH.name}, crds/{CRD_NO_CEL_PATH.name} and the chart's copy"
+    )
     group.add_argument("--check", action="store_true", help="exit 1 if a committed CRD differs from the generator")
     parser.add_argument("--no-cel", action="store_true", help="print the CRD without CEL rules (Kubernetes < 1.25)")
     args = parser.parse_args(argv)
-    files = {CRD_PATH: render_crd_yaml(cel=True), CRD_NO_CEL_PATH: render_crd_yaml(cel=False)}
+    files = generated_files()
     if args.write:
-        CRD_PATH.parent.mkdir(parents=True, exist_ok=True)
         for path, text in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
     elif args.check:
         stale = [path for path, text in files.items() if not path.is_file() or path.read_text() != text]

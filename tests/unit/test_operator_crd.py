@@ -34,6 +34,9 @@ def test_committed_crd_matches_generator():
     stale = "is stale: run `python -m distill_operator.crdgen --write`"
     assert crdgen.CRD_PATH.read_text() == crdgen.render_crd_yaml(cel=True), f"crds/distilljob.yaml {stale}"
     assert crdgen.CRD_NO_CEL_PATH.read_text() == crdgen.render_crd_yaml(cel=False), f"crds/distilljob-no-cel.yaml {stale}"
+    chart = "charts/kubedistill/crds/distilljob.yaml"
+    assert crdgen.CHART_CRD_PATH.read_text() == crdgen.render_crd_yaml(cel=True), f"{chart} {stale}"
+    assert set(crdgen.generated_files()) == {crdgen.CRD_PATH, crdgen.CRD_NO_CEL_PATH, crdgen.CHART_CRD_PATH}
     assert crdgen.main(["--check"]) == 0
 
 
