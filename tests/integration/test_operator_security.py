@@ -59,6 +59,10 @@ def test_rendered_rayjob_keeps_pod_security_through_the_rayjob_crd_and_pods_are_
     # Each template is a valid core/v1 Pod for the API server (full validation of securityContext, fieldRef
     # env, emptyDir volumes), and the server keeps every field.
     kube.create({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "secure-trainer"}}, kube_namespace)
+    # On 1.20 the ServiceAccount admission plugin refuses a pod (even a dry run) until the controller-manager's
+    # token controller has given the account its token secret: wait for that instead of racing it.
+    wait_for(lambda: kube.get("v1", "ServiceAccount", "secure-trainer", kube_namespace).get("secrets"),
+             timeout=60, message="the ServiceAccount's token secret")
     pods = kube.resource("v1", "Pod")
     for role, template in _templates(manifest).items():
         pod_spec = dict(template["spec"])
