@@ -10,15 +10,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.integration.operator_fixtures import distilljob_crd, jobs  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES_DIR = ROOT / "charts" / "kubedistill" / "rules"
@@ -119,3 +125,221 @@ def test_training_dashboard_selects_jobs_by_distilljob_name():
     for panel in panels(board):
         for target in panel["targets"]:
             assert 'distilljob_name=~"$distilljob"' in target["expr"], (panel["title"], target["expr"])
+
+
+# ------------------------------------------------------------------------------------------------ live Prometheus
+class Prometheus:
+    """A real Prometheus server on 127.0.0.1 (temp config and TSDB), read through its HTTP API."""
+
+    def __init__(self, workdir: Path, targets: dict[str, int], rule_files: list[Path]):
+        from kube_cluster import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = {
+            "global": {"scrape_interval": "200ms", "scrape_timeout": "200ms", "evaluation_interval": "1s"},
+            "rule_files": [str(p) for p in rule_files],
+            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
+                               for job, port in targets.items()],
+        }
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.log_path = workdir / "prometheus.log"
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [binary("prometheus"), f"--config.file={workdir / 'prometheus.yml'}",
+             f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}",
+             "--log.level=warn"],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def wait_ready(self) -> None:
+        from kube_cluster import wait_for
+
+        def ready():
+            assert self.process.poll() is None, self.log_path.read_text()[-3000:]
+            return _http_get(f"{self.url}/-/ready")[0] == 200
+
+        wait_for(ready, timeout=30, message="Prometheus /-/ready")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+    def api(self, path: str, **params) -> object:
+        """GET /api/v1/<path>; the ``data`` of a success, else an AssertionError with Prometheus' error."""
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+
+        query = urllib.parse.urlencode(params, doseq=True)
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=30) as response:
+                reply = json.load(response)
+        except urllib.error.HTTPError as error:
+            reply = json.load(error)
+        assert reply["status"] == "success", f"{params.get('query', params)}: {reply.get('error')}"
+        return reply["data"]
+
+    def query(self, expr: str, at: float) -> list[dict]:
+        return self.api("query", query=expr, time=at)["result"]
+
+    def query_range(self, expr: str, start: float, end: float, step: float = 1) -> list[dict]:
+        return self.api("query_range", query=expr, start=start, end=end, step=step)["result"]
+
+
+def _http_get(url: str) -> tuple[int, str]:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def _finite_values(result: list[dict]) -> list[float]:
+    import math
+
+    values = [float(s["value"][1]) for s in result if "value" in s]
+    values += [float(v) for s in result for _, v in s.get("values", [])]
+    return [v for v in values if math.isfinite(v)]
+
+
+def _substitute(expr: str, variables: dict[str, str]) -> str:
+    """What Grafana sends: $var / ${var} replaced (longest names first, so $__range does not eat $__rate_interval)."""
+    for name in sorted(variables, key=len, reverse=True):
+        expr = expr.replace("${" + name + "}", variables[name]).replace("$" + name, variables[name])
+    assert "$" not in expr, f"unknown variable in {expr}"
+    return expr
+
+
+@contextlib.contextmanager
+def _operator_process(kubeconfig: Path, namespace: str, workdir: Path):
+    """`python -m distill_operator` serving /metrics, as tests/integration/test_operator_main.py runs it."""
+    from kube_cluster import free_port, wait_for
+
+    metrics_port, liveness_port = free_port(), free_port()
+    log = open(workdir / "operator.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "distill_operator", "--namespace", namespace, "--metrics-port", str(metrics_port),
+         "--liveness-port", str(liveness_port), "--reconcile-interval", "0.5"],
+        env=dict(os.environ, KUBECONFIG=str(kubeconfig)), stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: _http_get(f"http://127.0.0.1:{liveness_port}/healthz")[0] == 200, timeout=30,
+                 message="operator liveness endpoint")
+        yield metrics_port
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+@pytest.mark.k8s
+def test_every_dashboard_query_and_alert_expression_works_on_a_real_prometheus(
+    kube_cluster, distilljob_crd, jobs, kube_namespace, tiny_setup, local_ray, tmp_path, monkeypatch
+):
+    from distill_trainer.config import config_from_dict
+    from distill_trainer.pipeline import DistillPipeline
+    from kube_cluster import free_port, wait_for
+    from tests.conftest import tiny_config_dict
+    from tests.integration.operator_fixtures import distilljob
+
+    job, trainer_port = "obs", free_port()
+    t0 = time.time()
+    with _operator_process(kube_cluster.kubeconfig, kube_namespace, tmp_path) as operator_port:
+        prometheus = Prometheus(tmp_path, {"kubedistill-operator": operator_port, "kubedistill-trainer": trainer_port},
+                                [RULES])
+        try:
+            prometheus.wait_ready()
+            # A DistillJob the operator launches and sees Running (we play KubeRay's part) ...
+            jobs.create(distilljob(job, kube_namespace))
+            jobs.rayjob(f"{job}-0")
+            jobs.play_kuberay(f"{job}-0", "Running", "RUNNING")
+            jobs.wait_state(job, "Running")
+            # One more reconcile once Prometheus holds the counter (increase() cannot count a series' first
+            # value): a change of the job's run policy.
+            reconciles = 'kubedistill_reconciles_total{handler="distilljob"}'
+            wait_for(lambda: prometheus.query(reconciles, time.time()), timeout=15, message="operator scraped")
+            jobs.patch_spec(job, {"runPolicy": {"backoffLimit": 1}})
+            wait_for(lambda: prometheus.query(f"increase({reconciles}[1m]) > 0", time.time()), timeout=15,
+                     message="the reconcile of the spec change scraped")
+            # ... and its trainer: a real run of the tiny models, labelled as the operator's env would label it.
+            monkeypatch.setenv("KUBEDISTILL_DISTILLJOB_NAME", job)
+            monkeypatch.setenv("KUBEDISTILL_DISTILLJOB_NAMESPACE", kube_namespace)
+            monkeypatch.setenv("KUBECONFIG", str(kube_cluster.kubeconfig))  # its progress reports, too
+            config = tiny_config_dict(tiny_setup, tmp_path, max_steps=48, save_steps=24, eval_steps=24,
+                                      eval_exact_match=True, exp_name="obs-test", metrics_port=trainer_port,
+                                      metrics_linger_seconds=2)
+            result = DistillPipeline(config_from_dict(config), num_threads=1, console=False).run()
+            assert result.final_step == 48
+
+            # The last scrape of the trainer (its endpoint is gone now): queries about the run are asked then.
+            trainer = f'distilljob_namespace="{kube_namespace}", distilljob_name="{job}"'
+            stamps = prometheus.query_range(f"timestamp(kubedistill_trainer_step{{{trainer}}})", t0, time.time())
+            assert stamps, "Prometheus never scraped the trainer"
+            at = max(float(v) for _, v in stamps[0]["values"])
+            assert prometheus.query(f"kubedistill_trainer_step{{{trainer}}}", at)[0]["value"][1] == "48"
+            # Rates and the ETA need the step seen moving: several scrapes during training.
+            steps = prometheus.query_range(f"kubedistill_trainer_step{{{trainer}}}", t0, at, 0.05)[0]["values"]
+            seen = sorted({int(v) for _, v in steps})
+            assert len(seen) >= 3, f"the trainer was scraped at too few steps: {seen}"
+            variables = {"__rate_interval": "10s", "__range": f"{int(at - t0) + 1}s", "datasource": "prometheus"}
+            expected = {"job": "kubedistill-operator", "namespace": kube_namespace, "distilljob": job}
+
+            checked = []
+            for path in DASHBOARDS:
+                board = json.loads(path.read_text())
+                # Template variables: each label_values() query lists the value we select.
+                for variable in board["templating"]["list"]:
+                    if variable["type"] != "query":
+                        continue
+                    match = re.fullmatch(r"label_values\((.+), *(\w+)\)", variable["query"]["query"])
+                    assert match, variable["query"]["query"]
+                    values = prometheus.api(f"label/{match[2]}/values", start=t0, end=at,
+                                            **{"match[]": _substitute(match[1], variables)})
+                    assert expected[variable["name"]] in values, (path.name, variable["name"], values)
+                    variables[variable["name"]] = expected[variable["name"]]
+                for panel in panels(board):
+                    for target in panel["targets"]:
+                        expr = _substitute(target["expr"], variables)
+                        result = (prometheus.query(expr, at) if target.get("instant")
+                                  else prometheus.query_range(expr, t0, at))
+                        assert _finite_values(result), f"{path.name} / {panel['title']}: no data for {expr}"
+                        checked.append(expr)
+            assert len(checked) >= 30
+
+            # Alert expressions: they parse and evaluate on the real series, and none holds in this healthy run ...
+            rules = alert_rules()
+            for rule in rules:
+                assert prometheus.query(rule["expr"], at) == [], (rule["alert"], "holds in a healthy run")
+            # ... until the trainer's series are gone while the operator still says Running: the join of the
+            # operator's and the trainer's job labels works on real series.
+            missing = next(r["expr"] for r in rules if r["alert"] == "KubedistillTrainerMetricsMissing")
+            found = wait_for(lambda: prometheus.query(missing, time.time()), timeout=15,
+                             message="KubedistillTrainerMetricsMissing's expression after the trainer stopped")
+            assert [s["metric"] for s in found] == [{"distilljob_namespace": kube_namespace, "distilljob_name": job}]
+
+            # Prometheus loaded the rules file and evaluates every rule without error.
+            def evaluated():
+                groups = prometheus.api("rules")["groups"]
+                loaded = [r for g in groups for r in g["rules"]]
+                return loaded if all(r["lastEvaluation"] > "2000" for r in loaded) else None
+
+            loaded = wait_for(evaluated, timeout=15, message="rules evaluated")
+            assert {r["name"] for r in loaded} == {r["alert"] for r in rules}
+            assert all(r["health"] == "ok" for r in loaded), [(r["name"], r.get("lastError")) for r in loaded]
+            assert [a for a in prometheus.api("alerts")["alerts"] if a["state"] == "firing"] == []
+        finally:
+            prometheus.stop()
