@@ -169,10 +169,10 @@ def one_run(cluster: kc.KubeCluster, run: int, n_jobs: int) -> dict:
 def api_floor(cluster: kc.KubeCluster, run: int, n_jobs: int) -> list[float]:
     """The same reconciles with no kopf and no watches: create N DistillJobs, then call ``reconcile`` on all of them
     from 16 threads. Returns each job's time from the start to its reconcile's end: what the API server alone allows."""
-    from distill_operator import handlers
+    from distill_operator.runtime import OperatorRuntime
 
     os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
-    handlers.reset_api_client()
+    runtime = OperatorRuntime.from_env()
     api = cluster.api_client()
     custom = kubernetes.client.CustomObjectsApi(api)
     namespace = f"floor-{run}-{int(time.time())}"
@@ -184,7 +184,7 @@ def api_floor(cluster: kc.KubeCluster, run: int, n_jobs: int) -> list[float]:
     start = time.monotonic()
 
     def one(i: int) -> float:
-        handlers.reconcile(namespace, f"job-{i:04d}", "bench")
+        runtime.reconcile(namespace, f"job-{i:04d}", "bench")
         return time.monotonic() - start
 
     with ThreadPoolExecutor(16) as pool:

@@ -2,6 +2,8 @@
 
 Serves a liveness endpoint (kopf's, ``/healthz``) and Prometheus metrics (``/metrics``). Both bind to
 ``--bind-address`` (127.0.0.1 by default; the Deployment passes 0.0.0.0 so the kubelet and Prometheus reach them).
+The flags configure one ``OperatorRuntime`` (runtime.py), handed to the kopf handlers through kopf's memo; the
+Helm chart (charts/kubedistill) sets them from its values.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -88,14 +89,19 @@ def settings_from_args(args: argparse.Namespace) -> "OperatorSettings":
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.reconcile_interval is not None:
-        os.environ["KUBEDISTILL_RECONCILE_INTERVAL_SECONDS"] = str(args.reconcile_interval)
-    # The handlers read their settings from the environment (see settings.py), as kopf run -m would need.
-    os.environ.update(settings_from_args(args).to_env())
+    if args.reconcile_interval is not None and not args.reconcile_interval > 0:
+        build_parser().error(f"--reconcile-interval must be > 0 (got {args.reconcile_interval})")
+    settings = settings_from_args(args)
     import kopf
     from prometheus_client import start_http_server
 
     from distill_operator import handlers  # noqa: F401  (registers the handlers)
+    from distill_operator.runtime import DEFAULT_RECONCILE_INTERVAL, OperatorRuntime
+
+    # The operator's runtime state, configured from the flags; the handlers reach it through kopf's memo.
+    runtime = OperatorRuntime(
+        settings, args.reconcile_interval if args.reconcile_interval is not None else DEFAULT_RECONCILE_INTERVAL
+    )
 
     level = "debug" if args.verbose else args.log_level
     kopf.configure(verbose=level == "debug", log_format=kopf.LogFormat.PLAIN)
@@ -117,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             namespaces=args.namespace,
             liveness_endpoint=liveness,
             standalone=True,
+            memo=kopf.Memo(runtime=runtime),
         )
     )
     return 0

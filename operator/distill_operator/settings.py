@@ -8,8 +8,9 @@ borrow any ServiceAccount (and its token, RBAC and image pull secrets) or any PV
 - claims: any by default; ``--allow-claim`` restricts them.
 Patterns are shell-style globs (``fnmatch``) matched against ``NAME`` and ``NAMESPACE/NAME``.
 
-``__main__`` passes the flags to the handlers through environment variables (as ``--reconcile-interval`` does), so
-``kopf run -m distill_operator.handlers`` and the tests configure it the same way; ``from_env`` reads them.
+``__main__`` builds these from its flags into the operator's ``OperatorRuntime`` (runtime.py);
+``kopf run -m distill_operator.handlers`` and the tests set environment variables instead, which ``from_env`` reads
+when the runtime is made at startup.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-# Read by distill_operator.handlers at import: fast timers for the tests.
+# Read by OperatorRuntime.from_env at each operator's startup: fast timers for the tests.
 os.environ.setdefault("KUBEDISTILL_RECONCILE_INTERVAL_SECONDS", "0.5")
 
 import contextlib  # noqa: E402
@@ -75,10 +75,8 @@ def distilljob(name: str, namespace: str, run_policy: dict | None = None, **spec
 
 @contextlib.contextmanager
 def running_operator(namespace: str) -> Iterator[KopfRunner]:
-    """The operator, in-process, watching one namespace; stopped (and checked for crashes) on exit."""
-    from distill_operator import handlers
-
-    handlers.reset_api_client()
+    """The operator, in-process, watching one namespace; stopped (and checked for crashes) on exit. Each run gets a
+    fresh OperatorRuntime (API client included) configured from the environment at kopf's startup."""
     args = ["run", "--standalone", "--namespace", namespace, "-m", "distill_operator.handlers"]
     with KopfRunner(args, timeout=60) as runner:
         yield runner
