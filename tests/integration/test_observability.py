@@ -343,3 +343,27 @@ def test_every_dashboard_query_and_alert_expression_works_on_a_real_prometheus(
             assert [a for a in prometheus.api("alerts")["alerts"] if a["state"] == "firing"] == []
         finally:
             prometheus.stop()
+
+
+def test_dashboards_and_alerts_use_only_exported_metric_names():
+    """A typo in a metric name is caught here even without Prometheus (the live test then finds no data)."""
+    from prometheus_client import REGISTRY
+
+    from distill_operator import metrics  # noqa: F401  (registers the operator's families)
+    from distill_trainer import prometheus_sink
+
+    exported = {v for k, v in vars(prometheus_sink).items() if k.isupper() and str(v).startswith("kubedistill_")}
+    for family in REGISTRY.collect():
+        if family.name.startswith("kubedistill_"):
+            suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
+            exported |= {family.name + suffix for suffix in suffixes}
+    used = set()
+    for path in DASHBOARDS:
+        board = json.loads(path.read_text())
+        exprs = [t["expr"] for p in panels(board) for t in p["targets"]]
+        exprs += [v["query"]["query"] for v in board["templating"]["list"] if v["type"] == "query"]
+        used |= {name for expr in exprs for name in re.findall(r"\bkubedistill_\w+", expr)}
+    used |= {name for rule in alert_rules() for name in re.findall(r"\bkubedistill_\w+", rule["expr"])}
+    assert used - exported == set()
+    # And every trainer metric is on the training dashboard.
+    assert {n for n in exported if n.startswith("kubedistill_trainer_")} <= used
