@@ -214,10 +214,9 @@ def test_head_pods_match_the_pod_monitor(helm, tmp_path):
     selector = pods["spec"]["selector"]
     assert selector["matchLabels"].items() <= labels.items()
     assert all(e["key"] in labels for e in selector["matchExpressions"] if e["operator"] == "Exists")
-    ports = {p["name"] for c in head["spec"]["containers"] for p in c.get("ports", [])}
-    if "trainer-metrics" not in ports:
-        pytest.xfail("the trainer metrics port is not rendered on the head yet (render.py)")
-    assert pods["spec"]["podMetricsEndpoints"][0]["port"] in ports
+    ports = {p["name"]: p["containerPort"] for c in head["spec"]["containers"] for p in c.get("ports", [])}
+    endpoint = pods["spec"]["podMetricsEndpoints"][0]["port"]
+    assert endpoint == render.TRAINER_METRICS_PORT_NAME and ports[endpoint] == render.TRAINER_METRICS_PORT
 
 
 # --- RBAC: exactly what the code calls ---------------------------------------------------------------------------
