@@ -1,0 +1,271 @@
+"""The one distillation loss of a training step: ``(1 − w)·CE + w·KD`` over the label positions.
+
+Every train strategy calls ``distill_loss`` (through the ``loss_fn`` the worker hands it); nothing else
+composes the loss, and the driver only adds up the sums it returns. With ``N`` the label tokens of the
+*global* batch (all data-parallel ranks, all micro-batches of the step) and w = ``distill_loss_weight``:
+
+    ce_sum = Σ_label −log q(label)                 (q = softmax(z_s), T = 1: CE is never tempered)
+    kd_sum = Σ_label D(p ‖ q)                      (D = the kd_objective of losses.py, with its temperatures)
+    loss   = (1 − w)·ce_sum / N  +  w·kd_sum / N
+
+so summing ``loss`` over micro-batches and data-parallel ranks gives the step's mean loss, and its
+gradients sum the same way (torchtune's ``normalize=False``: sums compose, means do not). A term whose
+weight is 0 is left out of ``loss`` (0·inf would be NaN; pure KD must not stop on a non-finite CE).
+
+Inputs are the *logits at every position* of a micro-batch and its ``labels`` (``IGNORE_INDEX`` where
+nothing is learned); the teacher's targets (``TeacherTargets``) cover exactly the label positions, in
+row-major order of ``labels != IGNORE_INDEX``.
+
+Tensor parallelism: with a ``VocabShard`` the student logits are this rank's contiguous slice of the
+vocabulary. CE then uses the all-reduced log-sum-exp (max and Σexp over the shard group) and the label's
+logit from the rank that owns it; KD with full-vocabulary targets uses
+``parallel_losses.vocab_parallel_kd_loss`` (the teacher rank of the same TP index sends the same slice);
+KD with top-k targets takes the per-shard candidates every teacher TP rank sent, all-gathers them, keeps
+the global top-k (exact: the global top-k is among the per-shard top-k's) and gathers the student's
+logits there from the ranks that own them. The process group is passed in, never looked up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .data import IGNORE_INDEX
+from .losses import TopK, kd_loss
+
+if TYPE_CHECKING:
+    from .config import DistillConfig
+
+
+@dataclass(frozen=True)
+class TeacherTargets:
+    """What the teacher ships for the label positions of one micro-batch (temperatures not yet applied).
+
+    ``indices is None``: full-vocabulary logits, ``values`` [N_label, V_local] (the whole vocabulary, or
+    under TP the slice ``[vocab_start, vocab_start + V_local)`` of the teacher rank with the student
+    rank's TP index). ``indices`` set: top-k, ``values``/``indices`` [N_label, k] with *global* vocabulary
+    indices; unsharded they are the top-k, under TP they are one shard's candidates (the loss picks the
+    global top-k of all shards' candidates). Columns beyond the tokenizer's vocabulary must be −inf (or
+    absent), so that a padded column can never win a top-k.
+    """
+
+    values: torch.Tensor
+    indices: Optional[torch.Tensor] = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.values.shape[0])
+
+    def to(self, device: torch.device) -> "TeacherTargets":
+        indices = None if self.indices is None else self.indices.to(device).long()
+        return TeacherTargets(self.values.to(device), indices)
+
+    def split(self, rows: list[int]) -> list["TeacherTargets"]:
+        """Per-micro-batch targets of targets published for several micro-batches at once (rows concatenated)."""
+        values = torch.split(self.values, rows)
+        indices = torch.split(self.indices, rows) if self.indices is not None else [None] * len(rows)
+        return [TeacherTargets(v, i) for v, i in zip(values, indices)]
+
+    @staticmethod
+    def cat(parts: list["TeacherTargets"]) -> "TeacherTargets":
+        values = torch.cat([p.values for p in parts])
+        indices = None if parts[0].indices is None else torch.cat([p.indices for p in parts])
+        return TeacherTargets(values, indices)
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank holds vocabulary columns ``[start, start + size)`` of logits sharded over ``group`` (TP)."""
+
+    group: "dist.ProcessGroup"
+    start: int
+    size: int
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The fields of ``DistillConfig`` the loss reads."""
+
+    distill_loss_weight: float
+    kd_objective: str = "forward_kl"
+    kd_temperature: float = 1.0
+    teacher_temperature: float = 1.0
+    skew_lambda: float = 0.1
+    adaptive_kl_alpha: float = 0.5
+    logits_topk: int = 0
+
+    @classmethod
+    def from_config(cls, config: "DistillConfig") -> "LossConfig":
+        return cls(
+            distill_loss_weight=config.distill_loss_weight,
+            kd_objective=config.kd_objective,
+            kd_temperature=config.kd_temperature,
+            teacher_temperature=config.teacher_temperature,
+            skew_lambda=config.skew_lambda,
+            adaptive_kl_alpha=config.adaptive_kl_alpha,
+            logits_topk=config.logits_topk,
+        )
+
+
+class LossTerms(NamedTuple):
+    """``loss`` (with grad) is what backward runs on; ``ce_sum``/``kd_sum`` (float64, detached) are for metrics."""
+
+    loss: torch.Tensor
+    ce_sum: torch.Tensor
+    kd_sum: torch.Tensor
+    label_tokens: int
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher: Optional[TeacherTargets],
+    cfg: LossConfig,
+    normalizer: float,
+    shard: Optional[VocabShard] = None,
+) -> LossTerms:
+    """``(1 − w)·CE + w·KD`` of one micro-batch, both sums over its label tokens divided by ``normalizer``.
+
+    Args:
+        student_logits: [B, T, V] (or [B, T, V_local] with ``shard``) logits at every position; extra
+            columns beyond the vocabulary must already be cut off (or be −inf).
+        labels: [B, T] next-token ids, ``IGNORE_INDEX`` where nothing is learned.
+        teacher: the teacher's targets at the label positions; None is allowed only when w = 0 (SFT).
+        cfg: weight, objective and temperatures.
+        normalizer: label tokens of the global batch (> 0).
+        shard: the TP vocabulary shard these logits are (None: the whole vocabulary).
+
+    Returns:
+        ``LossTerms(loss, ce_sum, kd_sum, label_tokens)``; under TP the same values on every rank of the
+        shard group, and backward gives each rank the gradient of its own slice.
+    """
+    mask = (labels != IGNORE_INDEX).to(student_logits.device)
+    rows = student_logits[mask]  # [N_label, V(_local)]: the positions both terms are computed on
+    targets = labels.to(student_logits.device)[mask]
+    weight = cfg.distill_loss_weight
+    ce_sum = _ce_sum(rows, targets, shard)
+    loss = (1.0 - weight) * ce_sum / normalizer if weight < 1 else ce_sum.new_zeros(())
+    kd_sum = torch.zeros((), dtype=torch.float64)
+    if weight > 0:
+        if teacher is None:
+            raise ValueError("distill_loss_weight > 0 but no teacher targets were given for this micro-batch")
+        if teacher.rows != rows.shape[0]:
+            raise ValueError(f"teacher targets have {teacher.rows} rows, the micro-batch {rows.shape[0]} label tokens")
+        kd_mean = _kd_mean(rows, teacher.to(rows.device), cfg, normalizer, shard)
+        loss = loss + weight * kd_mean
+        kd_sum = kd_mean.detach().double().cpu() * normalizer
+    return LossTerms(loss, ce_sum.detach().double().cpu(), kd_sum, int(rows.shape[0]))
+
+
+def make_loss_fn(cfg: LossConfig, normalizer: float) -> Callable[..., LossTerms]:
+    """``loss_fn(logits, micro_batch, shard=None)`` for ``TrainStrategy.forward_backward`` (see strategies.base)."""
+
+    def loss_fn(logits: torch.Tensor, micro_batch, shard: Optional[VocabShard] = None) -> LossTerms:
+        return distill_loss(logits, micro_batch.labels, micro_batch.teacher, cfg, normalizer, shard)
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------------------------- CE
+
+
+def _ce_sum(rows: torch.Tensor, targets: torch.Tensor, shard: Optional[VocabShard]) -> torch.Tensor:
+    if shard is None:
+        return F.cross_entropy(rows.float(), targets, reduction="sum")
+    return _VocabParallelCrossEntropySum.apply(rows, targets, shard.start, shard.group)
+
+
+class _VocabParallelCrossEntropySum(torch.autograd.Function):
+    """Σ −log softmax(z)[label] with z sharded over the vocabulary: lse = max + log Σexp(z − max), both
+    all-reduced over the group; the label's logit comes from the rank that owns it (one all-reduce)."""
+
+    @staticmethod
+    def forward(ctx, rows, targets, vocab_start, group):
+        x = rows.float()
+        local_max = x.amax(1) if x.shape[1] else torch.full((x.shape[0],), -torch.inf, device=x.device)
+        row_max = local_max.clone()
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        exp = torch.exp(x - row_max[:, None])
+        sum_exp = exp.sum(1)
+        local = targets - vocab_start
+        owned = (local >= 0) & (local < x.shape[1])
+        local = local.clamp(0, max(x.shape[1] - 1, 0))
+        picked = torch.where(owned, x.gather(1, local[:, None]).squeeze(1), torch.zeros_like(sum_exp))
+        both = torch.stack([sum_exp, picked], 1)
+        dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)
+        sum_exp, picked = both[:, 0], both[:, 1]
+        softmax = exp.div_(sum_exp[:, None])
+        ctx.save_for_backward(softmax, local, owned)
+        ctx.rows_dtype = rows.dtype
+        return (sum_exp.log() + row_max - picked).sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        softmax, local, owned = ctx.saved_tensors
+        grad = softmax  # d/dz = softmax − onehot(label) on the owning rank
+        grad[torch.arange(grad.shape[0], device=grad.device)[owned], local[owned]] -= 1.0
+        return (grad * grad_output).to(ctx.rows_dtype), None, None, None
+
+
+# ----------------------------------------------------------------------------------------------- KD
+
+
+def _kd_mean(rows, teacher: TeacherTargets, cfg: LossConfig, normalizer: float, shard) -> torch.Tensor:
+    options = dict(
+        objective=cfg.kd_objective,
+        kd_temperature=cfg.kd_temperature,
+        teacher_temperature=cfg.teacher_temperature,
+        skew_lambda=cfg.skew_lambda,
+        adaptive_kl_alpha=cfg.adaptive_kl_alpha,
+        normalizer=float(normalizer),
+    )
+    if shard is None:
+        target = teacher.values if teacher.indices is None else TopK(teacher.values, teacher.indices)
+        return kd_loss(rows, target, **options)
+    if teacher.indices is None:
+        from .parallel_losses import vocab_parallel_kd_loss
+
+        return vocab_parallel_kd_loss(rows, teacher.values, group=shard.group, vocab_start=shard.start, **options)
+    values, index = _global_topk_of_candidates(teacher, cfg.logits_topk or teacher.values.shape[1], shard.group)
+    scores = _GatherShardedColumns.apply(rows, index, shard.start, shard.group)  # [N, k], every rank
+    return kd_loss(scores, values, **options)
+
+
+def _global_topk_of_candidates(teacher: TeacherTargets, k: int, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global top-k (values, global indices) from every shard's top-k candidates (exact)."""
+    world = dist.get_world_size(group)
+    gathered_v = [torch.empty_like(teacher.values) for _ in range(world)]
+    gathered_i = [torch.empty_like(teacher.indices) for _ in range(world)]
+    dist.all_gather(gathered_v, teacher.values.contiguous(), group=group)
+    dist.all_gather(gathered_i, teacher.indices.contiguous(), group=group)
+    values, pick = torch.topk(torch.cat(gathered_v, 1), min(k, world * teacher.values.shape[1]), dim=1)
+    return values, torch.cat(gathered_i, 1).gather(1, pick)
+
+
+class _GatherShardedColumns(torch.autograd.Function):
+    """[N, k] logits at global columns ``index`` from vocabulary-sharded rows (each entry from the rank that
+    owns it; one all-reduce); backward scatters the [N, k] gradient into the columns this rank owns."""
+
+    @staticmethod
+    def forward(ctx, rows, index, vocab_start, group):
+        local = index - vocab_start
+        owned = (local >= 0) & (local < rows.shape[1])
+        local = local.clamp(0, rows.shape[1] - 1)
+        scores = torch.where(owned, rows.gather(1, local).float(), torch.zeros((), device=rows.device))
+        dist.all_reduce(scores, op=dist.ReduceOp.SUM, group=group)
+        ctx.save_for_backward(local, owned)
+        ctx.shape, ctx.dtype = rows.shape, rows.dtype
+        return scores
+
+    @staticmethod
+    def backward(ctx, grad_scores):
+        local, owned = ctx.saved_tensors
+        grad = torch.zeros(ctx.shape, dtype=torch.float32, device=grad_scores.device)
+        grad.scatter_add_(1, local, grad_scores.float() * owned)
+        return grad.to(ctx.dtype), None, None, None
+
