@@ -10,7 +10,9 @@ thus gets the full per-token loss and the exact gradient for its own slice of th
 computed analytically in the forward pass (no autograd-through-collectives needed).
 
 Top-k: each rank takes the top-k of its teacher shard, the (value, global index) candidates are
-all-gathered, and the global top-k is selected from them. The k student logits at those indices are
+all-gathered, and the global top-k is selected from them (``vocab_parallel_topk``: the teacher's TP
+ranks do this and ship only the [N, k] result; ``vocab_parallel_kd_loss`` then takes it as a ``TopK``
+with global indices, and the student never sees the teacher's shard). The k student logits at those indices are
 then assembled on every rank (each rank fills in the entries it owns; one all-reduce of [N, k]),
 so every rank evaluates the same small [N, k] loss; the [N, k] gradient is scattered back into the
 entries this rank owns. Gathering k logits is cheaper and simpler than reducing partial statistics
@@ -28,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from distill_trainer.losses import (
+    TopK,
     VocabReduce,
     _check_chunk_size,
     _check_objective,
@@ -63,7 +66,7 @@ class ShardedVocab(VocabReduce):
 
 def vocab_parallel_kd_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: Union[torch.Tensor, TopK],
     *,
     group: dist.ProcessGroup,
     vocab_start: int,
@@ -81,12 +84,15 @@ def vocab_parallel_kd_loss(
 
     Args:
         student_logits: [N, V_local] (or [B, T, V_local]) this rank's slice of the student logits.
-        teacher_logits: the teacher's logits over the same slice, same shape.
+        teacher_logits: the teacher's logits over the same slice, same shape; or the teacher's global
+            top-k as ``TopK(values=[N, k], indices=[N, k])`` with *global* vocabulary indices, the same
+            on every rank (what ``vocab_parallel_topk`` gives the teacher's TP ranks): the student's
+            logits are gathered there and the loss is the top-k loss of ``kd_loss``.
         group: the tensor-parallel process group the vocabulary is sharded over.
         vocab_start: global vocabulary index of this rank's first column; the slices of the ranks
             must tile [0, V) without gaps or overlaps.
-        topk: 0 = full vocabulary; k > 0 = keep the teacher's global top-k (each shard must have at
-            least k columns).
+        topk: 0 = full vocabulary; k > 0 = keep the teacher's global top-k of ``teacher_logits`` (each
+            shard must have at least k columns). Must be 0 when ``teacher_logits`` is a ``TopK``.
         Other arguments are as in ``kd_loss``.
 
     Returns:
@@ -97,6 +103,11 @@ def vocab_parallel_kd_loss(
     chunk_size = _check_chunk_size(chunk_size)
     if not isinstance(topk, int) or isinstance(topk, bool) or topk < 0:
         raise ValueError(f"topk must be a non-negative int, got {topk!r}")
+    shipped = teacher_logits if isinstance(teacher_logits, TopK) else None
+    if shipped is not None:
+        if topk:
+            raise ValueError("topk must be 0 when the teacher's top-k is given (TopK)")
+        teacher_logits = _check_topk_targets(shipped, student_logits)
     student, teacher, mask = _flatten_shard(student_logits, teacher_logits, mask)
     local_vocab = student.shape[1]
     vocab_size, smallest_shard = _check_shards(local_vocab, vocab_start, group, student.device)
@@ -111,7 +122,12 @@ def vocab_parallel_kd_loss(
     with torch.no_grad():
         student = student.detach()
         teacher = teacher.detach()
-        if topk:
+        if shipped is not None:
+            teacher = shipped.values.reshape(-1, shipped.values.shape[-1]).detach()
+            global_index = shipped.indices.reshape(teacher.shape).long()
+            index, owned, scores = _student_at(student, global_index, vocab_start, group)
+            vocab = VocabReduce()  # every rank evaluates the whole [N, k] set
+        elif topk:
             teacher, index, owned, scores = _global_topk(student, teacher, topk, vocab_start, group)
             vocab = VocabReduce()  # every rank evaluates the whole [N, k] set
         else:
@@ -147,19 +163,84 @@ def _global_topk(student, teacher, k, vocab_start, group):
     Returns (teacher values [N, k], local column index [N, k] clamped into this shard, owned [N, k]
     bool: whether this rank holds that column, student logits [N, k] assembled from all ranks).
     """
-    values, local_index = torch.topk(teacher, k, dim=1)
-    candidates_v = _all_gather_cat(values, group)
-    candidates_i = _all_gather_cat(local_index + vocab_start, group)
-    top_v, pick = torch.topk(candidates_v, k, dim=1)
-    global_index = candidates_i.gather(1, pick)
+    top = vocab_parallel_topk(teacher, k, vocab_start=vocab_start, group=group)
+    local, owned, scores = _student_at(student, top.indices, vocab_start, group)
+    return top.values, local, owned, scores
 
+
+def shard_topk(teacher_shard: torch.Tensor, k: int, vocab_start: int) -> TopK:
+    """The top-k candidates of one vocabulary shard, with *global* vocabulary indices (teacher side).
+
+    A shard narrower than k contributes all its columns. Padded columns must already be −inf
+    (``mask_vocab_padding``) so that they can never be chosen over a real token.
+    """
+    with torch.no_grad():
+        values, local = torch.topk(teacher_shard.detach(), min(k, teacher_shard.shape[-1]), dim=-1)
+    return TopK(values=values, indices=local + vocab_start)
+
+
+def merge_topk(candidates: TopK, k: int, group: dist.ProcessGroup) -> TopK:
+    """The global top-k from every shard's candidates (all-gathered over ``group``; exact, because each
+    of the global top-k is among the top-k of the shard that holds it). Same result on every rank."""
+    values = _all_gather_cat(candidates.values, group)
+    indices = _all_gather_cat(candidates.indices, group)
+    top_v, pick = torch.topk(values, k, dim=-1)
+    return TopK(values=top_v, indices=indices.gather(-1, pick))
+
+
+def vocab_parallel_topk(teacher_shard: torch.Tensor, k: int, *, vocab_start: int, group: dist.ProcessGroup) -> TopK:
+    """``topk_teacher_logits`` of vocabulary-sharded logits: per-shard top-k with global indices, then the
+    global top-k of the k·tp candidates. Every rank of ``group`` gets the same [N, k] values and global
+    indices; this is all the teacher needs to ship (not its shard)."""
+    return merge_topk(shard_topk(teacher_shard, k, vocab_start), k, group)
+
+
+def mask_vocab_padding(logits_shard: torch.Tensor, vocab_start: int, vocab_size: int) -> torch.Tensor:
+    """Columns whose global index is ≥ ``vocab_size`` (the tokenizer's) set to −inf, in place.
+
+    Megatron pads the vocabulary so that it splits evenly over TP ranks; padded columns have logit 0,
+    which would beat every negative logit in a top-k and take probability mass in a softmax.
+    """
+    first_padded = max(0, vocab_size - vocab_start)
+    if first_padded < logits_shard.shape[-1]:
+        logits_shard[..., first_padded:] = -float("inf")
+    return logits_shard
+
+
+def gather_sharded_columns(
+    student_shard: torch.Tensor, index: torch.Tensor, *, vocab_start: int, group: dist.ProcessGroup
+) -> torch.Tensor:
+    """[N, k] float32 student logits at global vocabulary ``index`` from vocabulary-sharded rows
+    [N, V_local]; the same on every rank (each entry comes from the rank that owns it, one all-reduce).
+    Differentiable: backward puts the [N, k] gradient into the columns this rank owns (no collective)."""
+    return _GatherShardedColumns.apply(student_shard, index, vocab_start, group)
+
+
+class _GatherShardedColumns(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, index, vocab_start, group):
+        local, owned, scores = _student_at(rows.detach(), index, vocab_start, group)
+        ctx.save_for_backward(local, owned)
+        ctx.shape, ctx.dtype = rows.shape, rows.dtype
+        return scores
+
+    @staticmethod
+    def backward(ctx, grad_scores):
+        local, owned = ctx.saved_tensors
+        grad = torch.zeros(ctx.shape, dtype=torch.float32, device=grad_scores.device)
+        grad.scatter_add_(1, local, grad_scores.float() * owned)
+        return grad.to(ctx.dtype), None, None, None
+
+
+def _student_at(student, global_index, vocab_start, group):
+    """(local index clamped into this shard, owned mask, float32 logits at global_index from all ranks)."""
     local = global_index - vocab_start
     owned = (local >= 0) & (local < student.shape[1])
     local = local.clamp(0, student.shape[1] - 1)
     scores = torch.where(owned, student.gather(1, local), torch.zeros((), dtype=student.dtype, device=student.device))
     scores = scores.float()
     dist.all_reduce(scores, op=dist.ReduceOp.SUM, group=group)  # exactly one rank owns each entry
-    return top_v, local, owned, scores
+    return local, owned, scores
 
 
 def _all_gather_cat(x: torch.Tensor, group) -> torch.Tensor:
@@ -181,6 +262,19 @@ def _check_shards(local_vocab: int, vocab_start: int, group, device) -> tuple[in
             raise ValueError(f"vocab_start: the ranks' vocabulary slices {every} do not tile [0, V)")
         expected = start + width
     return expected, min(width for _, width in every)
+
+
+def _check_topk_targets(top: TopK, student_logits: torch.Tensor) -> torch.Tensor:
+    """Validate shipped top-k targets; returns a stand-in of the student's shape for _flatten_shard."""
+    lead = student_logits.shape[:-1]
+    if top.values.shape != top.indices.shape or top.values.shape[:-1] != lead:
+        raise ValueError(
+            f"TopK values {tuple(top.values.shape)} and indices {tuple(top.indices.shape)} must both be "
+            f"{tuple(lead)} + (k,) to match student_logits"
+        )
+    if top.indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError("TopK indices must be int32/int64 global vocabulary indices")
+    return student_logits.detach()  # shape and dtype only
 
 
 def _flatten_shard(student_logits, teacher_logits, mask):
