@@ -3,7 +3,9 @@
 No KubeRay controller can run here: the tests play KubeRay's part by patching RayJob status through the
 status subresource (``play_kuberay``), exactly the fields KubeRay writes (jobDeploymentStatus, jobStatus).
 The operator runs in-process with ``kopf.testing.KopfRunner``, watching only the test's namespace, with a short
-reconcile interval so that timers (deadlines, TTL) fire within seconds.
+reconcile interval so that timers (deadlines, TTL) fire within seconds, and with the credentials it has when
+installed: a token of the Helm chart's ServiceAccount, bound to the chart's RBAC (installed once per test session;
+``operator_credentials``). A call the chart does not allow fails the test like it would fail in a cluster.
 """
 
 from __future__ import annotations
@@ -13,8 +15,12 @@ import os
 # Read by OperatorRuntime.from_env at each operator's startup: fast timers for the tests.
 os.environ.setdefault("KUBEDISTILL_RECONCILE_INTERVAL_SECONDS", "0.5")
 
+import atexit  # noqa: E402
+import base64  # noqa: E402
 import contextlib  # noqa: E402
+import functools  # noqa: E402
 import shlex  # noqa: E402
+import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Iterator  # noqa: E402
 
@@ -73,15 +79,74 @@ def distilljob(name: str, namespace: str, run_policy: dict | None = None, **spec
     return body
 
 
+CHART = REPO / "charts" / "kubedistill"
+OPERATOR_RELEASE, OPERATOR_SYSTEM_NAMESPACE = "kd-tests", "kubedistill-tests-system"
+
+
+@functools.lru_cache(maxsize=None)
+def operator_credentials(admin_kubeconfig: str) -> Path:
+    """A kubeconfig holding a token of the chart's operator ServiceAccount, the chart (RBAC, ServiceAccount,
+    Deployment; no CRDs, the suite installs those) installed once with ``helm install`` by the admin credentials.
+    Cluster-wide, as with the chart's default values. Uninstalled when the test process exits."""
+    import yaml
+    from kubernetes import client, config
+
+    helm_done = subprocess.run(["bash", str(REPO / "scripts" / "helm" / "ensure.sh")], capture_output=True,
+                               text=True, timeout=300)
+    if helm_done.returncode != 0:
+        pytest.fail(f"no helm, so the operator cannot get the chart's credentials: {helm_done.stderr.strip()}")
+    helm = helm_done.stdout.strip().splitlines()[-1]
+    env = dict(os.environ, KUBECONFIG=admin_kubeconfig, HELM_CACHE_HOME="/tmp/kubedistill-helm/cache",
+               HELM_CONFIG_HOME="/tmp/kubedistill-helm/config", HELM_DATA_HOME="/tmp/kubedistill-helm/data")
+    # The tests run the operator with --namespace <the test's namespace>, and each test makes a new namespace: the
+    # chart's form for that is a glob (cluster-wide bindings plus the namespace reads kopf then needs).
+    helm_args = ["upgrade", "--install", OPERATOR_RELEASE, str(CHART), "--namespace", OPERATOR_SYSTEM_NAMESPACE,
+                 "--create-namespace", "--skip-crds", "--set", "operator.namespaces={*-*}"]
+    done = subprocess.run([helm, *helm_args], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    atexit.register(subprocess.run, [helm, "uninstall", OPERATOR_RELEASE, "-n", OPERATOR_SYSTEM_NAMESPACE],
+                    capture_output=True, timeout=120, env=env)
+
+    admin = config.new_client_from_config(config_file=admin_kubeconfig)
+    account = f"{OPERATOR_RELEASE}-kubedistill-operator"
+    token = client.CoreV1Api(admin).create_namespaced_service_account_token(
+        account, OPERATOR_SYSTEM_NAMESPACE,
+        client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=6 * 3600)),
+    ).status.token
+    cluster = {"server": admin.configuration.host}
+    if admin.configuration.ssl_ca_cert:
+        cluster["certificate-authority-data"] = base64.b64encode(
+            Path(admin.configuration.ssl_ca_cert).read_bytes()).decode()
+    path = Path(admin_kubeconfig).with_name("operator-sa.kubeconfig")
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "operator",
+        "clusters": [{"name": "test", "cluster": cluster}],
+        "users": [{"name": account, "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": "test", "user": account}}],
+    }))
+    return path
+
+
 @contextlib.contextmanager
-def running_operator(namespace: str) -> Iterator[KopfRunner]:
-    """The operator, in-process, watching one namespace; stopped (and checked for crashes) on exit. Each run gets a
-    fresh OperatorRuntime (API client included) configured from the environment at kopf's startup."""
+def running_operator(namespace: str, credentials: Path | None = None) -> Iterator[KopfRunner]:
+    """The operator, in-process, watching one namespace, with the chart's credentials (or ``credentials``; the admin
+    KUBECONFIG of the test, see ``kubeconfig_env``, only installs them); stopped (and checked for crashes and for
+    calls its RBAC refused) on exit. Each run gets a fresh OperatorRuntime (API client included) configured from the
+    environment at kopf's startup."""
+    import kubernetes.config.kube_config
+
+    admin = os.environ["KUBECONFIG"]
+    credentials = str(credentials or operator_credentials(admin))
     args = ["run", "--standalone", "--namespace", namespace, "-m", "distill_operator.handlers"]
-    with KopfRunner(args, timeout=60) as runner:
-        yield runner
+    os.environ["KUBECONFIG"] = kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION = credentials
+    try:
+        with KopfRunner(args, timeout=60) as runner:
+            yield runner
+    finally:
+        os.environ["KUBECONFIG"] = kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION = admin
     assert runner.exception is None, runner.output
     assert runner.exit_code == 0, runner.output
+    assert "Forbidden" not in runner.output, f"a call the chart's RBAC does not allow:\n{runner.output}"
 
 
 @pytest.fixture

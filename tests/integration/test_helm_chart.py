@@ -343,8 +343,7 @@ def _service_account_kubeconfig(kube_cluster, kube_api_client, namespace: str, a
 
 @pytest.mark.k8s
 def test_operator_reconciles_with_the_charts_service_account(helm, tmp_path, kube, kube_cluster, kube_api_client,
-                                                             kubeconfig_env, distilljob_crd, jobs, kube_namespace,
-                                                             monkeypatch):
+                                                             kubeconfig_env, distilljob_crd, jobs, kube_namespace):
     """The chart installed (CRD skipped: the suite's is there) with the job's namespace listed; the operator runs
     with a token of the chart's ServiceAccount: a job goes Running -> Succeeded, the trainer's report (its own
     token) is mirrored, and ttlSecondsAfterFinished deletes the job. Any call the chart does not allow is a 403."""
@@ -355,11 +354,7 @@ def test_operator_reconciles_with_the_charts_service_account(helm, tmp_path, kub
     try:
         account = f"{release}-kubedistill-operator"
         config = _service_account_kubeconfig(kube_cluster, kube_api_client, system, account, tmp_path / "sa.kubeconfig")
-        import kubernetes.config.kube_config
-
-        monkeypatch.setenv("KUBECONFIG", str(config))
-        monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(config))
-        with running_operator(kube_namespace) as runner:
+        with running_operator(kube_namespace, credentials=config) as runner:
             jobs.create(distilljob("charted", kube_namespace, run_policy={"ttlSecondsAfterFinished": 1}))
             jobs.rayjob("charted-0")
             jobs.play_kuberay("charted-0", "Running", "RUNNING")

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.operator_fixtures import distilljob_crd, jobs  # noqa: F401  (fixtures)
+from tests.integration.operator_fixtures import distilljob_crd, jobs, operator_credentials  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES_DIR = ROOT / "charts" / "kubedistill" / "rules"
@@ -258,7 +258,8 @@ def test_every_dashboard_query_and_alert_expression_works_on_a_real_prometheus(
 
     job, trainer_port = "obs", free_port()
     t0 = time.time()
-    with _operator_process(kube_cluster.kubeconfig, kube_namespace, tmp_path) as operator_port:
+    # The operator with the chart's ServiceAccount token, as when installed (operator_fixtures.operator_credentials).
+    with _operator_process(operator_credentials(str(kube_cluster.kubeconfig)), kube_namespace, tmp_path) as operator_port:
         prometheus = Prometheus(tmp_path, {"kubedistill-operator": operator_port, "kubedistill-trainer": trainer_port},
                                 [RULES])
         try:

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 from kube_cluster import free_port, wait_for
-from tests.integration.operator_fixtures import distilljob, distilljob_crd, jobs  # noqa: F401
+from tests.integration.operator_fixtures import distilljob, distilljob_crd, jobs, operator_credentials  # noqa: F401
 
 pytestmark = pytest.mark.k8s
 
@@ -26,7 +26,8 @@ def _get(url: str) -> tuple[int, str]:
 
 def test_operator_process_serves_liveness_and_metrics(kube_cluster, distilljob_crd, jobs, kube_namespace, tmp_path):
     metrics_port, liveness_port = free_port(), free_port()
-    env = dict(os.environ, KUBECONFIG=str(kube_cluster.kubeconfig))
+    # The chart's ServiceAccount token, as when installed (tests/integration/operator_fixtures.py).
+    env = dict(os.environ, KUBECONFIG=str(operator_credentials(str(kube_cluster.kubeconfig))))
     log = open(tmp_path / "operator.log", "wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "distill_operator", "--namespace", kube_namespace, "--metrics-port", str(metrics_port),
