@@ -88,8 +88,7 @@ def operator_credentials(admin_kubeconfig: str) -> Path:
     """A kubeconfig holding a token of the chart's operator ServiceAccount, the chart (RBAC, ServiceAccount,
     Deployment; no CRDs, the suite installs those) installed once with ``helm install`` by the admin credentials.
     Cluster-wide, as with the chart's default values. Uninstalled when the test process exits."""
-    import yaml
-    from kubernetes import client, config
+    from kubernetes import config
 
     helm_done = subprocess.run(["bash", str(REPO / "scripts" / "helm" / "ensure.sh")], capture_output=True,
                                text=True, timeout=300)
@@ -108,21 +107,29 @@ def operator_credentials(admin_kubeconfig: str) -> Path:
                     capture_output=True, timeout=120, env=env)
 
     admin = config.new_client_from_config(config_file=admin_kubeconfig)
-    account = f"{OPERATOR_RELEASE}-kubedistill-operator"
+    return service_account_kubeconfig(admin, OPERATOR_SYSTEM_NAMESPACE, f"{OPERATOR_RELEASE}-kubedistill-operator",
+                                      Path(admin_kubeconfig).with_name("operator-sa.kubeconfig"))
+
+
+def service_account_kubeconfig(admin: Any, namespace: str, account: str, path: Path) -> Path:
+    """Write a kubeconfig at ``path`` that authenticates as ServiceAccount ``namespace/account`` (a TokenRequest
+    token, valid for the whole test session) against the server ``admin`` (an ApiClient) talks to."""
+    import yaml
+    from kubernetes import client
+
     token = client.CoreV1Api(admin).create_namespaced_service_account_token(
-        account, OPERATOR_SYSTEM_NAMESPACE,
+        account, namespace,
         client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=6 * 3600)),
     ).status.token
     cluster = {"server": admin.configuration.host}
     if admin.configuration.ssl_ca_cert:
         cluster["certificate-authority-data"] = base64.b64encode(
             Path(admin.configuration.ssl_ca_cert).read_bytes()).decode()
-    path = Path(admin_kubeconfig).with_name("operator-sa.kubeconfig")
     path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "operator",
+        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
         "clusters": [{"name": "test", "cluster": cluster}],
         "users": [{"name": account, "user": {"token": token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": "test", "user": account}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "test", "user": account}}],
     }))
     return path
 

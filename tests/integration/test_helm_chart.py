@@ -15,7 +15,6 @@ as the README tells users of such clusters to do (``--skip-crds`` and the no-CEL
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
@@ -34,6 +33,7 @@ from tests.integration.operator_fixtures import (  # noqa: F401
     distilljob_crd,
     jobs,
     running_operator,
+    service_account_kubeconfig,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -325,22 +325,6 @@ def test_helm_install_with_a_mistyped_value_is_rejected(helm, kube_cluster, kube
 # --- the operator under the chart's RBAC ---------------------------------------------------------------------------
 
 
-def _service_account_kubeconfig(kube_cluster, kube_api_client, namespace: str, account: str, path: Path) -> Path:
-    token = client.CoreV1Api(kube_api_client).create_namespaced_service_account_token(
-        account, namespace, client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(audiences=[]))
-    ).status.token
-    cluster = {"server": kube_cluster.server}
-    if kube_cluster.ca_file:
-        cluster["certificate-authority-data"] = base64.b64encode(Path(kube_cluster.ca_file).read_bytes()).decode()
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
-        "clusters": [{"name": "c", "cluster": cluster}],
-        "users": [{"name": account, "user": {"token": token}}],
-        "contexts": [{"name": "sa", "context": {"cluster": "c", "user": account}}],
-    }))
-    return path
-
-
 @pytest.mark.k8s
 def test_operator_reconciles_with_the_charts_service_account(helm, tmp_path, kube, kube_cluster, kube_api_client,
                                                              kubeconfig_env, distilljob_crd, jobs, kube_namespace):
@@ -353,7 +337,7 @@ def test_operator_reconciles_with_the_charts_service_account(helm, tmp_path, kub
          "--set", f"operator.namespaces={{{kube_namespace}}}", kubeconfig=kube_cluster.kubeconfig)
     try:
         account = f"{release}-kubedistill-operator"
-        config = _service_account_kubeconfig(kube_cluster, kube_api_client, system, account, tmp_path / "sa.kubeconfig")
+        config = service_account_kubeconfig(kube_api_client, system, account, tmp_path / "sa.kubeconfig")
         with running_operator(kube_namespace, credentials=config) as runner:
             jobs.create(distilljob("charted", kube_namespace, run_policy={"ttlSecondsAfterFinished": 1}))
             jobs.rayjob("charted-0")
