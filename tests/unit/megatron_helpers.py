@@ -1,0 +1,116 @@
+"""Shared pieces of the Megatron strategy tests: tiny HF models written to disk, a duck-typed config,
+and a spawn helper for gloo CPU ranks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TOKENIZER_VOCAB = 90  # the tokenizer's size; the models' embeddings have 96 rows (padded, as Qwen's are)
+MODEL_VOCAB = 96
+
+
+def tiny_config(family: str, *, tied: bool, layers: int = 2, hidden: int = 64):
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=MODEL_VOCAB,
+        hidden_size=hidden,
+        intermediate_size=hidden * 3 // 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # GQA
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+        rms_norm_eps=1e-6,
+        attention_dropout=0.0,
+        rope_theta=10000.0,
+    )
+    if family == "qwen2":
+        return Qwen2Config(**common)
+    return LlamaConfig(**common, attention_bias=False, mlp_bias=False)
+
+
+def write_tiny_model(directory: str, family: str, *, tied: bool, seed: int, layers: int = 2, hidden: int = 64) -> str:
+    """A randomly initialized HF causal LM saved with save_pretrained; weights scaled up so that the
+    logits are far from uniform (a comparison of near-equal logits would prove little)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, tied=tied, layers=layers, hidden=hidden))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 2:
+                param.mul_(4.0)
+            elif "bias" in name:
+                param.normal_(0, 0.5)
+    model.save_pretrained(directory)
+    return directory
+
+
+def fake_config(student: str, teacher: str | None = None, *, topk: int = 0, max_steps: int = 5, lr: float = 1e-2):
+    """The fields of DistillConfig the Megatron strategies read (a duck-typed stand-in)."""
+    training_args = SimpleNamespace(
+        learning_rate=lr,
+        lr_scheduler_type="linear",
+        warmup_steps=1,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+    )
+    model_args = SimpleNamespace(dtype="fp32")
+    return SimpleNamespace(
+        student_pretrain=student,
+        teacher_pretrain=teacher or student,
+        seed=0,
+        logits_topk=topk,
+        max_steps=max_steps,
+        student=SimpleNamespace(model_args=model_args, training_args=training_args),
+        teacher=SimpleNamespace(model_args=model_args),
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(rank, world, port, fn, args):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        from megatron.core import parallel_state as mpu
+
+        mpu.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def spawn(fn, world: int, *args) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` gloo CPU processes."""
+    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+
+
+def rank_context(rank: int, world: int, tp: int, pp: int):
+    from distill_trainer.strategies.base import RankContext
+
+    return RankContext(rank=rank, world_size=world, tp_size=tp, pp_size=pp, group=dist.group.WORLD)
+
+
+def reset_megatron() -> None:
+    from megatron.core import parallel_state as mpu
+
+    mpu.destroy_model_parallel()

@@ -1,0 +1,483 @@
+"""The ``megatron_train`` (student) / ``megatron_infer`` (teacher) strategies: Megatron-Core GPT models over
+DP × TP × PP ranks, HF weights in and out through mbridge (``megatron_bridge``).
+
+Layout. The ranks of one side form the default torch.distributed group of their processes (the workers
+initialize it; a single rank gets a one-process group here). ``initialize_model_parallel(tp, pp)`` splits
+it in Megatron's default order (TP fastest, then DP, then PP), which is ``RankContext``'s numbering, so
+rank r of the teacher and rank r of the student hold the same TP slice of the same PP stage.
+
+Logits. The last PP stage produces this TP rank's vocabulary slice ``[tp_rank·V_p/tp, (tp_rank+1)·V_p/tp)``
+of the logits, where V_p is the vocabulary padded to a multiple of 128·tp that holds *both* models'
+embeddings (``megatron_bridge.padded_vocab_size``), so teacher and student shards line up. Columns at or
+beyond the tokenizer's size are set to −inf on every shard (``parallel_losses.mask_vocab_padding``):
+Megatron's padding rows give logit 0, which would otherwise win a top-k and take softmax mass.
+With tp = 1 the logits are simply cut to the tokenizer's size.
+
+Teacher targets (``MegatronInferStrategy.forward``): the raw logits at the label positions; with
+``logits_topk`` each TP rank ships the top-k of its own shard with global indices (the student's loss
+all-gathers the k·tp candidates of its TP group and keeps the exact global top-k, see ``distill_loss``),
+without top-k its whole (masked) shard.
+
+Training step (``MegatronTrainStrategy``): ``forward_backward`` runs Megatron's schedule
+(``get_forward_backward_func``: no pipelining at pp = 1, 1F1B otherwise) with a ``forward_step_func`` whose
+loss function is the run's ``loss_fn`` on the last stage; the schedule runs the backward (through the
+pipeline's send/receive of activation gradients). ``loss_fn`` already divides by the global label-token
+count, so the schedule is told not to rescale (``calculate_per_token_loss`` with a token count of 1).
+``optimizer_step`` is Megatron's: ``finalize_model_grads`` (DP all-reduce of the DDP grad buffers as a sum,
+tied-embedding gradients between first and last stage), the global gradient norm over TP/PP without
+duplicates, clipping and the inner AdamW step. The learning-rate schedule is transformers' (same as
+``torch_train``) on the inner optimizer. A step whose loss on any rank, or whose gradient norm, is
+NaN/inf is not applied.
+
+Checkpoints: the student is exported in HF format (merged across TP and PP, padding rows dropped) to
+``<dir>/student/`` by global rank 0; each rank writes its optimizer and scheduler state and RNG states to
+``<dir>/megatron/rank_<r>.pt``. ``load`` restores all of it (same layout required).
+
+CPU: ``megatron_cpu`` installs the CUDA stand-ins and every Megatron call runs inside
+``cpu_device_mode()``; on a GPU none of that is active and Megatron's own paths run (untested here).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .. import checkpoint
+from ..data import IGNORE_INDEX
+from ..distill_loss import TeacherTargets, VocabShard
+from ..parallel_losses import mask_vocab_padding, shard_topk
+from . import megatron_bridge as mb
+from .base import InferStrategy, MicroBatch, OptimizerStepResult, RankContext, StepStats, TrainStrategy
+from .megatron_cpu import apply_cpu_shims, cpu_device_mode, needs_cpu_shims
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MEGATRON_STATE_DIR = "megatron"
+
+
+def rank_state_file(rank: int) -> str:
+    return f"{MEGATRON_STATE_DIR}/rank_{rank:05d}.pt"
+
+
+# ------------------------------------------------------------------------------------------- setup
+
+
+def init_megatron(rank: RankContext, seed: int) -> None:
+    """torch.distributed (a one-process group when this side has one rank) and Megatron's TP/PP/DP groups."""
+    apply_cpu_shims()
+    if not dist.is_initialized():
+        if rank.world_size != 1:
+            raise RuntimeError("torch.distributed must be initialized by the worker when a side has several ranks")
+        backend = "gloo" if needs_cpu_shims() else "nccl"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if dist.get_world_size() != rank.world_size or dist.get_rank() != rank.rank:
+        raise RuntimeError(
+            f"the default process group (rank {dist.get_rank()} of {dist.get_world_size()}) is not this side's "
+            f"ranks (rank {rank.rank} of {rank.world_size})"
+        )
+    from megatron.core import parallel_state as mpu
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if mpu.model_parallel_is_initialized():
+        if (mpu.get_tensor_model_parallel_world_size(), mpu.get_pipeline_model_parallel_world_size()) != (
+            rank.tp_size,
+            rank.pp_size,
+        ):
+            raise RuntimeError("Megatron's parallel state is already initialized with another tp/pp layout")
+    else:
+        with cpu_device_mode():
+            mpu.initialize_model_parallel(
+                tensor_model_parallel_size=rank.tp_size, pipeline_model_parallel_size=rank.pp_size
+            )
+    if (mpu.get_tensor_model_parallel_rank(), mpu.get_data_parallel_rank(), mpu.get_pipeline_model_parallel_rank()) != (
+        rank.tp_rank,
+        rank.dp_rank,
+        rank.pp_rank,
+    ):
+        raise RuntimeError("Megatron's rank order differs from RankContext's (tp fastest, then dp, then pp)")
+    with cpu_device_mode():
+        model_parallel_cuda_manual_seed(seed)
+
+
+def shared_padded_vocab(config, tp_size: int) -> int:
+    """The padded vocabulary both sides use (from both models' config.json)."""
+    from ..models import model_vocab_size
+
+    sizes = [model_vocab_size(config.student_pretrain)]
+    if getattr(config, "teacher_pretrain", None):
+        sizes.append(model_vocab_size(config.teacher_pretrain))
+    return mb.padded_vocab_size(sizes, tp_size)
+
+
+class _MegatronModel:
+    """What both strategies share: the parallel setup, the model stage of this rank and its logits view."""
+
+    def _setup(self, config, rank: RankContext, vocab, model_path: str, model_args, *, train: bool) -> None:
+        from transformers import AutoConfig
+
+        self.config, self.rank, self.vocab = config, rank, vocab
+        init_megatron(rank, config.seed)
+        from megatron.core import parallel_state as mpu
+
+        self.mpu = mpu
+        self.device = torch.device("cpu") if needs_cpu_shims() else torch.device("cuda", torch.cuda.current_device())
+        self.hf_config = AutoConfig.from_pretrained(model_path)
+        self.padded_vocab = shared_padded_vocab(config, rank.tp_size)
+        overrides = {"calculate_per_token_loss": True} if train else {}
+        with cpu_device_mode():
+            self.bridge = mb.make_bridge(
+                self.hf_config,
+                dtype=_DTYPES[model_args.dtype],
+                padded_vocab=self.padded_vocab,
+                config_overrides=overrides,
+            )
+            self.module = mb.build_gpt_model(self.bridge)
+            mb.load_hf_weights(self.bridge, self.module, model_path)
+        self.shard_width = self.padded_vocab // rank.tp_size
+        self.vocab_start = rank.tp_rank * self.shard_width
+        self.tp_group = mpu.get_tensor_model_parallel_group()
+
+    def _logits_view(self, output: torch.Tensor) -> tuple[torch.Tensor, Optional[VocabShard]]:
+        """[B, T, V_local] logits ready for the loss: padded columns −inf (tp > 1) or cut off (tp = 1)."""
+        if self.rank.tp_size == 1:
+            return output[..., : self.vocab.size], None
+        first_padded = max(0, self.vocab.size - self.vocab_start)
+        if first_padded < output.shape[-1]:
+            keep = torch.arange(output.shape[-1], device=output.device) < first_padded
+            output = output.masked_fill(~keep, -float("inf"))
+        return output, VocabShard(self.tp_group, self.vocab_start, self.shard_width)
+
+    def _run(self, model, micro_batches: Sequence[MicroBatch], on_logits, *, forward_only: bool) -> None:
+        """Megatron's schedule over ``micro_batches``; ``on_logits(output, micro_batch)`` runs on the last
+        stage and returns the loss tensor the schedule backpropagates (ignored when forward_only)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator, model_chunk):
+            micro_batch = next(data_iterator)
+            input_ids = micro_batch.input_ids.to(self.device)
+            positions = torch.arange(input_ids.shape[1], device=self.device).expand_as(input_ids)
+            # Right-padded batches: the causal mask alone gives every real position exactly HF's logits.
+            output = model_chunk(input_ids, positions, None)
+
+            def loss_func(output_tensor):
+                return on_logits(output_tensor, micro_batch), torch.tensor(1, dtype=torch.int), {}
+
+            return output, loss_func
+
+        with cpu_device_mode():
+            get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iter(micro_batches),
+                model=[model],
+                num_microbatches=len(micro_batches),
+                seq_length=max(int(m.input_ids.shape[1]) for m in micro_batches),
+                micro_batch_size=max(int(m.input_ids.shape[0]) for m in micro_batches),
+                forward_only=forward_only,
+            )
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.rank.is_last_stage
+
+
+# ------------------------------------------------------------------------------------------- teacher
+
+
+class MegatronInferStrategy(_MegatronModel, InferStrategy):
+    """The teacher on DP × TP × PP ranks, forward only."""
+
+    name = "megatron_infer"
+
+    def __init__(self, config, rank: RankContext, vocab):
+        self._setup(config, rank, vocab, config.teacher_pretrain, config.teacher.model_args, train=False)
+        self.module.eval()
+        self.module.requires_grad_(False)
+        self.topk = config.logits_topk
+
+    @torch.no_grad()
+    def forward(self, micro_batch: MicroBatch) -> Optional[TeacherTargets]:
+        out: list[TeacherTargets] = []
+
+        def targets(output, batch):
+            mask = (batch.labels != IGNORE_INDEX).to(output.device)
+            rows = output[mask].float()  # [N_label, V_local]
+            if self.rank.tp_size == 1:
+                rows = rows[:, : self.vocab.size]
+            else:
+                mask_vocab_padding(rows, self.vocab_start, self.vocab.size)
+            if self.topk:
+                top = shard_topk(rows, self.topk, self.vocab_start if self.rank.tp_size > 1 else 0)
+                out.append(TeacherTargets(top.values, top.indices))
+            else:
+                out.append(TeacherTargets(rows))
+            return output.new_zeros(())
+
+        self._run(self.module, [micro_batch], targets, forward_only=True)
+        return out[0] if self.is_last_stage else None
+
+    def logits(self, input_ids: torch.Tensor) -> Optional[torch.Tensor]:
+        """[B, T, V_local] raw logits of this TP rank's vocabulary slice (padding columns included), on the
+        last stage; None elsewhere. For tests and tools."""
+        out = []
+
+        def keep(output, batch):
+            out.append(output.detach().float())
+            return output.new_zeros(())
+
+        batch = MicroBatch(input_ids, torch.ones_like(input_ids), torch.full_like(input_ids, IGNORE_INDEX))
+        with torch.no_grad():
+            self._run(self.module, [batch], keep, forward_only=True)
+        return out[0] if out else None
+
+
+# ------------------------------------------------------------------------------------------- student
+
+
+class MegatronTrainStrategy(_MegatronModel, TrainStrategy):
+    """The student on DP × TP × PP ranks: Megatron's DDP, schedule and optimizer."""
+
+    name = "megatron_train"
+
+    def __init__(self, config, rank: RankContext, vocab):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from transformers import get_scheduler
+
+        self._setup(config, rank, vocab, config.student_pretrain, config.student.model_args, train=True)
+        args = config.student.training_args
+        self.args = args
+        with cpu_device_mode():
+            self.model = DistributedDataParallel(
+                config=self.bridge.config,
+                ddp_config=DistributedDataParallelConfig(
+                    grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+                ),
+                module=self.module,
+            )
+            dtype = _DTYPES[config.student.model_args.dtype]
+            self.optimizer = get_megatron_optimizer(
+                OptimizerConfig(
+                    optimizer="adam",
+                    lr=args.learning_rate,
+                    weight_decay=args.weight_decay,
+                    adam_beta1=args.adam_beta1,
+                    adam_beta2=args.adam_beta2,
+                    adam_eps=1e-8,  # torch.optim.AdamW's default, as torch_train
+                    clip_grad=0.0,  # clipping is done in optimizer_step, after the NaN/inf check
+                    bf16=dtype is torch.bfloat16,
+                    fp16=dtype is torch.float16,
+                    params_dtype=dtype,
+                    use_distributed_optimizer=False,
+                ),
+                [self.model],
+            )
+        self._inner = [opt.optimizer for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
+        self.schedulers = [
+            get_scheduler(
+                args.lr_scheduler_type, inner, num_warmup_steps=args.warmup_steps, num_training_steps=config.max_steps
+            )
+            for inner in self._inner
+        ]
+        self._loss_finite = True
+        self._tokenizer_dir = config.student_pretrain
+
+    # -- training
+
+    def forward_backward(self, micro_batches: Sequence[MicroBatch], loss_fn) -> StepStats:
+        self.model.train()
+        terms = []
+
+        def loss_of(output, micro_batch):
+            logits, shard = self._logits_view(output)
+            result = loss_fn(logits, micro_batch, shard)
+            terms.append(result)
+            if torch.isfinite(result.loss.detach()):
+                return result.loss
+            self._loss_finite = False
+            # Backpropagate exact zeros instead: the schedule (and the other PP stages) expect a backward.
+            return output.sum() * 0.0
+
+        self._run(self.model, micro_batches, loss_of, forward_only=False)
+        return self._stats(micro_batches, terms)
+
+    @torch.no_grad()
+    def eval_forward(self, micro_batches: Sequence[MicroBatch], loss_fn) -> StepStats:
+        self.model.eval()
+        terms = []
+        try:
+
+            def loss_of(output, micro_batch):
+                logits, shard = self._logits_view(output)
+                terms.append(loss_fn(logits, micro_batch, shard))
+                return output.new_zeros(())
+
+            self._run(self.model, micro_batches, loss_of, forward_only=True)
+        finally:
+            self.model.train()
+        return self._stats(micro_batches, terms)
+
+    def _stats(self, micro_batches, terms) -> StepStats:
+        finite = all(bool(torch.isfinite(t.loss.detach())) for t in terms)
+        if not self.rank.counted:
+            return StepStats(loss_finite=finite, counted=False)
+        return StepStats(
+            ce_sum=float(sum(float(t.ce_sum) for t in terms)),
+            kd_sum=float(sum(float(t.kd_sum) for t in terms)),
+            label_tokens=sum(t.label_tokens for t in terms),
+            input_tokens=sum(int(m.attention_mask.sum()) for m in micro_batches),
+            loss_finite=finite,
+        )
+
+    def optimizer_step(self) -> OptimizerStepResult:
+        from megatron.core.distributed import finalize_model_grads
+
+        lr = float(self.schedulers[0].get_last_lr()[0])
+        with cpu_device_mode():
+            finalize_model_grads([self.model])  # DP all-reduce (a sum) and tied-embedding grads across PP
+            finite = torch.tensor([1.0 if self._loss_finite else 0.0], device=self.device)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank applies or skips the same step
+            self.optimizer.prepare_grads()
+            grad_norm = float(self.optimizer.get_grad_norm())
+            applied = bool(finite.item()) and math.isfinite(grad_norm)
+            if applied:
+                if self.args.max_grad_norm > 0:
+                    self.optimizer.clip_grad_norm(self.args.max_grad_norm)
+                self.optimizer.step_with_ready_grads()
+            for scheduler in self.schedulers:
+                scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.model.zero_grad_buffer()
+        self._loss_finite = True
+        return OptimizerStepResult(grad_norm=grad_norm, lr=lr, applied=applied)
+
+    # -- evaluation by generation
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> list[list[int]]:
+        """Greedy decoding without a KV cache: prompts of equal length are decoded together (no padding);
+        every step is one forward of the whole replica, the next tokens broadcast from the last stage."""
+        self.model.eval()
+        try:
+            results: list[list[int]] = [[] for _ in prompts]
+            by_length: dict[int, list[int]] = {}
+            for index, prompt in enumerate(prompts):
+                by_length.setdefault(len(prompt), []).append(index)
+            for indices in by_length.values():
+                tokens = torch.tensor([prompts[i] for i in indices], dtype=torch.long, device=self.device)
+                done = torch.zeros(len(indices), dtype=torch.bool, device=self.device)
+                for _ in range(max_new_tokens):
+                    next_token = self._next_tokens(tokens)
+                    next_token = torch.where(done, torch.full_like(next_token, pad_token_id), next_token)
+                    for row, i in enumerate(indices):
+                        if not done[row] and int(next_token[row]) != eos_token_id:
+                            results[i].append(int(next_token[row]))
+                    done |= next_token == eos_token_id
+                    if bool(done.all()):
+                        break
+                    tokens = torch.cat([tokens, next_token[:, None]], 1)
+            return results
+        finally:
+            self.model.train()
+
+    def _next_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        picked = torch.zeros(tokens.shape[0], dtype=torch.long, device=self.device)
+
+        def argmax(output, batch):
+            last = output[:, -1].float()
+            if self.rank.tp_size > 1:
+                mask_vocab_padding(last, self.vocab_start, self.vocab.size)
+                value, index = last.max(-1)
+                values = [torch.empty_like(value) for _ in range(self.rank.tp_size)]
+                indices = [torch.empty_like(index) for _ in range(self.rank.tp_size)]
+                dist.all_gather(values, value, group=self.tp_group)
+                dist.all_gather(indices, index + self.vocab_start, group=self.tp_group)
+                best = torch.stack(values, 1).argmax(1)  # first maximum: the lowest vocabulary index, as HF
+                picked.copy_(torch.stack(indices, 1).gather(1, best[:, None]).squeeze(1))
+            else:
+                picked.copy_(last[:, : self.vocab.size].argmax(-1))
+            return output.new_zeros(())
+
+        batch = MicroBatch(tokens, torch.ones_like(tokens), torch.full_like(tokens, IGNORE_INDEX))
+        self._run(self.model, [batch], argmax, forward_only=True)
+        if self.rank.pp_size > 1:
+            last_stage = dist.get_global_rank(self.mpu.get_pipeline_model_parallel_group(), self.rank.pp_size - 1)
+            dist.broadcast(picked, src=last_stage, group=self.mpu.get_pipeline_model_parallel_group())
+        return picked
+
+    # -- checkpoints
+
+    def save(self, directory: str) -> None:
+        """HF student under ``directory/student`` (global rank 0), this rank's optimizer/scheduler/RNG state."""
+        directory = Path(directory)
+        bad = next((n for n, p in self.module.named_parameters() if not torch.isfinite(p).all()), None)
+        flag = torch.tensor([0.0 if bad is None else 1.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank refuses together (no rank left in a collective)
+        if flag.item():
+            raise checkpoint.CheckpointError(
+                f"refusing to write {directory.name}: a student parameter"
+                f"{' (' + bad + ')' if bad else ''} holds NaN/inf values; the existing checkpoints are left as they are"
+            )
+        if self.rank.dp_rank == 0:  # one replica exports; its TP/PP ranks take part in the gathers
+            with cpu_device_mode():
+                state = mb.export_hf_state_dict(self.bridge, self.module)
+            if self.rank.rank == 0:
+                self._write_hf(directory / checkpoint.STUDENT_DIR, state)
+        (directory / MEGATRON_STATE_DIR).mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "schedulers": [s.state_dict() for s in self.schedulers],
+                "rng": checkpoint.capture_rng_state(),
+                "tracker": _tracker_states(),
+                "layout": [self.rank.world_size, self.rank.tp_size, self.rank.pp_size],
+            },
+            directory / rank_state_file(self.rank.rank),
+        )
+        dist.barrier()
+
+    def _write_hf(self, target: Path, state: dict) -> None:
+        from safetensors.torch import save_file
+        from transformers import AutoTokenizer
+
+        target.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+        self.hf_config.save_pretrained(target)
+        AutoTokenizer.from_pretrained(self._tokenizer_dir).save_pretrained(target)
+
+    def load(self, directory: str) -> None:
+        directory = Path(directory)
+        path = directory / rank_state_file(self.rank.rank)
+        if not path.is_file():
+            raise checkpoint.CheckpointError(f"cannot resume from {directory.resolve()}: missing {rank_state_file(self.rank.rank)}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        layout = [self.rank.world_size, self.rank.tp_size, self.rank.pp_size]
+        if list(state["layout"]) != layout:
+            raise checkpoint.CheckpointError(
+                f"cannot resume from {directory.resolve()}: written with world_size/tp/pp {state['layout']}, "
+                f"this run has {layout}"
+            )
+        with cpu_device_mode():
+            mb.load_hf_weights(self.bridge, self.module, str(directory / checkpoint.STUDENT_DIR))
+            self.optimizer.load_state_dict(state["optimizer"])
+        for scheduler, saved in zip(self.schedulers, state["schedulers"]):
+            scheduler.load_state_dict(saved)
+        _set_tracker_states(state["tracker"])
+        checkpoint.restore_rng_state(state["rng"])  # last: nothing draws random numbers after it
+
+
+def _tracker_states() -> dict:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    return {name: state.clone() for name, state in get_cuda_rng_tracker().get_states().items()}
+
+
+def _set_tracker_states(states: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    get_cuda_rng_tracker().set_states(dict(states))
+
+
+__all__ = ["MegatronInferStrategy", "MegatronTrainStrategy", "init_megatron", "shared_padded_vocab"]

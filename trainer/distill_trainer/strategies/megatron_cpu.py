@@ -1,0 +1,116 @@
+"""Stand-ins that let megatron-core 0.16.1 run on CPU ranks (gloo), applied only when CUDA is absent.
+
+Megatron-Core assumes a GPU in a handful of places that have nothing to do with the math. On a machine
+without CUDA, ``apply_cpu_shims()`` (idempotent, a no-op when CUDA is available) replaces exactly these:
+
+- ``torch.cuda.current_device()`` returns ``"cpu"``: rotary embeddings, the global memory buffer,
+  tensor-parallel gathers and pipeline send/receive buffers allocate on "the current device".
+- The CUDA RNG that Megatron's ``CudaRNGStatesTracker`` forks for tensor-parallel regions becomes one
+  dedicated CPU ``torch.Generator`` (``torch.cuda.get_rng_state`` / ``set_rng_state`` / ``manual_seed``
+  and Megatron's ``_get_cuda_rng_state`` / ``_set_cuda_rng_state`` read and write it). It is not the CPU
+  default generator, so forking it never disturbs the rest of the process's random stream.
+- ``torch.cuda.synchronize`` and ``torch.cuda.current_stream`` do nothing (the 1F1B schedule calls them).
+
+and ``cpu_device_mode()`` is a ``TorchFunctionMode`` that turns ``device="cuda"`` (and ``cuda:N``) into
+CPU in factory calls and ``Tensor.cuda()`` into a no-op: ``get_default_causal_mask`` and
+``pipeline_parallel/schedules.py`` create tensors with a hard-coded ``device="cuda"``, and the tied
+output layer of the last PP stage is moved with ``.cuda()``. The strategy enters it around every Megatron call on CPU.
+
+What is *not* shimmed, but configured (``cpu_transformer_config_overrides``): fused kernels are off
+(masked softmax, bias-dropout, RoPE and gradient-accumulation fusions), the model is built from the
+local layer spec (no TransformerEngine), ``use_cpu_initialization=True`` and sequence parallel off
+(reduce-scatter along the sequence is not exercised on gloo). On a GPU none of this applies: Megatron
+runs its own paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_applied = False
+_cuda_rng = None  # the CPU generator standing in for the CUDA default generator
+
+
+def needs_cpu_shims() -> bool:
+    return not torch.cuda.is_available()
+
+
+def cpu_transformer_config_overrides() -> dict:
+    """TransformerConfig fields that keep Megatron off CUDA-only kernels."""
+    return dict(
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        bias_activation_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        use_cpu_initialization=True,
+        sequence_parallel=False,
+    )
+
+
+def apply_cpu_shims() -> None:
+    """Install the CPU stand-ins listed in the module docstring (once; nothing when CUDA is present)."""
+    global _applied, _cuda_rng
+    if _applied or not needs_cpu_shims():
+        return
+    from megatron.core.tensor_parallel import random as mrandom
+
+    _cuda_rng = torch.Generator(device="cpu")
+
+    def get_rng_state(device=None, clone=False, graph_safe=False):
+        return _cuda_rng.get_state()
+
+    def set_rng_state(new_state, device=None, graph_safe=False):
+        _cuda_rng.set_state(new_state)
+
+    def manual_seed(seed):
+        _cuda_rng.manual_seed(int(seed))
+
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.get_rng_state = get_rng_state
+    torch.cuda.set_rng_state = set_rng_state
+    torch.cuda.manual_seed = manual_seed
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.current_stream = lambda device=None: _NoStream()
+    mrandom._get_cuda_rng_state = get_rng_state
+    mrandom._set_cuda_rng_state = set_rng_state
+    _applied = True
+
+
+class _NoStream:
+    def synchronize(self) -> None:
+        pass
+
+    def wait_stream(self, other) -> None:
+        pass
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.split(":")[0] == "cuda"
+    return False
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """``device="cuda"`` in any torch call becomes ``"cpu"``."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:  # e.g. the tied output layer's copy on the last PP stage
+            return args[0]
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs = dict(kwargs, device="cpu")
+        return func(*args, **kwargs)
+
+
+def cpu_device_mode():
+    """A context in which hard-coded ``device="cuda"`` allocations land on CPU; a no-op with CUDA."""
+    if not needs_cpu_shims():
+        return contextlib.nullcontext()
+    return _CudaToCpu()
