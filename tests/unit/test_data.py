@@ -237,3 +237,24 @@ def test_kubedistill_train_reports_bad_data_in_one_line_with_exit_status_2(tiny_
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(expected), done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml", "train.jsonl"]  # nothing written
+
+
+def test_several_files_are_read_in_order_as_one_training_set(tmp_path, tokenizer):
+    first = write(tmp_path / "a.jsonl", json.dumps({"question": "1+1=", "answer": "2"}) + "\n")
+    records = [{"question": "2+2=", "answer": "4"}, {"question": "3+3=", "answer": "6"}]
+    second = write(tmp_path / "b.json", json.dumps(records))
+    examples = load_examples([first, second], tokenizer, question_key="question", answer_key="answer",
+                             sequence_length=32, distill_on_prompt=False)
+    assert [e.answer for e in examples] == ["2", "4", "6"]
+    assert examples == load(first, tokenizer) + load(second, tokenizer)
+
+
+def test_an_error_in_the_second_of_several_files_names_that_file_and_line(tmp_path, tokenizer):
+    good = write(tmp_path / "good.jsonl", json.dumps({"question": "1+1=", "answer": "2"}) + "\n")
+    bad = write(tmp_path / "bad.jsonl", '{"question": "1+1=", "answer": "2"}\n{"question": "2+2="}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: missing key 'answer'"):
+        load_examples([good, bad], tokenizer, question_key="question", answer_key="answer", sequence_length=32,
+                      distill_on_prompt=False)
+    with pytest.raises(DataError, match=r"missing\.jsonl: data file not found"):
+        load_examples([good, tmp_path / "missing.jsonl"], tokenizer, question_key="question", answer_key="answer",
+                      sequence_length=32, distill_on_prompt=False)

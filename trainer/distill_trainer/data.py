@@ -2,9 +2,9 @@
 
 A record is one JSON object with the prompt under ``question_key`` and the answer under ``answer_key``,
 in a JSON array file or a JSONL file (one object per line; only ``\n`` ends a line), in UTF-8 with or
-without a BOM. Every record is validated and tokenized before training starts, so a bad line (not JSON, a
-duplicate key, a missing or non-string field, a prompt longer than ``sequence_length``) stops the run with its
-file and line number and nothing is written.
+without a BOM; several files are read one after the other. Every record is validated and tokenized before
+training starts, so a bad line (not JSON, a duplicate key, a missing or non-string field, a prompt longer than
+``sequence_length``) stops the run with its file and line number and nothing is written.
 
 Labels are stored already shifted: ``labels[t]`` is the token that position ``t`` predicts
 (``input_ids[t + 1]``), or -100 where nothing is learned (the prompt, unless ``distill_on_prompt``,
@@ -246,11 +246,23 @@ def tokenize_record(
 
 
 def load_examples(
-    path: str | Path, tokenizer, *, question_key: str, answer_key: str, sequence_length: int, distill_on_prompt: bool
+    paths: str | Path | Sequence[str | Path],
+    tokenizer,
+    *,
+    question_key: str,
+    answer_key: str,
+    sequence_length: int,
+    distill_on_prompt: bool,
 ) -> list[Example]:
-    """Read, validate and tokenize a whole file (errors stop before anything is trained or written)."""
+    """Read, validate and tokenize a file, or several files one after the other (``data_args.file_name`` may be a
+    list); errors name the file and line and stop before anything is trained or written."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    if not paths:
+        raise DataError("no data file given (data_args.file_name is an empty list)")
     return [
         tokenize_record(record, tokenizer, sequence_length=sequence_length, distill_on_prompt=distill_on_prompt)
+        for path in paths
         for record in read_records(path, question_key, answer_key)
     ]
 

@@ -97,6 +97,8 @@ def _lookup(data: Mapping[str, Any], dotted: str) -> Any:
 def _normalize(name: str, value: Any) -> Any:
     if name in _PATH_FIELDS and isinstance(value, str):
         return os.path.abspath(value)
+    if name in _PATH_FIELDS and isinstance(value, list):  # data_args.file_name as a list of files
+        return [os.path.abspath(item) if isinstance(item, str) else item for item in value]
     return value
 
 
