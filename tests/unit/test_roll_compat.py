@@ -20,12 +20,17 @@ from distill_trainer.config import (
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "roll"  # distill_megatron.yaml: the original's Megatron example
-# The original example's only values we refuse (context parallel, sequence packing), set to what we support.
+# The original example's values we refuse, set to what we support: context parallel and sequence packing (not
+# supported), and the Megatron options the megatron strategies do not honour yet.
 SUPPORTED_VALUES = [
     "student.strategy_args.strategy_config.context_parallel_size=1",
     "teacher.strategy_args.strategy_config.context_parallel_size=1",
     "student.use_sequence_packing=false",
     "teacher.use_sequence_packing=false",
+    "student.strategy_args.strategy_config.sequence_parallel=false",
+    "teacher.strategy_args.strategy_config.sequence_parallel=false",
+    "student.strategy_args.strategy_config.use_distributed_optimizer=false",
+    "student.strategy_args.strategy_config.recompute_granularity=null",
 ]
 BASE = {
     "max_steps": 10,
@@ -61,15 +66,13 @@ def test_original_megatron_example_loads_with_its_keys_and_nesting():
     for side in (student, teacher):
         assert side.device_mapping == list(range(8))
         assert (side.strategy_args.tp_size, side.strategy_args.pp_size) == (2, 2)
-        assert side.strategy_args.sequence_parallel is True
         assert side.model_args.dtype == "bf16"
         assert side.model_args.model_type == "causal_lm"
         assert side.model_args.hf_attn_implementation == "flash_attention_2"
     assert config.dp_size == 2
     assert (student.strategy_args.strategy_name, teacher.strategy_args.strategy_name) == (
         "megatron_train", "megatron_infer")
-    assert student.strategy_args.use_distributed_optimizer is True
-    assert student.strategy_args.recompute_granularity == "full"
+    assert student.strategy_args.sequence_parallel is False and student.strategy_args.recompute_granularity is None
     assert student.model_args.activation_checkpointing and not teacher.model_args.activation_checkpointing
     assert worker_env(config) == {"RAY_PROFILING": "0"}
     assert logits_transport(config) == "shared_memory"  # nccl-only: the same-device hand-off
@@ -151,6 +154,30 @@ def test_strategy_config_conflicting_with_our_field_is_refused_naming_both(strat
     teacher = {"strategy_args": {"strategy_name": "megatron_infer", **ours}, "device_mapping": list(range(8))}
     [line] = error_lines(with_changes(student=side, teacher=teacher))
     assert line.startswith(f"  student.strategy_args.{field}: conflicts with {path}="), line
+
+
+def test_strategy_config_megatron_options_map_to_our_fields():
+    from distill_trainer.config import StrategyArgs
+
+    args = StrategyArgs(strategy_name="megatron_train", strategy_config={
+        "tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2, "sequence_parallel": True,
+        "use_distributed_optimizer": True, "recompute_granularity": "full"})
+    assert (args.tp_size, args.pp_size, args.sequence_parallel, args.use_distributed_optimizer,
+            args.recompute_granularity) == (2, 2, True, True, "full")
+
+
+@pytest.mark.parametrize("option, value, off", [
+    ("sequence_parallel", True, "false"), ("use_distributed_optimizer", True, "false"),
+    ("recompute_granularity", "full", "null")])
+def test_megatron_options_the_strategy_does_not_honour_yet_are_refused_not_ignored(option, value, off):
+    devices = [0, 1]
+    lines = error_lines(with_changes(
+        student={"data_args": {"file_name": "x"}, "device_mapping": devices,
+                 "strategy_args": {"strategy_name": "megatron_train", "tp_size": 2,
+                                   "strategy_config": {option: value}}},
+        teacher={"device_mapping": devices, "strategy_args": {"strategy_name": "megatron_infer", "tp_size": 2}}))
+    assert lines == [f"  student.strategy_args.{option}: not supported by megatron_train yet (it would be ignored); "
+                     f"set {off} or remove it (got {value!r})"]
 
 
 def test_strategy_config_bf16_sets_the_dtype_and_refuses_another():

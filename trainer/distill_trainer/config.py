@@ -57,6 +57,13 @@ STRATEGY_ALIASES = {"hf_infer": "torch_infer"}
 SUPPORTED_STRATEGIES = ("torch_train", "torch_infer", "megatron_train", "megatron_infer")
 # logits_transfer_backend -> the channel transport (channel.py) that hands the teacher's logits to the student.
 LOGITS_TRANSPORTS = {"ipc+nccl": "shared_memory", "nccl-only": "shared_memory", "ray": "object_store"}
+# Megatron options the config accepts and strategies/megatron.py does not pass to Megatron yet: refused (with the
+# value that turns them off) rather than ignored. The megatron strategy removes an entry when it honours it.
+MEGATRON_OPTIONS_NOT_YET_HONOURED: dict[str, Any] = {
+    "sequence_parallel": False,
+    "use_distributed_optimizer": False,
+    "recompute_granularity": None,
+}
 # Set by Ray from device_mapping; a worker environment must not move a rank to another device.
 RESERVED_ENV = ("CUDA_VISIBLE_DEVICES",)
 
@@ -706,8 +713,17 @@ def _check_strategy_options(side: str, worker: WorkerConfig) -> None:
                 "flash attention needs a GPU; an empty device_mapping runs on CPU: use sdpa or eager",
                 worker.model_args.attn_implementation,
             )
-    elif args.sequence_parallel and args.tp_size == 1:
-        raise _field_error(f"{where}.sequence_parallel", "needs tp_size > 1; set false or raise tp_size", True)
+    else:
+        if args.sequence_parallel and args.tp_size == 1:
+            raise _field_error(f"{where}.sequence_parallel", "needs tp_size > 1; set false or raise tp_size", True)
+        for name, off in MEGATRON_OPTIONS_NOT_YET_HONOURED.items():
+            if getattr(args, name) != off:
+                shown = "null" if off is None else str(off).lower()  # as written in YAML
+                raise _field_error(
+                    f"{where}.{name}",
+                    f"not supported by {args.strategy_name} yet (it would be ignored); set {shown} or remove it",
+                    getattr(args, name),
+                )
 
 
 _NO_VALUE = object()
