@@ -11,6 +11,8 @@ import importlib
 STRATEGIES: dict[str, str] = {
     "torch_train": "distill_trainer.strategies.torch:TorchTrainStrategy",
     "torch_infer": "distill_trainer.strategies.torch:TorchInferStrategy",
+    "megatron_train": "distill_trainer.strategies.megatron:MegatronTrainStrategy",
+    "megatron_infer": "distill_trainer.strategies.megatron:MegatronInferStrategy",
 }
 
 

@@ -323,7 +323,11 @@ class MegatronTrainStrategy(_MegatronModel, TrainStrategy):
         finite = all(bool(torch.isfinite(t.loss.detach())) for t in terms)
         if not self.rank.counted:
             return StepStats(loss_finite=finite, counted=False)
+        extra = {}
+        if "loss" in StepStats.__dataclass_fields__:  # this rank's share of the step's loss
+            extra["loss"] = float(sum(float(t.loss.detach()) for t in terms))
         return StepStats(
+            **extra,
             ce_sum=float(sum(float(t.ce_sum) for t in terms)),
             kd_sum=float(sum(float(t.kd_sum) for t in terms)),
             label_tokens=sum(t.label_tokens for t in terms),

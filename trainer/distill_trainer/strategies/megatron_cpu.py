@@ -10,6 +10,8 @@ without CUDA, ``apply_cpu_shims()`` (idempotent, a no-op when CUDA is available)
   and Megatron's ``_get_cuda_rng_state`` / ``_set_cuda_rng_state`` read and write it). It is not the CPU
   default generator, so forking it never disturbs the rest of the process's random stream.
 - ``torch.cuda.synchronize`` and ``torch.cuda.current_stream`` do nothing (the 1F1B schedule calls them).
+- ``clip_grad_by_total_norm_fp32`` (the optimizer's gradient clipping) asserts that every gradient is a
+  ``torch.cuda.FloatTensor``: the same math (scale by max_norm / (total_norm + 1e-6) when below 1) without it.
 
 and ``cpu_device_mode()`` is a ``TorchFunctionMode`` that turns ``device="cuda"`` (and ``cuda:N``) into
 CPU in factory calls and ``Tensor.cuda()`` into a no-op: ``get_default_causal_mask`` and
@@ -78,7 +80,21 @@ def apply_cpu_shims() -> None:
     torch.cuda.current_stream = lambda device=None: _NoStream()
     mrandom._get_cuda_rng_state = get_rng_state
     mrandom._set_cuda_rng_state = set_rng_state
+
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    moptimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
     _applied = True
+
+
+@torch.no_grad()
+def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Megatron's ``clip_grad_by_total_norm_fp32`` without its CUDA-only assertion and kernel."""
+    attribute = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attribute) for p in parameters if getattr(p, attribute, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
 
 
 class _NoStream:
