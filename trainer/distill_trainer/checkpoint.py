@@ -9,7 +9,8 @@ Layout of one checkpoint (the directory name is the commit point):
                               (they are stored once).
         optimizer.pt          optimizer.state_dict()
         scheduler.pt          scheduler.state_dict()
-        rng_state.pt          python / numpy / torch CPU / torch CUDA generator states
+        rng_state.pt          python / numpy / torch CPU / torch CUDA generator states (rank 0; rank r > 0 of
+                              a multi-rank student: rng_state_<r>.pt)
         trainer_state.json    {"step": <step>, ...whatever the pipeline passes (data position, ...)}
         distill_config.json   the run's config, when given
         run_identity.json     which run wrote it (see run_identity.py), when given
@@ -26,11 +27,14 @@ Run identity: a checkpoint stamped with a `RunIdentity` belongs to that run. `cl
 when told to overwrite, deletes) checkpoints of other runs before training starts, `resolve_resume_checkpoint`
 refuses to resume from one, and pruning only ever removes the saving run's own checkpoints.
 
-One writer per output_dir is assumed (rank 0 of the student); readers may run at any time.
+Who writes what: `assembling_checkpoint` (the driver) owns the directory, the trainer state, config and identity;
+each student rank writes its own part into it (`write_model_state`, called by its strategy). One run writes an
+output_dir at a time; readers may run at any time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -39,7 +43,7 @@ import pathlib
 import random
 import re
 import shutil
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -147,13 +151,43 @@ def save_checkpoint(
     identity: RunIdentity | None = None,
     max_to_keep: int = 0,
 ) -> pathlib.Path:
-    """Write `<output_dir>/checkpoint-<step>` atomically and return its path.
+    """Write `<output_dir>/checkpoint-<step>` atomically and return its path (one process holding everything).
 
     `model` / `tokenizer` are saved with their `save_pretrained` (HF format, safetensors).
     `trainer_state` must be JSON-serializable; its `step` is set to `step`. After a successful save,
     checkpoints are pruned to the `max_to_keep` newest by step (0 keeps all); the one just written is
     always kept, and with an `identity` only checkpoints of that same run are candidates.
     A full disk raises CheckpointError naming the directory and the newest checkpoint left intact.
+    """
+    refuse_nonfinite_parameters(model, output_dir_checkpoint(output_dir, step))
+    with assembling_checkpoint(
+        output_dir, step, trainer_state=trainer_state, config=config, identity=identity, max_to_keep=max_to_keep
+    ) as directory:
+        write_model_state(directory, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler)
+    return output_dir_checkpoint(output_dir, step)
+
+
+def output_dir_checkpoint(output_dir: str | os.PathLike, step: int) -> pathlib.Path:
+    """The path `checkpoint-<step>` of `output_dir` (committed or not)."""
+    return pathlib.Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+
+
+@contextlib.contextmanager
+def assembling_checkpoint(
+    output_dir: str | os.PathLike,
+    step: int,
+    *,
+    trainer_state: dict,
+    config: dict | None = None,
+    identity: RunIdentity | None = None,
+    max_to_keep: int = 0,
+) -> Iterator[pathlib.Path]:
+    """The one owner of a checkpoint's directory: yields a hidden temporary directory into which the caller
+    has the model's state written (`write_model_state`, or each rank's strategy ``save``), then writes the
+    trainer state, the config and the run identity, fsyncs and commits it as `checkpoint-<step>`, and prunes.
+
+    Whatever the block raises leaves no trace (the temporary directory is removed); an error from a full
+    disk becomes a CheckpointError naming the directory and the previous checkpoint, which stays intact.
     """
     if step < 0:
         raise ValueError(f"checkpoint step must be >= 0, got {step}")
@@ -162,28 +196,17 @@ def save_checkpoint(
     # Serialize the JSON parts first: a non-serializable value fails here, before anything is written.
     state_json = json.dumps({**trainer_state, "step": step}, indent=2, sort_keys=True)
     config_json = json.dumps(config, indent=2, sort_keys=True) if config is not None else None
-    bad = _first_nonfinite_parameter(model)
-    if bad is not None:
-        # A diverged model must never replace (or, through pruning, delete) a good checkpoint.
-        raise CheckpointError(
-            f"refusing to write {CHECKPOINT_PREFIX}{step}: parameter {bad} holds NaN/inf values; "
-            f"the existing checkpoints in {output_dir} are left as they are"
-        )
     identity_json = json.dumps(identity.to_json(), indent=2, sort_keys=True) if identity is not None else None
 
     output_dir = pathlib.Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     _recover_interrupted_saves(output_dir)
 
-    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    final = output_dir_checkpoint(output_dir, step)
     tmp = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp-{os.getpid()}"
     try:
         tmp.mkdir()
-        model.save_pretrained(tmp / STUDENT_DIR)
-        tokenizer.save_pretrained(tmp / STUDENT_DIR)
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
-        torch.save(capture_rng_state(), tmp / RNG_FILE)
+        yield tmp
         (tmp / TRAINER_STATE_FILE).write_text(state_json)
         if config_json is not None:
             (tmp / CONFIG_FILE).write_text(config_json)
@@ -209,7 +232,52 @@ def save_checkpoint(
 
     if max_to_keep > 0:
         _prune(output_dir, keep=max_to_keep, protect=final, identity=identity)
-    return final
+
+
+def write_model_state(
+    directory: str | os.PathLike,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    rng: bool = True,
+    rank: int = 0,
+) -> None:
+    """Write into a checkpoint being assembled: the HF model and tokenizer under `student/`, the optimizer and
+    scheduler state, and this process's RNG state (`rng_state.pt` for rank 0, `rng_state_<rank>.pt` for
+    other ranks). Parts given as None are not written (ranks that hold no copy of them)."""
+    directory = pathlib.Path(directory)
+    if model is not None:
+        model.save_pretrained(directory / STUDENT_DIR)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory / STUDENT_DIR)
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+    if scheduler is not None:
+        torch.save(scheduler.state_dict(), directory / SCHEDULER_FILE)
+    if rng:
+        torch.save(capture_rng_state(), directory / rng_file(rank))
+
+
+def rng_file(rank: int = 0) -> str:
+    """The RNG state file of a rank (rank 0 keeps the original single-process name)."""
+    return RNG_FILE if rank == 0 else f"rng_state_{rank}.pt"
+
+
+def refuse_nonfinite_parameters(model: Any, checkpoint_dir: str | os.PathLike) -> None:
+    """CheckpointError if any parameter of `model` holds NaN/inf: a diverged model must never replace (or,
+    through pruning, delete) a good checkpoint. Call before writing anything into `checkpoint_dir` (the
+    directory `assembling_checkpoint` yields, or the `checkpoint-<step>` to be written)."""
+    bad = _first_nonfinite_parameter(model)
+    if bad is not None:
+        path = pathlib.Path(checkpoint_dir)
+        work = _WORK_RE.match(path.name)
+        name = f"{CHECKPOINT_PREFIX}{work.group(1)}" if work else path.name
+        raise CheckpointError(
+            f"refusing to write {name}: parameter {bad} holds NaN/inf values; "
+            f"the existing checkpoints in {path.parent} are left as they are"
+        )
 
 
 def _first_nonfinite_parameter(model: Any) -> str | None:
@@ -226,10 +294,13 @@ def _first_nonfinite_parameter(model: Any) -> str | None:
 def _disk_full(error: Exception, directory: pathlib.Path) -> bool:
     """Whether a failed write ran out of space: ENOSPC/EDQUOT, or (torch.save hides the errno) no free space left."""
     cause: BaseException | None = error
-    while cause is not None:
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
         if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        cause = cause.__cause__ or cause.__context__
+        # `.cause`: the original exception inside a Ray RayTaskError (a rank's write failed).
+        cause = getattr(cause, "cause", None) or cause.__cause__ or cause.__context__
     try:
         return shutil.disk_usage(directory).free < _FULL_DISK_BYTES
     except OSError:
@@ -485,6 +556,41 @@ def _check_same_run(path: pathlib.Path, identity: RunIdentity) -> None:
         )
 
 
+def read_trainer_state(path: str | os.PathLike) -> dict:
+    """The trainer state (`step`, data position, ...) of a complete checkpoint; CheckpointError if incomplete."""
+    path = pathlib.Path(path)
+    missing = _missing_parts(path)
+    if missing:
+        raise CheckpointError(
+            f"cannot resume from {path.resolve()}: missing {', '.join(missing)}. "
+            f"Choose another {CHECKPOINT_PREFIX}<step> directory or start fresh (resume_from_checkpoint=false)."
+        )
+    return json.loads((path / TRAINER_STATE_FILE).read_text())
+
+
+def load_model_state(
+    path: str | os.PathLike, *, optimizer: torch.optim.Optimizer | None, scheduler: Any, rank: int = 0
+) -> None:
+    """Restore optimizer, scheduler and this rank's RNG state from `path` (what `write_model_state` wrote),
+    RNG last so nothing consumes random numbers after the restore. The weights are the caller's."""
+    path = pathlib.Path(path)
+    wanted = [rng_file(rank)] + [name for name, part in ((OPTIMIZER_FILE, optimizer), (SCHEDULER_FILE, scheduler))
+                                 if part is not None]
+    missing = [name for name in wanted if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"cannot resume from {path.resolve()}: missing {', '.join(missing)}. "
+            f"Choose another {CHECKPOINT_PREFIX}<step> directory or start fresh (resume_from_checkpoint=false)."
+        )
+    # weights_only: a checkpoint directory is data, it must not be able to run code when loaded.
+    # map_location cpu: load_state_dict moves optimizer state onto each parameter's device itself.
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+    if scheduler is not None:
+        scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, map_location="cpu", weights_only=True))
+    restore_rng_state(torch.load(path / rng_file(rank), map_location="cpu", weights_only=True))
+
+
 def load_checkpoint(path: str | os.PathLike, *, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict:
     """Restore optimizer, scheduler and RNG states from `path`; return the trainer_state dict.
 
@@ -501,11 +607,6 @@ def load_checkpoint(path: str | os.PathLike, *, optimizer: torch.optim.Optimizer
             f"cannot resume from {path.resolve()}: missing {', '.join(missing)}. "
             f"Choose another {CHECKPOINT_PREFIX}<step> directory or start fresh (resume_from_checkpoint=false)."
         )
-    trainer_state = json.loads((path / TRAINER_STATE_FILE).read_text())
-    # weights_only: a checkpoint directory is data, it must not be able to run code when loaded.
-    # map_location cpu: load_state_dict moves optimizer state onto each parameter's device itself.
-    optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, map_location="cpu", weights_only=True))
-    # Last, so nothing above consumes random numbers after the restore.
-    restore_rng_state(torch.load(path / RNG_FILE, map_location="cpu", weights_only=True))
+    trainer_state = read_trainer_state(path)
+    load_model_state(path, optimizer=optimizer, scheduler=scheduler)
     return trainer_state

@@ -20,9 +20,9 @@ Tensor parallelism: with a ``VocabShard`` the student logits are this rank's con
 vocabulary. CE then uses the all-reduced log-sum-exp (max and Σexp over the shard group) and the label's
 logit from the rank that owns it; KD with full-vocabulary targets uses
 ``parallel_losses.vocab_parallel_kd_loss`` (the teacher rank of the same TP index sends the same slice);
-KD with top-k targets takes the per-shard candidates every teacher TP rank sent, all-gathers them, keeps
-the global top-k (exact: the global top-k is among the per-shard top-k's) and gathers the student's
-logits there from the ranks that own them. The process group is passed in, never looked up.
+KD with top-k targets takes the per-shard candidates every teacher TP rank sent, all-gathers them and keeps
+the global top-k (``parallel_losses.merge_topk``; exact: the global top-k is among the per-shard top-k's), and
+``vocab_parallel_kd_loss`` gathers the student's logits there from the ranks that own them. The process group is passed in, never looked up.
 """
 
 from __future__ import annotations
@@ -227,45 +227,11 @@ def _kd_mean(rows, teacher: TeacherTargets, cfg: LossConfig, normalizer: float, 
     if shard is None:
         target = teacher.values if teacher.indices is None else TopK(teacher.values, teacher.indices)
         return kd_loss(rows, target, **options)
-    if teacher.indices is None:
-        from .parallel_losses import vocab_parallel_kd_loss
+    from .parallel_losses import merge_topk, vocab_parallel_kd_loss
 
+    if teacher.indices is None:  # the teacher rank's vocabulary slice, the same columns as ours
         return vocab_parallel_kd_loss(rows, teacher.values, group=shard.group, vocab_start=shard.start, **options)
-    values, index = _global_topk_of_candidates(teacher, cfg.logits_topk or teacher.values.shape[1], shard.group)
-    scores = _GatherShardedColumns.apply(rows, index, shard.start, shard.group)  # [N, k], every rank
-    return kd_loss(scores, values, **options)
-
-
-def _global_topk_of_candidates(teacher: TeacherTargets, k: int, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """The global top-k (values, global indices) from every shard's top-k candidates (exact)."""
-    world = dist.get_world_size(group)
-    gathered_v = [torch.empty_like(teacher.values) for _ in range(world)]
-    gathered_i = [torch.empty_like(teacher.indices) for _ in range(world)]
-    dist.all_gather(gathered_v, teacher.values.contiguous(), group=group)
-    dist.all_gather(gathered_i, teacher.indices.contiguous(), group=group)
-    values, pick = torch.topk(torch.cat(gathered_v, 1), min(k, world * teacher.values.shape[1]), dim=1)
-    return values, torch.cat(gathered_i, 1).gather(1, pick)
-
-
-class _GatherShardedColumns(torch.autograd.Function):
-    """[N, k] logits at global columns ``index`` from vocabulary-sharded rows (each entry from the rank that
-    owns it; one all-reduce); backward scatters the [N, k] gradient into the columns this rank owns."""
-
-    @staticmethod
-    def forward(ctx, rows, index, vocab_start, group):
-        local = index - vocab_start
-        owned = (local >= 0) & (local < rows.shape[1])
-        local = local.clamp(0, rows.shape[1] - 1)
-        scores = torch.where(owned, rows.gather(1, local).float(), torch.zeros((), device=rows.device))
-        dist.all_reduce(scores, op=dist.ReduceOp.SUM, group=group)
-        ctx.save_for_backward(local, owned)
-        ctx.shape, ctx.dtype = rows.shape, rows.dtype
-        return scores
-
-    @staticmethod
-    def backward(ctx, grad_scores):
-        local, owned = ctx.saved_tensors
-        grad = torch.zeros(ctx.shape, dtype=torch.float32, device=grad_scores.device)
-        grad.scatter_add_(1, local, grad_scores.float() * owned)
-        return grad.to(ctx.dtype), None, None, None
-
+    # This TP index's candidates -> the exact global top-k (the same on every rank of the group).
+    k = min(cfg.logits_topk or teacher.values.shape[1], teacher.values.shape[1] * dist.get_world_size(shard.group))
+    top = merge_topk(TopK(teacher.values, teacher.indices), k, shard.group)
+    return vocab_parallel_kd_loss(rows, top, group=shard.group, vocab_start=shard.start, **options)

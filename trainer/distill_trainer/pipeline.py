@@ -1,9 +1,12 @@
 """DistillPipeline: the driver of a distillation run.
 
-Per optimizer step: draw ``gradient_accumulation_steps`` micro-batches, count their label tokens (the
-normalizer of both loss terms), and for each micro-batch have the teacher publish its logits and the
-student accumulate gradients; then one optimizer step. Evaluation every ``eval_steps``, an atomic
-checkpoint every ``save_steps``, and both at the last step.
+Per optimizer step: draw the global batch (``gradient_accumulation_steps`` micro-batches of
+``per_device_train_batch_size`` for each data-parallel rank), count its label tokens (the normalizer of both
+loss terms), and hand each data-parallel rank its slice: teacher rank r computes its targets and the result goes
+straight to student rank r, which runs forward/backward and the optimizer step; the driver only adds up the
+ranks' sums. Evaluation every ``eval_steps``, an atomic checkpoint every ``save_steps``, and both at the last step.
+The driver owns the trainer state (step, data position) and the checkpoint directory; each student rank writes
+its own model and optimizer state into it.
 
 Everything the user can get wrong (config, model paths, vocabularies, data, writable output directories,
 another run's checkpoints in ``output_dir``) is checked before Ray starts and before anything is written.
@@ -26,7 +29,7 @@ from .data import IGNORE_INDEX, DataCursor, Example, ShuffledBatches, collate, l
 from .models import VocabInfo, check_shared_vocab, load_tokenizer
 from .run_identity import RunIdentity, identity_of
 from .tracking import Tracker
-from .workers import MicroBatchStats, Workers, create_workers, default_num_threads
+from .workers import StudentStepResult, Workers, create_workers, default_num_threads
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +158,6 @@ class DistillPipeline:
                 prepared.eval,
                 str(prepared.resume_from) if prepared.resume_from else None,
                 self.num_threads,
-                prepared.identity,
             )
             return self._train(workers, prepared)
         finally:
@@ -183,10 +185,8 @@ class DistillPipeline:
         return sinks
 
     def _train(self, workers: Workers, prepared: Prepared) -> RunResult:
-        import ray
-
         config, args = self.config, self.config.train_args
-        state = ray.get(workers.student.get_trainer_state.remote())
+        state = checkpoint.read_trainer_state(prepared.resume_from) if prepared.resume_from else {}
         start_step = int(state.get("step", 0))
         cursor = DataCursor(**state["data_cursor"]) if "data_cursor" in state else DataCursor()
         if start_step:
@@ -213,15 +213,38 @@ class DistillPipeline:
                     self._on_nonfinite(step, metrics, skipped_in_a_row, result.last_checkpoint)
                 logged = dict(metrics) if _is_due(step, config.logging_steps, config.max_steps) and applied else {}
                 if prepared.eval and _is_due(step, config.eval_steps, config.max_steps):
-                    result.eval_metrics = ray.get(workers.student.evaluate.remote())
+                    result.eval_metrics = self._evaluate(workers)
                     logged.update(result.eval_metrics)
                 if logged:  # one record (and one console line) per step, evaluation included
                     tracker.log(step, logged)
                 if _is_due(step, config.save_steps, config.max_steps):
-                    trainer_state = {"step": step, "data_cursor": vars(batches.cursor).copy()}
-                    result.last_checkpoint = _get(workers.student.save_checkpoint.remote(step, trainer_state))
+                    result.last_checkpoint = self._save(workers, step, batches.cursor, prepared.identity)
                     tracker.checkpoint_saved(step, result.last_checkpoint)
         return result
+
+    def _save(self, workers: Workers, step: int, cursor: DataCursor, identity: RunIdentity) -> str:
+        """checkpoint-<step>: the driver's trainer state plus what every student rank writes, committed atomically."""
+        config = self.config
+        with checkpoint.assembling_checkpoint(
+            config.output_dir,
+            step,
+            trainer_state={"data_cursor": vars(cursor).copy()},
+            config=config.model_dump(mode="json"),
+            identity=identity,
+            max_to_keep=config.max_ckpt_to_keep,
+        ) as directory:
+            _get([student.save.remote(str(directory)) for student in workers.students])
+        return str(checkpoint.output_dir_checkpoint(config.output_dir, step))
+
+    def _evaluate(self, workers: Workers) -> dict[str, float]:
+        """Held-out cross-entropy per answer token over every data-parallel rank's share, and exact match."""
+        import ray
+
+        sums = [s for s in ray.get([student.evaluate.remote() for student in workers.students]) if s.counted]
+        metrics = {"val/loss": sum(s.ce_sum for s in sums) / max(sum(s.label_tokens for s in sums), 1)}
+        if self.config.eval_exact_match:
+            metrics["val/exact_match"] = sum(s.correct for s in sums) / max(sum(s.examples for s in sums), 1)
+        return metrics
 
     def _on_nonfinite(self, step: int, metrics: dict[str, float], in_a_row: int, last_checkpoint: str | None) -> None:
         """A step was not applied (NaN/inf loss or gradient norm): stop, or warn and go on under ``skip``."""
@@ -248,51 +271,43 @@ class DistillPipeline:
         """One optimizer step; returns its metrics and whether the update was applied (False: NaN/inf)."""
         import ray
 
-        config = self.config
+        accumulation = self.config.train_args.gradient_accumulation_steps
+        layout = workers.layout
         started = time.perf_counter()
-        micro_batches = [
-            collate(batches.next_batch(), pad_token_id) for _ in range(config.train_args.gradient_accumulation_steps)
-        ]
+        # The global batch: data-parallel rank d gets draws [d·accumulation, (d+1)·accumulation).
+        micro_batches = [collate(batches.next_batch(), pad_token_id) for _ in range(layout.dp_size * accumulation)]
         label_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
-        teacher_seconds = transfer_seconds = student_seconds = 0.0
-        stats: list[MicroBatchStats] = []
-        for batch in micro_batches:
-            batch_ref = ray.put(batch)  # serialized once, read by both actors
-            teacher_out = None
-            if workers.teacher is not None:
-                teacher_out = ray.get(workers.teacher.forward.remote(batch_ref))
-                teacher_seconds += teacher_out.forward_seconds
-                transfer_seconds += teacher_out.publish_seconds
-            micro = ray.get(workers.student.train_micro_batch.remote(batch_ref, teacher_out, label_tokens))
-            transfer_seconds += micro.open_seconds
-            student_seconds += micro.compute_seconds
-            stats.append(micro)
-        update = ray.get(workers.student.optimizer_step.remote())
-        student_seconds += update.seconds
+        slices = [ray.put(micro_batches[d * accumulation : (d + 1) * accumulation]) for d in range(layout.dp_size)]
+        calls = []
+        for rank, student in enumerate(workers.students):
+            data = slices[layout.of_rank(rank).dp_rank]
+            # The teacher's result goes to the student of the same rank as an ObjectRef, not through the driver.
+            teacher_out = workers.teachers[rank].forward.remote(data) if workers.teachers else None
+            calls.append(student.train_step.remote(data, teacher_out, float(label_tokens)))
+        results: list[StudentStepResult] = ray.get(calls)
         elapsed = time.perf_counter() - started
 
-        weight = config.distill_loss_weight
-        ce = sum(s.ce_sum for s in stats) / label_tokens
+        counted = [r.stats for r in results if r.stats.counted]
+        update = results[0].update  # every rank took the same decision on the same reduced gradients
         metrics = {
-            "train/loss": (1 - weight) * ce if weight < 1 else 0.0,  # 0·inf would be NaN
-            "train/student_loss": ce,
+            "train/loss": sum(s.loss for s in counted),
+            "train/student_loss": sum(s.ce_sum for s in counted) / label_tokens,
             "train/grad_norm": update.grad_norm,
             "student/lr": update.lr,
-            "train/tokens_per_second": sum(s.input_tokens for s in stats) / elapsed,
-            "time/teacher_forward": teacher_seconds,
-            "time/logits_transfer": transfer_seconds,
-            "time/student_step": student_seconds,
+            "train/tokens_per_second": sum(s.input_tokens for s in counted) / elapsed,
+            "time/teacher_forward": max(r.teacher_seconds for r in results),
+            "time/logits_transfer": max(r.transfer_seconds for r in results),
+            "time/student_step": max(r.student_seconds for r in results),
         }
-        if workers.teacher is not None:
-            kd = sum(s.kd_sum for s in stats) / label_tokens
-            metrics["train/distill_loss"] = kd
-            metrics["train/loss"] += weight * kd
-        return metrics, update.applied
+        if workers.teachers:
+            metrics["train/distill_loss"] = sum(s.kd_sum for s in counted) / label_tokens
+        applied = all(r.update.applied for r in results)
+        return metrics, applied
 
 
 def _get(ref):
-    """``ray.get``, but a user-facing error raised in an actor (e.g. a full disk at save) comes out as itself,
-    not wrapped in a RayTaskError whose text is a remote traceback."""
+    """``ray.get``, but a user-facing error raised in an actor (e.g. refusing NaN weights at save) comes out as
+    itself, not wrapped in a RayTaskError whose text is a remote traceback."""
     import ray
 
     try:

@@ -1,31 +1,41 @@
-"""The two Ray actors of a distillation run and where they are placed.
+"""The Ray actors of a distillation run, one teacher and one student per device, and where they are placed.
 
-``TeacherWorker`` runs the teacher forward (no grad), keeps the logits of the positions that are learned
-(top-k of them, or all) and publishes them on the channel. ``StudentWorker`` opens them, computes
-``(1 - w)·CE + w·KD`` and owns the optimizer, evaluation and checkpoints. Both are plain classes (unit
-testable without Ray); ``create_workers`` turns them into actors co-located in one placement-group
-bundle, on one GPU when ``device_mapping`` names one, on CPU otherwise.
+``create_workers`` makes one placement-group bundle per entry of ``device_mapping`` (one CPU bundle when it is
+empty; CPU bundles too when the Ray cluster has no GPU, so the indices then name CPU ranks). Teacher rank i and
+student rank i share bundle i, hence the device and host, so the teacher's targets reach the student through
+shared memory. Each side's ranks form a torch.distributed group (gloo on CPU, nccl on GPU) whose address and
+port rank 0 picks; the strategy of each rank (``strategies.STRATEGIES[strategy_name]``) is built once the group
+is up.
+
+``TeacherWorker.forward`` runs its strategy over the micro-batches of one step and publishes their targets as
+one ``LogitsHandle``; the driver passes that result (an ObjectRef) straight to ``StudentWorker.train_step`` of
+the same rank, which opens it and runs ``forward_backward`` + ``optimizer_step`` of its strategy with the run's
+one loss (``distill_loss``). Both are plain classes (usable without Ray).
 """
 
 from __future__ import annotations
 
+import datetime
+import logging
 import os
+import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import checkpoint
 from .channel import LogitsHandle, LogitsPublisher, LogitsReceiver, Transport
 from .config import DistillConfig
-from .data import IGNORE_INDEX, Example, eval_batches, collate
-from .losses import TopK, kd_loss, topk_teacher_logits
+from .data import Example, collate, eval_batches
+from .distill_loss import LossConfig, TeacherTargets, make_loss_fn
 from .models import VocabInfo
-from .run_identity import RunIdentity
-from .strategies.torch import TorchInferStrategy, TorchTrainStrategy
+from .strategies import strategy_class
+from .strategies.base import MicroBatch, OptimizerStepResult, RankContext, StepStats
+
+log = logging.getLogger(__name__)
 
 
 def _setup_process(seed: int, num_threads: int, on_gpu: bool) -> torch.device:
@@ -38,239 +48,266 @@ def _setup_process(seed: int, num_threads: int, on_gpu: bool) -> torch.device:
     return torch.device("cuda", 0) if on_gpu and torch.cuda.is_available() else torch.device("cpu")
 
 
-@dataclass(frozen=True)
-class TeacherOutput:
-    handle: LogitsHandle
-    forward_seconds: float
-    publish_seconds: float
+def _micro_batch(batch: dict[str, torch.Tensor], teacher: TeacherTargets | None = None) -> MicroBatch:
+    return MicroBatch(batch["input_ids"], batch["attention_mask"], batch["labels"], teacher)
 
 
-class TeacherWorker:
-    """Teacher forward + logits publication for the positions the student learns."""
+class _Rank:
+    """One rank of a side: its process setup, its place in the side's torch.distributed group, its strategy."""
 
-    def __init__(self, config: DistillConfig, vocab: VocabInfo, transport: Transport, num_threads: int = 0):
+    def __init__(self, config: DistillConfig, side: str, rank: int, world_size: int, on_gpu: bool, num_threads: int):
         self.config = config
-        device = _setup_process(config.seed, num_threads, bool(config.teacher.device_mapping))
-        self.strategy = TorchInferStrategy(config.teacher_pretrain, config.teacher.model_args, device, vocab.size)
-        self.publisher = LogitsPublisher(transport)
+        self.side = side
+        self.rank = rank
+        self.world_size = world_size
+        self.on_gpu = on_gpu
+        self.device = _setup_process(config.seed, num_threads, on_gpu)
+        self.group = None
 
     def node_id(self) -> str:
         import ray
 
         return ray.get_runtime_context().get_node_id()
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> TeacherOutput:
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0: an address and a free port of this host for the side's group."""
+        import ray
+
+        address = ray.util.get_node_ip_address()
+        with socket.socket() as sock:
+            sock.bind((address, 0))
+            return address, sock.getsockname()[1]
+
+    def init_group(self, address: str, port: int) -> None:
+        """Join the side's process group (every rank of the side calls this at the same time)."""
+        import torch.distributed as dist
+
+        dist.init_process_group(
+            "nccl" if self.device.type == "cuda" else "gloo",
+            init_method=f"tcp://{address}:{port}",
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=datetime.timedelta(minutes=10),
+        )
+        self.group = dist.group.WORLD
+
+    def rank_context(self) -> RankContext:
+        args = getattr(self.config, self.side).strategy_args
+        return RankContext(self.rank, self.world_size, args.tp_size, args.pp_size, self.device, self.group)
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if self.group is not None and dist.is_initialized():
+            dist.destroy_process_group()
+            self.group = None
+
+
+@dataclass(frozen=True)
+class TeacherOutput:
+    """One step's targets of one teacher rank: a handle to the concatenated rows of its micro-batches (None on
+    ranks that have no logits), how many rows each micro-batch has, and how long it took."""
+
+    handle: LogitsHandle | None
+    rows: tuple[int, ...]
+    forward_seconds: float
+    publish_seconds: float
+
+
+class TeacherWorker(_Rank):
+    """Teacher rank: its strategy's forward over a step's micro-batches, published on the channel."""
+
+    def __init__(
+        self,
+        config: DistillConfig,
+        vocab: VocabInfo,
+        transport: Transport,
+        num_threads: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        on_gpu: bool = False,
+    ):
+        super().__init__(config, "teacher", rank, world_size, on_gpu, num_threads)
+        self.vocab = vocab
+        self.publisher = LogitsPublisher(transport)
+        self.strategy = None
+
+    def build(self) -> None:
+        self.strategy = strategy_class(self.config.teacher.strategy_args.strategy_name)(
+            self.config, self.rank_context(), self.vocab
+        )
+
+    def forward(self, batches: Sequence[dict[str, torch.Tensor]]) -> TeacherOutput:
         start = time.perf_counter()
-        logits = self.strategy.logits(batch["input_ids"], batch["attention_mask"])
-        rows = logits[(batch["labels"] != IGNORE_INDEX).to(logits.device)].float()  # [N_label, V]
-        if self.config.logits_topk:
-            top = topk_teacher_logits(rows, self.config.logits_topk)
-            tensors = {"values": top.values, "indices": top.indices.to(torch.int32)}
-        else:
-            tensors = {"logits": rows}
+        parts = [self.strategy.forward(_micro_batch(batch)) for batch in batches]
         forward_done = time.perf_counter()
+        if any(part is None for part in parts):  # a rank without logits (not the last pipeline stage)
+            return TeacherOutput(None, (), forward_done - start, 0.0)
+        targets = TeacherTargets.cat(parts)
+        tensors = {"values": targets.values}
+        if targets.indices is not None:
+            tensors["indices"] = targets.indices.to(torch.int32)
         handle = self.publisher.publish(tensors)
-        return TeacherOutput(handle, forward_done - start, time.perf_counter() - forward_done)
+        return TeacherOutput(handle, tuple(p.rows for p in parts), forward_done - start,
+                             time.perf_counter() - forward_done)
 
     def close(self) -> None:
         self.publisher.close()
+        super().close()
 
 
 @dataclass(frozen=True)
-class OptimizerStepStats:
-    grad_norm: float  # before clipping; NaN/inf when the gradients were not finite
-    lr: float
-    seconds: float
-    applied: bool  # False: the loss or gradient norm was not finite and the weights were left unchanged
+class StudentStepResult:
+    """What one student rank reports for one optimizer step."""
+
+    stats: StepStats
+    update: OptimizerStepResult
+    teacher_seconds: float  # the paired teacher rank's forward
+    transfer_seconds: float  # publish (teacher) + open (student)
+    student_seconds: float  # forward, backward, optimizer step
 
 
 @dataclass(frozen=True)
-class MicroBatchStats:
-    ce_sum: float  # summed cross-entropy over this micro-batch's label tokens
-    kd_sum: float  # summed per-token KD divergence (0 when distill_loss_weight is 0)
-    label_tokens: int
-    input_tokens: int
-    open_seconds: float
-    compute_seconds: float
+class EvalSums:
+    """One student rank's evaluation sums (zeros with counted=False where they would be counted twice)."""
+
+    ce_sum: float = 0.0
+    label_tokens: int = 0
+    correct: int = 0
+    examples: int = 0
+    counted: bool = True
 
 
-class StudentWorker:
-    """Student forward/backward on (1 - w)·CE + w·KD, optimizer steps, evaluation and checkpoints."""
+class StudentWorker(_Rank):
+    """Student rank: its strategy's training step on ``distill_loss``, evaluation, and its part of checkpoints."""
 
     def __init__(
         self,
         config: DistillConfig,
         vocab: VocabInfo,
         eval_examples: Sequence[Example] = (),
-        resume_from: str | None = None,
         num_threads: int = 0,
-        identity: RunIdentity | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        on_gpu: bool = False,
     ):
         from transformers import AutoTokenizer
 
-        self.config = config
-        self.identity = identity
+        super().__init__(config, "student", rank, world_size, on_gpu, num_threads)
         self.vocab = vocab
         self.eval_examples = list(eval_examples)
-        self.device = _setup_process(config.seed, num_threads, bool(config.student.device_mapping))
-        model_path = str(Path(resume_from) / "student") if resume_from else config.student_pretrain
         self.tokenizer = AutoTokenizer.from_pretrained(config.student_pretrain)
-        self.strategy = TorchTrainStrategy(
-            model_path,
-            config.student.model_args,
-            config.student.training_args,
-            config.max_steps,
-            self.device,
-            vocab.size,
-        )
-        self.trainer_state: dict = {}
-        if resume_from:
-            self.trainer_state = checkpoint.load_checkpoint(
-                resume_from, optimizer=self.strategy.optimizer, scheduler=self.strategy.scheduler
-            )
+        self.loss_config = LossConfig.from_config(config)
         self.receiver = LogitsReceiver()
-        self._loss_finite = True  # of the micro-batches accumulated since the last optimizer step
+        self.strategy = None
 
-    def node_id(self) -> str:
-        import ray
+    def build(self, resume_from: str | None = None) -> None:
+        """Build the strategy from student_pretrain; resuming, restore its state from the checkpoint."""
+        self.strategy = strategy_class(self.config.student.strategy_args.strategy_name)(
+            self.config, self.rank_context(), self.vocab
+        )
+        if resume_from:
+            self.strategy.load(resume_from)
 
-        return ray.get_runtime_context().get_node_id()
+    def _teacher_targets(self, teacher: TeacherOutput | None, count: int) -> list[TeacherTargets | None]:
+        if teacher is None or teacher.handle is None:
+            return [None] * count
+        tensors = self.receiver.open(teacher.handle)
+        targets = TeacherTargets(tensors["values"], tensors.get("indices")).to(self.device)
+        return targets.split(list(teacher.rows))
 
-    def get_trainer_state(self) -> dict:
-        return self.trainer_state
-
-    def _teacher_targets(self, handle: LogitsHandle | None) -> torch.Tensor | TopK | None:
-        if handle is None:
-            return None
-        tensors = self.receiver.open(handle)
-        if "logits" in tensors:
-            return tensors["logits"].to(self.device)
-        return TopK(values=tensors["values"].to(self.device), indices=tensors["indices"].to(self.device).long())
-
-    def train_micro_batch(
-        self, batch: dict[str, torch.Tensor], teacher: TeacherOutput | None, global_label_tokens: int
-    ) -> MicroBatchStats:
-        """Accumulate gradients of one micro-batch; losses are sums divided by the global label-token count."""
-        config = self.config
+    def train_step(
+        self, batches: Sequence[dict[str, torch.Tensor]], teacher: TeacherOutput | None, normalizer: float
+    ) -> StudentStepResult:
+        """One optimizer step on this rank's micro-batches; ``normalizer`` = label tokens of the global batch."""
         start = time.perf_counter()
-        targets = self._teacher_targets(teacher.handle if teacher else None)
+        targets = self._teacher_targets(teacher, len(batches))
         opened = time.perf_counter()
-
-        labels = batch["labels"].to(self.device)
-        mask = labels != IGNORE_INDEX
-        logits = self.strategy.logits(batch["input_ids"], batch["attention_mask"])
-        rows = logits[mask]  # [N_label, V], the positions both terms are computed on
-        ce_sum = F.cross_entropy(rows.float(), labels[mask], reduction="sum")
-        weight = config.distill_loss_weight
-        # Only terms with a non-zero weight enter the loss: 0·inf is NaN, and pure KD must not stop on the CE.
-        loss = (1.0 - weight) * ce_sum / global_label_tokens if weight < 1 else ce_sum.new_zeros(())
-        kd_sum = torch.zeros(())
-        if weight > 0:
-            if targets is None:
-                raise RuntimeError("distill_loss_weight > 0 but no teacher logits were passed to the student")
-            kd_mean = kd_loss(
-                rows,
-                targets,
-                objective=config.kd_objective,
-                kd_temperature=config.kd_temperature,
-                teacher_temperature=config.teacher_temperature,
-                skew_lambda=config.skew_lambda,
-                adaptive_kl_alpha=config.adaptive_kl_alpha,
-                normalizer=float(global_label_tokens),
-            )
-            loss = loss + weight * kd_mean
-            kd_sum = kd_mean.detach() * global_label_tokens
-        if torch.isfinite(loss.detach()):
-            loss.backward()
-        else:  # its gradients would be NaN/inf everywhere; optimizer_step will not apply this step
-            self._loss_finite = False
-        return MicroBatchStats(
-            ce_sum=float(ce_sum.detach()),
-            kd_sum=float(kd_sum),
-            label_tokens=int(mask.sum()),
-            input_tokens=int(batch["attention_mask"].sum()),
-            open_seconds=opened - start,
-            compute_seconds=time.perf_counter() - opened,
+        micro_batches = [_micro_batch(batch, target) for batch, target in zip(batches, targets)]
+        stats = self.strategy.forward_backward(micro_batches, make_loss_fn(self.loss_config, normalizer))
+        update = self.strategy.optimizer_step()
+        if not self.rank_context().counted:
+            stats = StepStats(counted=False)
+        return StudentStepResult(
+            stats,
+            update,
+            teacher.forward_seconds if teacher else 0.0,
+            (teacher.publish_seconds if teacher else 0.0) + opened - start,
+            time.perf_counter() - opened,
         )
 
-    def optimizer_step(self) -> OptimizerStepStats:
-        """Apply the accumulated gradients, unless the loss or the gradient norm was NaN/inf."""
-        start = time.perf_counter()
-        grad_norm, lr, applied = self.strategy.optimizer_step(loss_finite=self._loss_finite)
-        self._loss_finite = True
-        return OptimizerStepStats(grad_norm, lr, time.perf_counter() - start, applied)
+    def evaluate(self) -> EvalSums:
+        """Held-out cross-entropy sums of this data-parallel rank's share of the eval set, and exact matches."""
+        context = self.rank_context()
+        examples = self.eval_examples[context.dp_rank :: context.dp_size]
+        batch_size = self.config.student.training_args.per_device_eval_batch_size
+        loss_fn = make_loss_fn(LossConfig(distill_loss_weight=0.0), normalizer=1.0)
+        ce_sum, tokens = 0.0, 0
+        for chunk in eval_batches(examples, batch_size):
+            stats = self.strategy.eval_forward([_micro_batch(collate(chunk, self.vocab.pad_token_id))], loss_fn)
+            ce_sum += stats.ce_sum
+            tokens += stats.label_tokens
+        correct = self._exact_matches(examples) if self.config.eval_exact_match else 0
+        if not context.counted:
+            return EvalSums(counted=False)
+        return EvalSums(ce_sum, tokens, correct, len(examples))
 
-    def evaluate(self) -> dict[str, float]:
-        """Held-out cross-entropy per answer token, and exact match of greedy answers when configured."""
-        config = self.config
-        batch_size = config.student.training_args.per_device_eval_batch_size
-        ce_total, tokens = 0.0, 0
-        for examples in eval_batches(self.eval_examples, batch_size):
-            batch = collate(examples, self.vocab.pad_token_id)
-            labels = batch["labels"].to(self.device)
-            mask = labels != IGNORE_INDEX
-            logits = self.strategy.eval_logits(batch["input_ids"], batch["attention_mask"])
-            ce_total += float(F.cross_entropy(logits[mask].float(), labels[mask], reduction="sum"))
-            tokens += int(mask.sum())
-        metrics = {"val/loss": ce_total / max(tokens, 1)}
-        if config.eval_exact_match:
-            metrics["val/exact_match"] = self.exact_match()
-        return metrics
-
-    def exact_match(self) -> float:
+    def _exact_matches(self, examples: list[Example]) -> int:
         batch_size = self.config.student.training_args.per_device_eval_batch_size
         correct = 0
-        for examples in eval_batches(self.eval_examples, batch_size):
+        for chunk in eval_batches(examples, batch_size):
             outputs = self.strategy.generate(
-                [e.input_ids[: e.prompt_length] for e in examples],
+                [e.input_ids[: e.prompt_length] for e in chunk],
                 self.config.eval_max_new_tokens,
                 self.vocab.eos_token_id,
                 self.vocab.pad_token_id,
             )
-            for example, output in zip(examples, outputs):
+            for example, output in zip(chunk, outputs):
                 text = self.tokenizer.decode(output, skip_special_tokens=True)
                 correct += text.strip() == example.answer.strip()
-        return correct / max(len(self.eval_examples), 1)
+        return correct
 
-    def save_checkpoint(self, step: int, trainer_state: dict) -> str:
-        path = checkpoint.save_checkpoint(
-            self.config.output_dir,
-            step,
-            model=self.strategy.model,
-            tokenizer=self.tokenizer,
-            optimizer=self.strategy.optimizer,
-            scheduler=self.strategy.scheduler,
-            trainer_state=trainer_state,
-            config=self.config.model_dump(mode="json"),
-            identity=self.identity,
-            max_to_keep=self.config.max_ckpt_to_keep,
-        )
-        return str(path)
+    def save(self, directory: str) -> None:
+        """This rank's part of the checkpoint being assembled in ``directory`` (rank 0 adds the tokenizer)."""
+        self.strategy.save(directory)
+        if self.rank == 0:
+            self.tokenizer.save_pretrained(Path(directory) / checkpoint.STUDENT_DIR)
 
     def close(self) -> None:
         self.receiver.close()
+        super().close()
 
 
 @dataclass
 class Workers:
-    """Actor handles of one run. ``teacher`` is None when distill_loss_weight is 0 (plain SFT)."""
+    """Actor handles of one run, by rank. ``teachers`` is empty when distill_loss_weight is 0 (plain SFT)."""
 
-    student: object
-    teacher: object | None
+    students: list
+    teachers: list
     placement_group: object
+    layout: RankContext = field(default_factory=RankContext)  # world size and parallel sizes (rank 0's view)
 
     def shutdown(self) -> None:
         import ray
 
-        for actor in (self.teacher, self.student):
-            if actor is None:
-                continue
+        actors = [*self.teachers, *self.students]
+        for actor in actors:
             try:
                 ray.get(actor.close.remote(), timeout=30)
             except Exception:  # the actor may already be dead; we are tearing down anyway
                 pass
+        for actor in actors:
             ray.kill(actor)
         ray.util.remove_placement_group(self.placement_group)
+
+
+def _form_group(actors: list) -> None:
+    """Rank 0 picks the rendezvous address; every rank joins at once."""
+    import ray
+
+    if len(actors) > 1:
+        address, port = ray.get(actors[0].rendezvous.remote())
+        ray.get([actor.init_group.remote(address, port) for actor in actors])
 
 
 def create_workers(
@@ -279,36 +316,59 @@ def create_workers(
     eval_examples: Sequence[Example],
     resume_from: str | None,
     num_threads: int,
-    identity: RunIdentity | None = None,
 ) -> Workers:
-    """Co-locate teacher and student in one placement-group bundle (same node; same GPU when one is mapped)."""
+    """One bundle per rank; teacher rank i and student rank i co-located in bundle i (same device and host)."""
     import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    on_gpu = bool(config.student.device_mapping)
+    mapping = config.student.device_mapping
+    world_size = max(1, len(mapping))
+    on_gpu = bool(mapping) and ray.cluster_resources().get("GPU", 0) >= 1
+    if mapping and not on_gpu:
+        log.warning("device_mapping %s: the Ray cluster has no GPU; running %d CPU rank(s) per side", mapping, world_size)
     bundle = {"CPU": 1, "GPU": 1} if on_gpu else {"CPU": 1}
-    group = placement_group([bundle], strategy="STRICT_PACK")
+    group = placement_group([dict(bundle) for _ in range(world_size)], strategy="PACK")
     ray.get(group.ready(), timeout=300)
-    # Half of the bundle each: the two actors share the device, as the hand-off requires.
-    options = dict(
-        num_cpus=0.5,
-        num_gpus=0.5 if on_gpu else 0,
-        scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
-    )
-    student = ray.remote(StudentWorker).options(**options).remote(
-        config, vocab, eval_examples, resume_from, num_threads, identity
-    )
-    teacher = None
+
+    def options(rank: int) -> dict:
+        # Half of bundle `rank` each: the two actors share the device, as the hand-off requires.
+        return dict(
+            num_cpus=0.5,
+            num_gpus=0.5 if on_gpu else 0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
+        )
+
+    side = dict(world_size=world_size, on_gpu=on_gpu)
+    students = [
+        ray.remote(StudentWorker).options(**options(r)).remote(config, vocab, eval_examples, num_threads, rank=r, **side)
+        for r in range(world_size)
+    ]
+    teachers = []
     if config.distill_loss_weight > 0:
-        teacher = ray.remote(TeacherWorker).options(**options).remote(config, vocab, "shared_memory", num_threads)
-        teacher_node = ray.get(teacher.node_id.remote())
-        if teacher_node != ray.get(student.node_id.remote()):
-            # Cannot happen with STRICT_PACK, but a custom cluster setup might split them: stay correct.
-            ray.kill(teacher)
-            teacher = ray.remote(TeacherWorker).options(**options).remote(config, vocab, "object_store", num_threads)
-    ray.get(student.node_id.remote())  # surfaces construction errors (bad checkpoint, OOM) here
-    return Workers(student=student, teacher=teacher, placement_group=group)
+        student_nodes = ray.get([s.node_id.remote() for s in students])
+        for r in range(world_size):
+            teacher = ray.remote(TeacherWorker).options(**options(r)).remote(
+                config, vocab, "shared_memory", num_threads, rank=r, **side
+            )
+            if ray.get(teacher.node_id.remote()) != student_nodes[r]:
+                # Cannot happen within one bundle, but a custom cluster setup might split them: stay correct.
+                ray.kill(teacher)
+                teacher = ray.remote(TeacherWorker).options(**options(r)).remote(
+                    config, vocab, "object_store", num_threads, rank=r, **side
+                )
+            teachers.append(teacher)
+    args = config.student.strategy_args
+    workers = Workers(students, teachers, group, RankContext(0, world_size, args.tp_size, args.pp_size))
+    try:
+        for actors in (students, teachers):
+            _form_group(actors)
+        # Surfaces construction errors (bad checkpoint, OOM) here.
+        ray.get([s.build.remote(resume_from) for s in students] + [t.build.remote() for t in teachers])
+    except BaseException:
+        workers.shutdown()
+        raise
+    return workers
 
 
 def default_num_threads() -> int:

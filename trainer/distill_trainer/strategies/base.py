@@ -98,6 +98,10 @@ class RankContext:
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside [0, {self.world_size})")
 
+    def of_rank(self, rank: int) -> "RankContext":
+        """The same layout seen from another rank (no device or group: for placing work, e.g. on the driver)."""
+        return RankContext(rank, self.world_size, self.tp_size, self.pp_size)
+
     @property
     def dp_size(self) -> int:
         return self.world_size // (self.tp_size * self.pp_size)
@@ -143,6 +147,7 @@ LossFn = Callable[..., LossTerms]
 class StepStats:
     """Sums over this rank's micro-batches (zeros with ``counted=False`` on ranks that would double count)."""
 
+    loss: float = 0.0  # Σ of loss_fn's ``loss`` over the micro-batches: this rank's share of the step's loss
     ce_sum: float = 0.0  # Σ cross-entropy over label tokens
     kd_sum: float = 0.0  # Σ per-token KD divergence (0 with distill_loss_weight 0)
     label_tokens: int = 0

@@ -1,17 +1,26 @@
-"""The ``torch_infer`` / ``torch_train`` strategies: an HF transformers model on one device.
+"""The ``torch_infer`` / ``torch_train`` strategies: an HF transformers model per rank, data parallel only.
 
-A strategy knows how to run a model (load it, produce logits, take an optimizer step, save it); it knows
-nothing about distillation. The Megatron-Core strategies will offer the same methods over TP/PP ranks.
+Each rank holds the whole model. With several ranks (``device_mapping`` longer than 1) the student's ranks are
+data-parallel replicas: each runs its own slice of the global batch, and ``optimizer_step`` all-reduces (sums)
+the gradients over the side's process group before clipping, so every replica takes the same step. The loss is
+already divided by the label tokens of the global batch, so the sum is the gradient of the global mean. Tensor
+and pipeline parallelism are the Megatron-Core strategies' (``megatron_*``).
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Sequence
 
 import torch
+import torch.distributed as dist
 
-from ..config import ModelArgs, TrainingArgs
+from .. import checkpoint
+from ..config import ModelArgs
+from ..data import IGNORE_INDEX
+from ..losses import topk_teacher_logits
+from .base import InferStrategy, LossFn, MicroBatch, OptimizerStepResult, RankContext, StepStats, TeacherTargets, TrainStrategy
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -23,13 +32,22 @@ def load_causal_lm(path: str | Path, model_args: ModelArgs, device: torch.device
     return model.to(device)
 
 
-class TorchInferStrategy:
-    """Forward-only model (the teacher)."""
+def _data_parallel_only(rank: RankContext, name: str) -> None:
+    if rank.tp_size != 1 or rank.pp_size != 1:
+        raise ValueError(f"{name} has no tensor/pipeline parallelism (tp_size={rank.tp_size}, pp_size={rank.pp_size})")
 
-    def __init__(self, path: str | Path, model_args: ModelArgs, device: torch.device, vocab_size: int):
-        self.device = device
-        self.vocab_size = vocab_size
-        self.model = load_causal_lm(path, model_args, device).eval()
+
+class TorchInferStrategy(InferStrategy):
+    """Forward-only model (the teacher): top-k (or all) logits at the label positions."""
+
+    name = "torch_infer"
+
+    def __init__(self, config, rank: RankContext, vocab):
+        _data_parallel_only(rank, self.name)
+        self.device = rank.device
+        self.vocab_size = vocab.size
+        self.topk = config.logits_topk
+        self.model = load_causal_lm(config.teacher_pretrain, config.teacher.model_args, self.device).eval()
         self.model.requires_grad_(False)
 
     @torch.inference_mode()
@@ -37,6 +55,15 @@ class TorchInferStrategy:
         """[B, T, vocab_size] logits; rows of a padded embedding matrix beyond the tokenizer are cut off."""
         out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
         return out.logits[..., : self.vocab_size]
+
+    @torch.inference_mode()
+    def forward(self, micro_batch: MicroBatch) -> TeacherTargets:
+        logits = self.logits(micro_batch.input_ids, micro_batch.attention_mask)
+        rows = logits[(micro_batch.labels != IGNORE_INDEX).to(logits.device)].float()  # [N_label, V]
+        if not self.topk:
+            return TeacherTargets(rows)
+        top = topk_teacher_logits(rows, self.topk)
+        return TeacherTargets(top.values, top.indices)
 
 
 def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -48,24 +75,22 @@ def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class TorchTrainStrategy:
+class TorchTrainStrategy(TrainStrategy):
     """Trainable model with AdamW, a warmup+decay schedule and gradient clipping (the student)."""
 
-    def __init__(
-        self,
-        path: str | Path,
-        model_args: ModelArgs,
-        training_args: TrainingArgs,
-        max_steps: int,
-        device: torch.device,
-        vocab_size: int,
-    ):
+    name = "torch_train"
+
+    def __init__(self, config, rank: RankContext, vocab):
         from transformers import get_scheduler
 
-        self.device = device
-        self.vocab_size = vocab_size
+        _data_parallel_only(rank, self.name)
+        training_args = config.student.training_args
+        self.rank = rank
+        self.device = rank.device
+        self.vocab_size = vocab.size
         self.args = training_args
-        self.model = load_causal_lm(path, model_args, device).train()
+        self.model_args = config.student.model_args
+        self.model = load_causal_lm(config.student_pretrain, self.model_args, self.device).train()
         self.optimizer = torch.optim.AdamW(
             _decay_groups(self.model, training_args.weight_decay),
             lr=training_args.learning_rate,
@@ -75,20 +100,55 @@ class TorchTrainStrategy:
             training_args.lr_scheduler_type,
             self.optimizer,
             num_warmup_steps=training_args.warmup_steps,
-            num_training_steps=max_steps,
+            num_training_steps=config.max_steps,
         )
+        self._loss_finite = True  # of the micro-batches accumulated since the last optimizer step
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
         return out.logits[..., : self.vocab_size]
 
-    def optimizer_step(self, loss_finite: bool = True) -> tuple[float, float, bool]:
-        """Clip, step, advance the schedule; returns (gradient norm before clipping, lr used, whether applied).
+    def forward_backward(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn) -> StepStats:
+        loss = ce_sum = kd_sum = 0.0
+        label_tokens = input_tokens = 0
+        for micro_batch in micro_batches:
+            terms = loss_fn(self.logits(micro_batch.input_ids, micro_batch.attention_mask), micro_batch)
+            loss += float(terms.loss)
+            if torch.isfinite(terms.loss.detach()):
+                terms.loss.backward()
+            else:  # its gradients would be NaN/inf everywhere; optimizer_step will not apply this step
+                self._loss_finite = False
+            ce_sum += float(terms.ce_sum)
+            kd_sum += float(terms.kd_sum)
+            label_tokens += terms.label_tokens
+            input_tokens += int(micro_batch.attention_mask.sum())
+        return StepStats(loss, ce_sum, kd_sum, label_tokens, input_tokens, self._loss_finite)
 
-        The update is not applied when the loss was not finite or the gradient norm is NaN/inf: one such
+    def _all_reduce_gradients(self, loss_finite: bool) -> bool:
+        """Sum the gradients of the data-parallel replicas (one flat buffer, one collective); returns whether
+        every replica's loss was finite."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([0.0 if loss_finite else 1.0],
+                                                                              device=self.device)])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.rank.group)
+        offset = 0
+        for param in params:
+            count = param.numel()
+            param.grad = flat[offset : offset + count].view_as(param).to(param.dtype)
+            offset += count
+        return bool(flat[-1] == 0)
+
+    def optimizer_step(self) -> OptimizerStepResult:
+        """Reduce, clip, step, advance the schedule; returns (gradient norm before clipping, lr used, applied).
+
+        The update is not applied when a loss was not finite or the gradient norm is NaN/inf: one such
         step would make every weight non-finite. The schedule still advances, so the learning rate stays a
         function of the step number (as with AMP's skipped steps).
         """
+        loss_finite, self._loss_finite = self._loss_finite, True
+        if self.rank.world_size > 1:
+            loss_finite = self._all_reduce_gradients(loss_finite)
         lr = self.scheduler.get_last_lr()[0]
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
@@ -97,15 +157,42 @@ class TorchTrainStrategy:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm, float(lr), applied
+        return OptimizerStepResult(grad_norm, float(lr), applied)
 
     @torch.inference_mode()
-    def eval_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def eval_forward(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn) -> StepStats:
         self.model.eval()
         try:
-            return self.logits(input_ids, attention_mask)
+            loss, ce_sum, label_tokens, input_tokens = 0.0, 0.0, 0, 0
+            for micro_batch in micro_batches:
+                terms = loss_fn(self.logits(micro_batch.input_ids, micro_batch.attention_mask), micro_batch)
+                loss += float(terms.loss)
+                ce_sum += float(terms.ce_sum)
+                label_tokens += terms.label_tokens
+                input_tokens += int(micro_batch.attention_mask.sum())
+            return StepStats(loss, ce_sum, 0.0, label_tokens, input_tokens)
         finally:
             self.model.train()
+
+    def save(self, directory: str) -> None:
+        """Rank 0 writes the HF model, optimizer and scheduler (the replicas hold equal copies); every rank its RNG."""
+        checkpoint.refuse_nonfinite_parameters(self.model, directory)
+        first = self.rank.rank == 0
+        checkpoint.write_model_state(
+            directory,
+            model=self.model if first else None,
+            optimizer=self.optimizer if first else None,
+            scheduler=self.scheduler if first else None,
+            rank=self.rank.rank,
+        )
+
+    def load(self, directory: str) -> None:
+        """Weights from ``directory/student`` (HF format), then optimizer, scheduler and this rank's RNG."""
+        restored = load_causal_lm(Path(directory) / checkpoint.STUDENT_DIR, self.model_args, self.device)
+        with torch.no_grad():
+            self.model.load_state_dict(restored.state_dict())
+        del restored
+        checkpoint.load_model_state(directory, optimizer=self.optimizer, scheduler=self.scheduler, rank=self.rank.rank)
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> list[list[int]]:
