@@ -3,7 +3,11 @@
 A YAML file (composed with Hydra, so ``key=value`` overrides work on the command line) becomes a
 ``DistillConfig``; everything inside the trainer takes that typed object, never a raw dict. The field
 names follow the pipeline we reimplement (``kd_objective``, ``distill_loss_weight``, ``student_pretrain``,
-``strategy_args``, ``device_mapping``, ...), so existing configs keep working.
+``strategy_args``, ``device_mapping``, ...), so existing configs keep working. The original pipeline's own
+keys and nesting (alibaba/ROLL's ``distill_megatron.yaml``: top-level ``question_key``/``answer_key``/
+``max_grad_norm``, ``num_train_epochs``, ``strategy_config``, ``validation``, ``system_envs``, ...) are accepted
+too: each is mapped onto our field here, once, and a value we cannot honour is refused naming its field. The
+mapping is listed in the README ("Configs of the original pipeline").
 
 The same model is the ``spec.distill`` of the Kubernetes ``DistillJob`` resource: field descriptions and
 bounds here flow into the generated CRD schema.
@@ -11,12 +15,21 @@ bounds here flow into the generated CRD schema.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from .textfiles import read_utf8
@@ -35,13 +48,102 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# --- Names of the original pipeline (alibaba/ROLL) and what they become here ------------------------------------
+# data_args.template values that, in the original, format prompts with the tokenizer's own chat template (qwen3
+# adds enable_thinking=True, which Qwen3's template does by default). Its other formats are refused.
+TOKENIZER_TEMPLATES = ("native", "qwen2_5", "qwen3")
+# strategy_name values of the original that are ours under another name.
+STRATEGY_ALIASES = {"hf_infer": "torch_infer"}
+SUPPORTED_STRATEGIES = ("torch_train", "torch_infer", "megatron_train", "megatron_infer")
+# logits_transfer_backend -> the channel transport (channel.py) that hands the teacher's logits to the student.
+LOGITS_TRANSPORTS = {"ipc+nccl": "shared_memory", "nccl-only": "shared_memory", "ray": "object_store"}
+# Megatron options the config accepts and strategies/megatron.py does not pass to Megatron yet: refused (with the
+# value that turns them off) rather than ignored. The megatron strategy removes an entry when it honours it.
+MEGATRON_OPTIONS_NOT_YET_HONOURED: dict[str, Any] = {
+    "sequence_parallel": False,
+    "use_distributed_optimizer": False,
+    "recompute_granularity": None,
+}
+# Set by Ray from device_mapping; a worker environment must not move a rank to another device.
+RESERVED_ENV = ("CUDA_VISIBLE_DEVICES",)
+
+
+def _data_files_schema(description: str) -> Any:
+    # A string or a list of strings: Kubernetes' structural schemas have no such union, so the CRD leaves the field
+    # open (as for resume_from_checkpoint) and the operator validates it with this model.
+    return WithJsonSchema({"x-kubernetes-preserve-unknown-fields": True, "description": description})
+
+
+DataFiles = Annotated[
+    str | list[str] | None,
+    _data_files_schema("A JSON array or JSONL file of records, or a list of such files (read in order)."),
+]
+
+
+def data_files(value: str | list[str] | None) -> list[str]:
+    """The files of a ``file_name`` / ``eval_file_name`` field, as a list (empty when unset)."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _check_data_files(value: Any) -> Any:
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("an empty list names no data file")
+        if any(not isinstance(item, str) or not item for item in value):
+            raise ValueError(f"expected file names (non-empty strings), got {value!r}")
+    elif isinstance(value, str) and not value:
+        raise ValueError("an empty string names no data file")
+    return value
+
+
+def _check_template(value: str | None) -> str | None:
+    if value is not None and value not in TOKENIZER_TEMPLATES:
+        raise ValueError(
+            f"chat format {value!r} is not supported: prompts use the tokenizer's own chat template, which the "
+            f"original's {', '.join(TOKENIZER_TEMPLATES)} name (or leave template unset)"
+        )
+    return value
+
+
 class ModelArgs(_Strict):
     """How a worker's model is loaded."""
 
-    model_type: Literal["causal_lm"] = Field("causal_lm", description="Model family; only causal language models.")
+    model_type: Literal["causal_lm"] = Field(
+        "causal_lm",
+        description="Model family; only causal language models (null, the original's default, is causal_lm).",
+    )
     dtype: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Parameter and compute dtype of the worker's model (fp32 on CPU)."
     )
+    attn_implementation: Literal["eager", "sdpa", "fa2", "flash_attention_2", "auto"] | None = Field(
+        None,
+        description="Attention kernel of the torch strategies' HF model: eager, sdpa, fa2 (= flash_attention_2: "
+        "needs a GPU and the flash-attn package); auto or null: transformers' choice. Megatron strategies use "
+        "Megatron's attention and ignore it.",
+    )
+    disable_gradient_checkpointing: bool = Field(
+        True,
+        description="true (default here): keep activations for the backward pass. false: activation checkpointing "
+        "of the student (torch_train recomputes each decoder layer in the backward pass; same gradients, less "
+        "memory for long sequences, about a third more compute). The original pipeline defaults to false; its "
+        "Megatron strategies use strategy_args.recompute_granularity instead.",
+    )
+
+    @field_validator("model_type", mode="before")
+    @classmethod
+    def _null_is_causal_lm(cls, value: Any) -> Any:
+        return "causal_lm" if value is None else value
+
+    @property
+    def hf_attn_implementation(self) -> str | None:
+        """The ``attn_implementation`` argument of transformers' ``from_pretrained`` (None: its default)."""
+        return {"fa2": "flash_attention_2", "auto": None}.get(self.attn_implementation, self.attn_implementation)
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return not self.disable_gradient_checkpointing
 
 
 class TrainingArgs(_Strict):
@@ -52,8 +154,17 @@ class TrainingArgs(_Strict):
         "cosine", description="Learning-rate schedule after the warmup (decays to 0 at max_steps)."
     )
     warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup from 0 to learning_rate.")
-    per_device_train_batch_size: int = Field(1, ge=1, description="Sequences per micro-batch on each rank.")
+    per_device_train_batch_size: int = Field(
+        1, ge=1, description="Sequences per micro-batch on each data-parallel rank."
+    )
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    num_train_epochs: float | None = Field(
+        None,
+        gt=0,
+        description="Passes over the training data, the original pipeline's way of setting the run's length: "
+        "max_steps = floor(num_train_epochs * records / (per_device_train_batch_size * gradient_accumulation_steps "
+        "* dp)), at least 1, with dp = len(device_mapping) / (tp_size * pp_size). A max_steps that is set wins.",
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay (not applied to norms/biases).")
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables clipping.")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
@@ -64,25 +175,147 @@ class TrainingArgs(_Strict):
 class DataArgs(_Strict):
     """Where the question/answer records are and which keys hold them."""
 
-    file_name: str | None = Field(None, description="Training data: a JSON array or JSONL file of records.")
-    eval_file_name: str | None = Field(None, description="Held-out data in the same format; evaluation is off without it.")
+    file_name: DataFiles = Field(
+        None, description="Training data: a JSON array or JSONL file of records, or a list of such files."
+    )
+    eval_file_name: DataFiles = Field(
+        None, description="Held-out data in the same format (a file or a list); evaluation is off without it."
+    )
     question_key: str = Field("question", min_length=1, description="Record key holding the prompt text.")
     answer_key: str = Field("answer", min_length=1, description="Record key holding the answer text.")
+    template: str | None = Field(
+        None,
+        description="Chat format by the original pipeline's names: native, qwen2_5 and qwen3 (and null) use the "
+        "tokenizer's own chat template; a tokenizer without one gets the plain question text, with a warning. "
+        "Other formats are refused.",
+    )
+    preprocessing_num_workers: int | None = Field(
+        None, ge=1, description="Accepted from the original pipeline's configs; records are tokenized in the driver."
+    )
+
+    @field_validator("file_name", "eval_file_name", mode="before")
+    @classmethod
+    def _files(cls, value: Any) -> Any:
+        return _check_data_files(value)
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        return _check_template(value)
+
+
+class StrategyConfig(_Strict):
+    """The original pipeline's ``strategy_config`` (Megatron names), mapped onto ``strategy_args``' own fields."""
+
+    tensor_model_parallel_size: int | None = Field(None, ge=1, description="Same as strategy_args.tp_size.")
+    pipeline_model_parallel_size: int | None = Field(None, ge=1, description="Same as strategy_args.pp_size.")
+    context_parallel_size: int = Field(1, ge=1, description="Only 1: context parallelism is not supported.")
+    sequence_parallel: bool | None = Field(None, description="Same as strategy_args.sequence_parallel.")
+    use_distributed_optimizer: bool | None = Field(None, description="Same as strategy_args.use_distributed_optimizer.")
+    recompute_granularity: Literal["full", "selective"] | None = Field(
+        None, description="Same as strategy_args.recompute_granularity."
+    )
+    bf16: bool | None = Field(None, description="true: model_args.dtype bf16.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_known_keys(cls, data: Any) -> Any:
+        # The original passes this dict to Megatron or FSDP as is; we map a known set. Name the first key we do not
+        # honour instead of a generic "unknown field".
+        if isinstance(data, dict):
+            for key in data:
+                if key not in cls.model_fields:
+                    raise _field_error(
+                        str(key),
+                        f"not supported here; strategy_config may hold {', '.join(cls.model_fields)}",
+                        data[key],
+                    )
+        return data
+
+    @field_validator("context_parallel_size")
+    @classmethod
+    def _no_context_parallel(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError("context parallelism is not supported; set 1 (sequences stay whole on each rank)")
+        return value
 
 
 class StrategyArgs(_Strict):
     """How a model runs on its ranks."""
 
-    strategy_name: Literal["torch_train", "torch_infer"] = Field(
+    strategy_name: Literal["torch_train", "torch_infer", "megatron_train", "megatron_infer"] = Field(
         "torch_train",
-        description="torch_train (student) / torch_infer (teacher): HF transformers on one device. A teacher section "
-        "that leaves it unset gets torch_infer.",
+        description="torch_train (student) / torch_infer (teacher): HF transformers, one device per rank; "
+        "megatron_train / megatron_infer: Megatron-Core with tp_size x pp_size ranks per model replica. Teacher "
+        "and student use the same family. A teacher section that leaves it unset gets torch_infer; the original's "
+        "hf_infer is torch_infer.",
     )
-    tp_size: int = Field(1, ge=1, description="Tensor-parallel size.")
-    pp_size: int = Field(1, ge=1, description="Pipeline-parallel size.")
+    tp_size: int = Field(1, ge=1, description="Tensor-parallel size (megatron strategies).")
+    pp_size: int = Field(1, ge=1, description="Pipeline-parallel size (megatron strategies).")
+    sequence_parallel: bool = Field(
+        False, description="Megatron sequence parallelism (activations split along the sequence; needs tp_size > 1)."
+    )
+    use_distributed_optimizer: bool = Field(
+        False, description="Shard the optimizer state over data-parallel ranks (megatron_train)."
+    )
+    recompute_granularity: Literal["full", "selective"] | None = Field(
+        None,
+        description="Megatron activation recomputation: full (whole layers) or selective (attention core); null: "
+        "none. torch_train uses model_args.disable_gradient_checkpointing instead.",
+    )
+    strategy_config: StrategyConfig | None = Field(
+        None,
+        description="The original pipeline's form of the fields above (tensor_model_parallel_size, "
+        "pipeline_model_parallel_size, context_parallel_size (1 only), sequence_parallel, use_distributed_optimizer, "
+        "recompute_granularity, bf16); a value that differs from the same field set here is refused.",
+    )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="Fraction of GPU memory an inference engine may reserve."
     )
+
+    @field_validator("strategy_name", mode="before")
+    @classmethod
+    def _original_names(cls, value: Any) -> Any:
+        if isinstance(value, str) and value in STRATEGY_ALIASES:
+            return STRATEGY_ALIASES[value]
+        if isinstance(value, str) and value not in SUPPORTED_STRATEGIES:
+            aliases = ", ".join(f"{a} (= {b})" for a, b in STRATEGY_ALIASES.items())
+            raise ValueError(f"not supported; supported: {', '.join(SUPPORTED_STRATEGIES)}, {aliases}")
+        return value
+
+    @model_validator(mode="after")
+    def _map_strategy_config(self) -> "StrategyArgs":
+        config = self.strategy_config
+        if config is None:
+            return self
+        pairs = {
+            "tensor_model_parallel_size": "tp_size",
+            "pipeline_model_parallel_size": "pp_size",
+            "sequence_parallel": "sequence_parallel",
+            "use_distributed_optimizer": "use_distributed_optimizer",
+            "recompute_granularity": "recompute_granularity",
+        }
+        for theirs, ours in pairs.items():
+            value = getattr(config, theirs)
+            if value is not None:
+                _adopt(self, ours, value, f"strategy_config.{theirs}", f"strategy_args.{ours}")
+        return self
+
+
+def _adopt(model: BaseModel, field: str, value: Any, source: str, target: str) -> None:
+    """Set ``model.field`` to ``value`` written at ``source`` (the original's place for it); refuse a different value
+    set explicitly at ``target`` (ours), naming both places."""
+    current = getattr(model, field)
+    if current == value:
+        return
+    if field in model.model_fields_set:
+        raise _field_error(
+            source,
+            f"conflicts with {target}={current!r}: both set one setting (the original pipeline's place and ours); "
+            "remove one or make them equal",
+            value,
+        )
+    setattr(model, field, value)
 
 
 _RANGE_EXPR = re.compile(r"^\s*list\(\s*range\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*\)\s*$")
@@ -98,8 +331,47 @@ class WorkerConfig(_Strict):
     device_mapping: list[int] = Field(
         default_factory=list,
         description="Accelerator indices this worker's ranks occupy, e.g. [0,1] or 'list(range(0,8))'; "
-        "empty runs one rank on CPU.",
+        "empty runs one rank on CPU. Without GPUs the indices name CPU ranks.",
     )
+    use_sequence_packing: bool = Field(
+        False, description="Only false: sequence packing is not supported (batches are padded per micro-batch)."
+    )
+    infer_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Accepted from the original pipeline's configs; the teacher runs the student's micro-batches.",
+    )
+    system_envs: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment variables of this side's worker processes, over the top-level system_envs.",
+    )
+
+    @field_validator("system_envs", mode="before")
+    @classmethod
+    def _env(cls, value: Any) -> Any:
+        return _check_env(value)
+
+    @field_validator("use_sequence_packing")
+    @classmethod
+    def _no_packing(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("sequence packing is not supported; set false (micro-batches are padded instead)")
+        return value
+
+    @model_validator(mode="after")
+    def _strategy_config_dtype(self) -> "WorkerConfig":
+        config = self.strategy_args.strategy_config
+        if config is not None and config.bf16 is not None:
+            dtype = self.model_args.dtype
+            if config.bf16 and dtype != "bf16":
+                _adopt(self.model_args, "dtype", "bf16", "strategy_args.strategy_config.bf16", "model_args.dtype")
+            elif not config.bf16 and dtype == "bf16" and "dtype" in self.model_args.model_fields_set:
+                raise _field_error(
+                    "strategy_args.strategy_config.bf16",
+                    "conflicts with model_args.dtype='bf16'; remove one or make them agree",
+                    False,
+                )
+        return self
 
     @field_validator("device_mapping", mode="before")
     @classmethod
@@ -121,8 +393,58 @@ class WorkerConfig(_Strict):
         return value
 
 
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _check_env(value: Any) -> Any:
+    """Environment variables as text: numbers become their YAML spelling; a boolean or a nested value is refused
+    (the environment holds only text, and ``true`` could mean "1" or "true": quote what is meant)."""
+    if not isinstance(value, dict):
+        return value
+    env = {}
+    for name, item in value.items():
+        if not isinstance(name, str) or not _ENV_NAME.match(name):
+            raise ValueError(f"{name!r} is not an environment variable name (letters, digits, _; not first a digit)")
+        if name in RESERVED_ENV:
+            raise ValueError(f"{name} is set by Ray from device_mapping; remove it")
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise ValueError(f"{name}: the value must be text; quote it in the YAML (got {item!r})")
+        env[name] = str(item)
+    return env
+
+
 def _default_teacher() -> WorkerConfig:
     return WorkerConfig(strategy_args=StrategyArgs(strategy_name="torch_infer"))
+
+
+class ValidationDataArgs(_Strict):
+    """The ``data_args`` of the original pipeline's ``validation`` section."""
+
+    file_name: DataFiles = Field(None, description="Held-out data: a file or a list of files.")
+    template: str | None = Field(None, description="Chat format; must agree with student.data_args.template.")
+
+    @field_validator("file_name", mode="before")
+    @classmethod
+    def _files(cls, value: Any) -> Any:
+        return _check_data_files(value)
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        return _check_template(value)
+
+
+class ValidationConfig(_Strict):
+    """The original pipeline's held-out data section."""
+
+    data_args: ValidationDataArgs = Field(default_factory=ValidationDataArgs)
+
+
+class CheckpointConfig(_Strict):
+    """The original pipeline's checkpoint upload target (accepted; checkpoints stay in output_dir)."""
+
+    type: Literal["file_system"] = Field("file_system", description="Only file_system.")
+    output_dir: str | None = Field(None, description="Where the original copies checkpoints; not used here.")
 
 
 class DistillConfig(_Strict):
@@ -133,7 +455,12 @@ class DistillConfig(_Strict):
     logging_dir: str = Field("./output/logs", description="TensorBoard events and metrics.jsonl go here.")
     output_dir: str = Field("./output", description="Checkpoints checkpoint-<step>/ are written here.")
 
-    max_steps: int = Field(..., ge=1, description="Optimizer steps to train.")
+    max_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Optimizer steps to train. Without it, student.training_args.num_train_epochs sets the length "
+        "(resolved once the data is read).",
+    )
     save_steps: int = Field(0, ge=0, description="Checkpoint every this many steps (and at the last); 0 = only at the end.")
     logging_steps: int = Field(1, ge=1, description="Log metrics every this many steps.")
     eval_steps: int = Field(0, ge=0, description="Evaluate every this many steps (and at the last); 0 = only at the end.")
@@ -201,8 +528,87 @@ class DistillConfig(_Strict):
         "launcher) the operator sets 30 unless this is set.",
     )
 
+    # The original pipeline's top-level keys for settings we keep in the student's sections.
+    question_key: str | None = Field(
+        None, min_length=1, description="Same as student.data_args.question_key (the original pipeline's place)."
+    )
+    answer_key: str | None = Field(
+        None, min_length=1, description="Same as student.data_args.answer_key (the original pipeline's place)."
+    )
+    max_grad_norm: float | None = Field(
+        None, ge=0, description="Same as student.training_args.max_grad_norm (the original pipeline's place)."
+    )
+    validation: ValidationConfig | None = Field(
+        None, description="The original pipeline's held-out data section: validation.data_args.file_name is "
+        "student.data_args.eval_file_name."
+    )
+    checkpoint_config: CheckpointConfig | None = Field(
+        None, description="The original pipeline's checkpoint upload target. Accepted with type file_system; "
+        "checkpoints are written to output_dir only (a warning says so when output_dir here differs)."
+    )
+    logits_transfer_backend: Literal["ipc+nccl", "nccl-only", "ray"] = Field(
+        "ipc+nccl",
+        description="How teacher logits reach the student rank on the same device: ipc+nccl and nccl-only (the "
+        "original's names) use the same-device hand-off (shared memory between CPU ranks; CUDA IPC on a GPU once the "
+        "channel has it); ray sends them through the Ray object store.",
+    )
+    system_envs: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment variables of every worker process (a side's own system_envs win), e.g. NCCL_* "
+        "settings. CUDA_VISIBLE_DEVICES is Ray's and refused.",
+    )
+
     student: WorkerConfig = Field(default_factory=WorkerConfig)
     teacher: WorkerConfig = Field(default_factory=_default_teacher)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_hydra_section(cls, data: Any) -> Any:
+        # The original's YAML starts with a `hydra:` section (run dir, output_subdir) for Hydra's launcher. Hydra
+        # consumes it when composing; a config given as plain data (a DistillJob) may still carry it.
+        if isinstance(data, dict) and "hydra" in data:
+            if data["hydra"] is not None and not isinstance(data["hydra"], dict):
+                raise _field_error("hydra", "expected Hydra's settings (a mapping)", data["hydra"])
+            data = {key: value for key, value in data.items() if key != "hydra"}
+        return data
+
+    @field_validator("logits_transfer_backend", mode="before")
+    @classmethod
+    def _nccl_only_spelling(cls, value: Any) -> Any:
+        return "nccl-only" if value == "nccl_only" else value  # the original's comment spells it nccl_only
+
+    @field_validator("system_envs", mode="before")
+    @classmethod
+    def _env(cls, value: Any) -> Any:
+        return _check_env(value)
+
+    @model_validator(mode="after")
+    def _map_original_places(self) -> "DistillConfig":
+        # Top-level keys of the original pipeline name settings that live in the student's sections here. Either
+        # place may be used; both with different values is refused, naming both.
+        student = self.student
+        if self.question_key is not None:
+            _adopt(student.data_args, "question_key", self.question_key, "question_key",
+                   "student.data_args.question_key")
+        if self.answer_key is not None:
+            _adopt(student.data_args, "answer_key", self.answer_key, "answer_key", "student.data_args.answer_key")
+        if self.max_grad_norm is not None:
+            _adopt(student.training_args, "max_grad_norm", self.max_grad_norm, "max_grad_norm",
+                   "student.training_args.max_grad_norm")
+        if self.validation is not None and self.validation.data_args.file_name is not None:
+            _adopt(student.data_args, "eval_file_name", self.validation.data_args.file_name,
+                   "validation.data_args.file_name", "student.data_args.eval_file_name")
+        # One chat format is used (the student's tokenizer formats every batch): the sections must not disagree.
+        places = {
+            "student.data_args.template": student.data_args.template,
+            "teacher.data_args.template": self.teacher.data_args.template,
+            "validation.data_args.template": self.validation.data_args.template if self.validation else None,
+        }
+        named = [(place, value) for place, value in places.items() if value is not None]
+        for place, value in named[1:]:
+            if value != named[0][1]:
+                raise _field_error(place, f"differs from {named[0][0]}={named[0][1]!r}; one chat format is used", value)
+        return self
 
     @model_validator(mode="after")
     def _teacher_defaults_to_inference(self) -> "DistillConfig":
@@ -238,6 +644,14 @@ class DistillConfig(_Strict):
                 "of the teacher rank on its device",
                 teacher.device_mapping,
             )
+        if t.strategy_name.split("_")[0] != s.strategy_name.split("_")[0]:
+            family = s.strategy_name.split("_")[0]
+            raise _field_error(
+                "teacher.strategy_args.strategy_name",
+                f"must be {family}_infer to go with student.strategy_args.strategy_name={s.strategy_name!r}: both "
+                "sides share one parallel layout and logits format",
+                t.strategy_name,
+            )
         ranks = max(1, len(student.device_mapping))
         if ranks % (s.tp_size * s.pp_size):
             raise _field_error(
@@ -246,16 +660,19 @@ class DistillConfig(_Strict):
                 f"{s.tp_size * s.pp_size}",
                 student.device_mapping,
             )
-        for name in ("tp_size", "pp_size"):
-            if getattr(s, name) != 1:
-                raise _field_error(
-                    f"student.strategy_args.{name}",
-                    "values > 1 need the megatron strategies, which this version does not ship",
-                    getattr(s, name),
-                )
+        for side in ("student", "teacher"):
+            _check_strategy_options(side, getattr(self, side))
+        if self.max_steps is None and student.training_args.num_train_epochs is None:
+            raise _field_error("max_steps", "required, or student.training_args.num_train_epochs (the original's way)")
         if student.data_args.file_name is None:
             raise _field_error("student.data_args.file_name", "required: the training data file")
         return self
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks: len(device_mapping) / (tp_size * pp_size), at least 1 (one CPU rank when empty)."""
+        s = self.student.strategy_args
+        return max(1, len(self.student.device_mapping) // (s.tp_size * s.pp_size))
 
     @property
     def train_args(self) -> TrainingArgs:
@@ -264,6 +681,49 @@ class DistillConfig(_Strict):
     @property
     def data_args(self) -> DataArgs:
         return self.student.data_args
+
+
+def _check_strategy_options(side: str, worker: WorkerConfig) -> None:
+    """Refuse options the side's strategy family cannot honour, naming the field."""
+    args = worker.strategy_args
+    where = f"{side}.strategy_args"
+    if args.strategy_name.startswith("torch"):
+        for name in ("tp_size", "pp_size"):
+            if getattr(args, name) != 1:
+                raise _field_error(
+                    f"{where}.{name}", "values > 1 need megatron_train/megatron_infer", getattr(args, name)
+                )
+        hints = {
+            "sequence_parallel": "it splits activations over tensor-parallel ranks (megatron strategies)",
+            "use_distributed_optimizer": "the optimizer state is sharded by megatron_train only",
+        }
+        for name, why in hints.items():
+            if getattr(args, name):
+                raise _field_error(f"{where}.{name}", f"not supported by {args.strategy_name}: {why}; set false", True)
+        if args.recompute_granularity is not None:
+            raise _field_error(
+                f"{where}.recompute_granularity",
+                f"not supported by {args.strategy_name}; use {side}.model_args.disable_gradient_checkpointing: false "
+                "for activation checkpointing",
+                args.recompute_granularity,
+            )
+        if worker.model_args.hf_attn_implementation == "flash_attention_2" and not worker.device_mapping:
+            raise _field_error(
+                f"{side}.model_args.attn_implementation",
+                "flash attention needs a GPU; an empty device_mapping runs on CPU: use sdpa or eager",
+                worker.model_args.attn_implementation,
+            )
+    else:
+        if args.sequence_parallel and args.tp_size == 1:
+            raise _field_error(f"{where}.sequence_parallel", "needs tp_size > 1; set false or raise tp_size", True)
+        for name, off in MEGATRON_OPTIONS_NOT_YET_HONOURED.items():
+            if getattr(args, name) != off:
+                shown = "null" if off is None else str(off).lower()  # as written in YAML
+                raise _field_error(
+                    f"{where}.{name}",
+                    f"not supported by {args.strategy_name} yet (it would be ignored); set {shown} or remove it",
+                    getattr(args, name),
+                )
 
 
 _NO_VALUE = object()
@@ -397,3 +857,86 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DistillConfi
 def dump_config(config: DistillConfig) -> dict[str, Any]:
     """The config as plain data (what a checkpoint records and the operator renders into a ConfigMap)."""
     return config.model_dump(mode="json")
+
+
+# --- What the run derives from the config once it starts (used by pipeline.py and workers.py) ----------------------
+
+
+def worker_env(config: DistillConfig, role: Literal["student", "teacher"] | None = None) -> dict[str, str]:
+    """Environment variables of a worker process: the top-level ``system_envs``, under ``role``'s own."""
+    env = dict(config.system_envs)
+    if role is not None:
+        env.update(getattr(config, role).system_envs)
+    return env
+
+
+def logits_transport(config: DistillConfig) -> Literal["shared_memory", "object_store"]:
+    """The channel transport ``logits_transfer_backend`` selects (``LOGITS_TRANSPORTS``)."""
+    return LOGITS_TRANSPORTS[config.logits_transfer_backend]  # type: ignore[return-value]
+
+
+def steps_for_epochs(config: DistillConfig, num_records: int) -> int:
+    """Optimizer steps of ``num_train_epochs`` passes over ``num_records`` records: each step takes
+    ``per_device_train_batch_size * gradient_accumulation_steps`` records on each of ``dp_size`` ranks. At least 1
+    (a data set smaller than one global batch is still trained on, its records drawn again)."""
+    args = config.train_args
+    if args.num_train_epochs is None:
+        raise ValueError("num_train_epochs is not set")
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * config.dp_size
+    # The small epsilon keeps e.g. 0.3 * 10 / 3 (0.99999...) from rounding down a whole step.
+    return max(1, math.floor(args.num_train_epochs * num_records / global_batch + 1e-9))
+
+
+def resolve_max_steps(config: DistillConfig, num_records: int) -> str | None:
+    """Set ``config.max_steps`` from ``num_train_epochs`` when it is unset; returns a line saying how, else None."""
+    if config.max_steps is not None:
+        return None
+    config.max_steps = steps_for_epochs(config, num_records)
+    args = config.train_args
+    return (
+        f"max_steps={config.max_steps}: num_train_epochs={args.num_train_epochs:g} x {num_records} records / "
+        f"({args.per_device_train_batch_size} per rank x {args.gradient_accumulation_steps} accumulated x "
+        f"{config.dp_size} data-parallel ranks)"
+    )
+
+
+def startup_warnings(config: DistillConfig, *, has_chat_template: bool) -> list[str]:
+    """What a user of the original pipeline's config should know before the run starts (logged as warnings)."""
+    warnings = []
+    templates = [
+        (place, value)
+        for place, value in (
+            ("student.data_args.template", config.student.data_args.template),
+            ("validation.data_args.template", config.validation.data_args.template if config.validation else None),
+            ("teacher.data_args.template", config.teacher.data_args.template),
+        )
+        if value is not None
+    ]
+    if templates and not has_chat_template:
+        place, value = templates[0]
+        warnings.append(
+            f"{place}={value!r}: the tokenizer of student_pretrain has no chat template, so prompts are the plain "
+            "question text"
+        )
+    checkpoint = config.checkpoint_config
+    if checkpoint is not None and checkpoint.output_dir and checkpoint.output_dir != config.output_dir:
+        warnings.append(
+            f"checkpoint_config.output_dir={checkpoint.output_dir!r} is not used: checkpoints are written to "
+            f"output_dir={config.output_dir!r} only"
+        )
+    return warnings
+
+
+def check_runtime_support(config: DistillConfig) -> None:
+    """Refuse, before Ray starts, what the config asks of this installation and it lacks (ConfigError)."""
+    import importlib.util
+
+    for side in ("student", "teacher"):
+        worker: WorkerConfig = getattr(config, side)
+        wants_flash = worker.model_args.hf_attn_implementation == "flash_attention_2"
+        if wants_flash and worker.strategy_args.strategy_name.startswith("torch"):
+            if importlib.util.find_spec("flash_attn") is None:
+                raise ConfigError(
+                    f"{side}.model_args.attn_implementation={worker.model_args.attn_implementation!r} needs the "
+                    "flash-attn package, which is not installed; use sdpa (or install flash-attn)"
+                )
