@@ -282,7 +282,6 @@ class MegatronTrainStrategy(_MegatronModel, TrainStrategy):
             for inner in self._inner
         ]
         self._loss_finite = True
-        self._tokenizer_dir = config.student_pretrain
 
     # -- training
 
@@ -414,7 +413,8 @@ class MegatronTrainStrategy(_MegatronModel, TrainStrategy):
     # -- checkpoints
 
     def save(self, directory: str) -> None:
-        """HF student under ``directory/student`` (global rank 0), this rank's optimizer/scheduler/RNG state."""
+        """HF student under ``directory/student`` (global rank 0; merged across TP/PP by the ranks of DP replica
+        0), this rank's optimizer/scheduler/RNG state under ``directory/megatron/``. Collective."""
         directory = Path(directory)
         bad = next((n for n, p in self.module.named_parameters() if not torch.isfinite(p).all()), None)
         flag = torch.tensor([0.0 if bad is None else 1.0], device=self.device)
@@ -443,13 +443,12 @@ class MegatronTrainStrategy(_MegatronModel, TrainStrategy):
         dist.barrier()
 
     def _write_hf(self, target: Path, state: dict) -> None:
+        """config.json + model.safetensors, as ``save_pretrained`` writes them (the worker adds the tokenizer)."""
         from safetensors.torch import save_file
-        from transformers import AutoTokenizer
 
         target.mkdir(parents=True, exist_ok=True)
         save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
         self.hf_config.save_pretrained(target)
-        AutoTokenizer.from_pretrained(self._tokenizer_dir).save_pretrained(target)
 
     def load(self, directory: str) -> None:
         directory = Path(directory)
