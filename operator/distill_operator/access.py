@@ -18,7 +18,7 @@ import math
 from typing import Any, Mapping
 
 from distill_operator.render import JobRef, labels, owner_reference, progress_configmap_name, trainer_service_account
-from distill_trainer.k8s_progress import PROGRESS_KEY
+from distill_trainer.shared_names import PROGRESS_KEY
 
 COMPONENT_LABEL = "app.kubernetes.io/component"
 PROGRESS_COMPONENT = "progress"

@@ -22,8 +22,9 @@ from distill_operator import access, render
 from distill_operator.conditions import spec_hashes
 from distill_operator.render import JobRef
 from distill_operator.resources import IMMUTABLE_SPEC_FIELDS, DistillJobSpec
+from distill_trainer import shared_names
 
-FROZEN_SPEC_ANNOTATION = "kubedistill.io/original-spec"
+FROZEN_SPEC_ANNOTATION = f"{shared_names.GROUP}/original-spec"
 
 
 class ChildConflict(Exception):

@@ -18,19 +18,21 @@ import yaml
 
 from distill_operator import resources
 from distill_operator.resources import DistillJobSpec
-from distill_trainer import k8s_progress
+from distill_trainer import shared_names
 from distill_trainer.config import dump_config
 
 CONFIG_DIR = "/etc/kubedistill"
 CONFIG_FILE = "distill.yaml"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
-# The trainer's environment: names shared with trainer/distill_trainer/k8s_progress.py.
-ENV_JOB_NAME, ENV_JOB_NAMESPACE, ENV_JOB_UID = k8s_progress.ENV_NAME, k8s_progress.ENV_NAMESPACE, k8s_progress.ENV_UID
-ENV_PROGRESS_CONFIGMAP = k8s_progress.ENV_PROGRESS_CONFIGMAP
-LABEL_JOB = "kubedistill.io/distilljob"
-LABEL_ATTEMPT = "kubedistill.io/attempt"
+# The trainer's environment: names the trainer reads (distill_trainer.shared_names).
+ENV_JOB_NAME, ENV_JOB_NAMESPACE, ENV_JOB_UID = (
+    shared_names.ENV_JOB_NAME, shared_names.ENV_JOB_NAMESPACE, shared_names.ENV_JOB_UID
+)
+ENV_PROGRESS_CONFIGMAP = shared_names.ENV_PROGRESS_CONFIGMAP
+LABEL_JOB = f"{shared_names.GROUP}/distilljob"
+LABEL_ATTEMPT = f"{shared_names.GROUP}/attempt"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-MANAGER = "kubedistill-operator"
+MANAGER = shared_names.OPERATOR_FIELD_MANAGER
 # KubeRay derives RayCluster, pod and service names from the RayJob's name; it refuses names over 47 chars.
 RAYJOB_NAME_LIMIT = 47
 LABEL_VALUE_LIMIT = 63

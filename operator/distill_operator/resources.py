@@ -15,15 +15,17 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
+from distill_trainer import shared_names
 from distill_trainer.config import DistillConfig
 
-GROUP = "kubedistill.io"
-VERSION = "v1alpha1"
-KIND = "DistillJob"
-PLURAL = "distilljobs"
+# The API names the trainer uses too (distill_trainer.shared_names).
+GROUP = shared_names.GROUP
+VERSION = shared_names.VERSION
+KIND = shared_names.KIND
+PLURAL = shared_names.PLURAL
 SINGULAR = "distilljob"
-SHORT_NAMES = ["dj"]
-API_VERSION = f"{GROUP}/{VERSION}"
+SHORT_NAMES = list(shared_names.SHORT_NAMES)
+API_VERSION = shared_names.API_VERSION
 
 # Condition types, in the order they usually appear. Each is True/False with a CamelCase reason.
 # SpecChangeIgnored: an immutable spec field (IMMUTABLE_SPEC_FIELDS) was edited; the job keeps its original.

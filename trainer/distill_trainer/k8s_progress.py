@@ -20,22 +20,23 @@ import math
 import os
 import threading
 import time
-from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
+
+from . import shared_names
 
 log = logging.getLogger(__name__)
 
-# Names that cross the operator/trainer boundary (the operator's render.py and access.py use the same).
-ENV_NAME = "KUBEDISTILL_DISTILLJOB_NAME"
-ENV_NAMESPACE = "KUBEDISTILL_DISTILLJOB_NAMESPACE"
-ENV_UID = "KUBEDISTILL_DISTILLJOB_UID"  # metadata.uid of the DistillJob: part of the run's identity
-ENV_PROGRESS_CONFIGMAP = "KUBEDISTILL_PROGRESS_CONFIGMAP"
-PROGRESS_KEY = "progress.json"
-FIELD_MANAGER = "kubedistill-trainer"
+# Names that cross the operator/trainer boundary (shared_names; the operator's render.py and access.py use the same).
+ENV_NAME = shared_names.ENV_JOB_NAME
+ENV_NAMESPACE = shared_names.ENV_JOB_NAMESPACE
+ENV_UID = shared_names.ENV_JOB_UID
+ENV_PROGRESS_CONFIGMAP = shared_names.ENV_PROGRESS_CONFIGMAP
+PROGRESS_KEY = shared_names.PROGRESS_KEY
+FIELD_MANAGER = shared_names.TRAINER_FIELD_MANAGER
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return shared_names.format_timestamp()
 
 
 class K8sProgressReporter:
@@ -67,7 +68,7 @@ class K8sProgressReporter:
         name, namespace = os.environ.get(ENV_NAME), os.environ.get(ENV_NAMESPACE)
         if not name or not namespace:
             return None
-        interval = float(os.environ.get("KUBEDISTILL_PROGRESS_INTERVAL_SECONDS", kwargs.pop("min_interval_seconds", 10.0)))
+        interval = float(os.environ.get(shared_names.ENV_PROGRESS_INTERVAL, kwargs.pop("min_interval_seconds", 10.0)))
         kwargs.setdefault("configmap", os.environ.get(ENV_PROGRESS_CONFIGMAP) or None)
         return cls(name, namespace, max_steps, min_interval_seconds=interval, **kwargs)
 
@@ -114,16 +115,10 @@ class K8sProgressReporter:
             )
 
     def _patch_configmap(self, patch: dict[str, Any]) -> None:
-        from kubernetes import client, config
+        from kubernetes import client
 
         if self._api is None:
-            configuration = client.Configuration()
-            try:
-                config.load_incluster_config(client_configuration=configuration)
-            except config.ConfigException:
-                # KUBECONFIG is read now: the kubernetes package reads it once at import, which may be too early.
-                config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
-            self._api = client.CoreV1Api(client.ApiClient(configuration))
+            self._api = client.CoreV1Api(client.ApiClient(shared_names.kube_client_configuration()))
         self._api.patch_namespaced_config_map(
             self.configmap, self.namespace, patch, field_manager=FIELD_MANAGER,
             _content_type="application/merge-patch+json", _request_timeout=10,

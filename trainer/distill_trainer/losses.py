@@ -54,14 +54,7 @@ from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
-KD_OBJECTIVES = (
-    "forward_kl",
-    "reverse_kl",
-    "adaptive_kl",
-    "skewed_forward_kl",
-    "skewed_reverse_kl",
-    "js_divergence",
-)
+from .shared_names import KD_OBJECTIVES  # the names config.py accepts; one list
 
 # Guard in the adaptive_kl weights g/(g_h + g_t + ε): both gaps are 0 when p == q.
 ADAPTIVE_KL_EPS = 1e-12

@@ -40,25 +40,25 @@ from collections.abc import Callable, Iterator, Mapping
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from . import k8s_progress
+from . import k8s_progress, shared_names
 
 log = logging.getLogger(__name__)
 
-# The names dashboards and alerts are written against (charts/kubedistill/).
-STEP = "kubedistill_trainer_step"
-MAX_STEPS = "kubedistill_trainer_max_steps"
-LOSS = "kubedistill_trainer_loss"
-LEARNING_RATE = "kubedistill_trainer_learning_rate"
-GRAD_NORM = "kubedistill_trainer_grad_norm"
-TOKENS_PER_SECOND = "kubedistill_trainer_tokens_per_second"
-STEP_PHASE_SECONDS = "kubedistill_trainer_step_phase_seconds"
-EVAL_LOSS = "kubedistill_trainer_eval_loss"
-EVAL_EXACT_MATCH = "kubedistill_trainer_eval_exact_match"
-LAST_CHECKPOINT_STEP = "kubedistill_trainer_last_checkpoint_step"
-LAST_CHECKPOINT_TIMESTAMP = "kubedistill_trainer_last_checkpoint_timestamp_seconds"
-START_TIMESTAMP = "kubedistill_trainer_start_timestamp_seconds"
-NONFINITE_STEPS = "kubedistill_trainer_nonfinite_steps_total"
-LABELS = ("distilljob_namespace", "distilljob_name", "exp_name")
+# The names dashboards and alerts are written against (charts/kubedistill/), from the shared module.
+STEP = shared_names.TRAINER_STEP
+MAX_STEPS = shared_names.TRAINER_MAX_STEPS
+LOSS = shared_names.TRAINER_LOSS
+LEARNING_RATE = shared_names.TRAINER_LEARNING_RATE
+GRAD_NORM = shared_names.TRAINER_GRAD_NORM
+TOKENS_PER_SECOND = shared_names.TRAINER_TOKENS_PER_SECOND
+STEP_PHASE_SECONDS = shared_names.TRAINER_STEP_PHASE_SECONDS
+EVAL_LOSS = shared_names.TRAINER_EVAL_LOSS
+EVAL_EXACT_MATCH = shared_names.TRAINER_EVAL_EXACT_MATCH
+LAST_CHECKPOINT_STEP = shared_names.TRAINER_LAST_CHECKPOINT_STEP
+LAST_CHECKPOINT_TIMESTAMP = shared_names.TRAINER_LAST_CHECKPOINT_TIMESTAMP
+START_TIMESTAMP = shared_names.TRAINER_START_TIMESTAMP
+NONFINITE_STEPS = shared_names.TRAINER_NONFINITE_STEPS
+LABELS = shared_names.METRIC_LABELS
 
 _HELP = {
     STEP: "Last logged optimizer step.",

@@ -24,12 +24,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .config import DistillConfig
-
 # Set by the operator on the trainer (render.py; k8s_progress.py reads the first two as well). The uid makes a
 # DistillJob deleted and re-created under the same name a new run.
-ENV_JOB_NAME = "KUBEDISTILL_DISTILLJOB_NAME"
-ENV_JOB_NAMESPACE = "KUBEDISTILL_DISTILLJOB_NAMESPACE"
-ENV_JOB_UID = "KUBEDISTILL_DISTILLJOB_UID"
+from .shared_names import ENV_JOB_NAME, ENV_JOB_NAMESPACE, ENV_JOB_UID
 
 # The fields of DistillConfig (dotted paths) whose values change what a run trains.
 FINGERPRINT_FIELDS = (

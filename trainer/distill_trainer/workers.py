@@ -32,6 +32,7 @@ from .config import DistillConfig
 from .data import Example, collate, eval_batches
 from .distill_loss import LossConfig, TeacherTargets, make_loss_fn
 from .models import VocabInfo
+from .shared_names import ENV_NUM_THREADS
 from .strategies import strategy_class
 from .strategies.base import MicroBatch, OptimizerStepResult, RankContext, StepStats
 
@@ -378,4 +379,4 @@ def default_num_threads() -> int:
     idle actor spin-wait, and an oversubscribed parallel region waits for descheduled threads. Measured on
     2 loaded cores, a 1M-parameter training step took 4.4 s with 2 threads and 0.13 s with 1.
     """
-    return int(os.environ.get("KUBEDISTILL_NUM_THREADS", "0")) or max(1, (os.cpu_count() or 2) // 2)
+    return int(os.environ.get(ENV_NUM_THREADS, "0")) or max(1, (os.cpu_count() or 2) // 2)
