@@ -113,3 +113,14 @@ def test_bad_data_stops_before_anything_is_written(tiny_setup, tmp_path):
     with pytest.raises(DataError, match=r"bad\.jsonl:2: missing key 'answer'"):
         DistillPipeline(config_from_dict(data), num_threads=1).run()
     assert not (tmp_path / "output").exists() and not (tmp_path / "logs").exists()
+
+
+def test_object_store_transport_gives_the_same_step_as_shared_memory(straight_run, tiny_setup, tmp_path, local_ray):
+    # logits_transfer_backend "ray": the teacher's targets go through Ray's object store instead of shared memory
+    # (with system_envs set, the actors start with a runtime_env).
+    _, result = run(tiny_setup, tmp_path, max_steps=1, save_steps=0, eval_steps=0, logits_transfer_backend="ray",
+                    system_envs={"KUBEDISTILL_TEST_MARKER": "1"})
+    straight_out, _, _ = straight_run
+    first = json.loads((straight_out / "logs" / "metrics.jsonl").read_text().splitlines()[0])
+    for tag in ("train/loss", "train/student_loss", "train/distill_loss", "train/grad_norm"):
+        assert result.last_train_metrics[tag] == first[tag], tag

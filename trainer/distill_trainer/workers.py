@@ -28,7 +28,7 @@ import torch
 
 from . import checkpoint
 from .channel import LogitsHandle, LogitsPublisher, LogitsReceiver, Transport
-from .config import DistillConfig
+from .config import DistillConfig, logits_transport, worker_env
 from .data import Example, collate, eval_batches
 from .distill_loss import LossConfig, TeacherTargets, make_loss_fn
 from .models import VocabInfo
@@ -332,30 +332,37 @@ def create_workers(
     group = placement_group([dict(bundle) for _ in range(world_size)], strategy="PACK")
     ray.get(group.ready(), timeout=300)
 
-    def options(rank: int) -> dict:
+    def options(rank: int, role: str) -> dict:
         # Half of bundle `rank` each: the two actors share the device, as the hand-off requires.
-        return dict(
+        chosen = dict(
             num_cpus=0.5,
             num_gpus=0.5 if on_gpu else 0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
         )
+        env = worker_env(config, role)  # system_envs
+        if env:
+            chosen["runtime_env"] = {"env_vars": env}
+        return chosen
 
     side = dict(world_size=world_size, on_gpu=on_gpu)
     students = [
-        ray.remote(StudentWorker).options(**options(r)).remote(config, vocab, eval_examples, num_threads, rank=r, **side)
+        ray.remote(StudentWorker)
+        .options(**options(r, "student"))
+        .remote(config, vocab, eval_examples, num_threads, rank=r, **side)
         for r in range(world_size)
     ]
     teachers = []
     if config.distill_loss_weight > 0:
         student_nodes = ray.get([s.node_id.remote() for s in students])
+        transport = logits_transport(config)  # logits_transfer_backend: shared memory, or "ray" (object store)
         for r in range(world_size):
-            teacher = ray.remote(TeacherWorker).options(**options(r)).remote(
-                config, vocab, "shared_memory", num_threads, rank=r, **side
+            teacher = ray.remote(TeacherWorker).options(**options(r, "teacher")).remote(
+                config, vocab, transport, num_threads, rank=r, **side
             )
-            if ray.get(teacher.node_id.remote()) != student_nodes[r]:
+            if transport == "shared_memory" and ray.get(teacher.node_id.remote()) != student_nodes[r]:
                 # Cannot happen within one bundle, but a custom cluster setup might split them: stay correct.
                 ray.kill(teacher)
-                teacher = ray.remote(TeacherWorker).options(**options(r)).remote(
+                teacher = ray.remote(TeacherWorker).options(**options(r, "teacher")).remote(
                     config, vocab, "object_store", num_threads, rank=r, **side
                 )
             teachers.append(teacher)
