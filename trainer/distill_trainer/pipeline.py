@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import checkpoint
-from .config import ConfigError, DistillConfig
+from .config import (
+    ConfigError,
+    DistillConfig,
+    check_runtime_support,
+    data_files,
+    resolve_max_steps,
+    startup_warnings,
+)
 from .data import IGNORE_INDEX, DataCursor, Example, ShuffledBatches, collate, load_examples
 from .models import VocabInfo, check_shared_vocab, load_tokenizer
 from .run_identity import RunIdentity, identity_of
@@ -87,7 +94,10 @@ def prepare(config: DistillConfig) -> Prepared:
     vocab = check_shared_vocab(config.student_pretrain, config.teacher_pretrain)
     if config.logits_topk > vocab.size:
         raise ConfigError(f"logits_topk={config.logits_topk} exceeds the vocabulary size {vocab.size}; use 0 for all")
+    check_runtime_support(config)
     tokenizer = load_tokenizer(config.student_pretrain, "student_pretrain")
+    for warning in startup_warnings(config, has_chat_template=bool(getattr(tokenizer, "chat_template", None))):
+        log.warning(warning)
     data_args = config.data_args
     options = dict(
         question_key=data_args.question_key,
@@ -95,8 +105,12 @@ def prepare(config: DistillConfig) -> Prepared:
         sequence_length=config.sequence_length,
         distill_on_prompt=config.distill_on_prompt,
     )
-    train = load_examples(data_args.file_name, tokenizer, **options)
-    eval_examples = load_examples(data_args.eval_file_name, tokenizer, **options) if data_args.eval_file_name else []
+    train = load_examples(data_files(data_args.file_name), tokenizer, **options)
+    eval_files = data_files(data_args.eval_file_name)
+    eval_examples = load_examples(eval_files, tokenizer, **options) if eval_files else []
+    derived = resolve_max_steps(config, len(train))  # num_train_epochs instead of max_steps
+    if derived:
+        log.info(derived)
     check_writable_dir(config.output_dir, "output_dir")
     check_writable_dir(config.logging_dir, "logging_dir")
 
