@@ -26,9 +26,17 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_causal_lm(path: str | Path, model_args: ModelArgs, device: torch.device):
+    """The HF model with ``model_args``' dtype and attention kernel; with activation checkpointing
+    (``disable_gradient_checkpointing: false``) each decoder layer keeps only its input in the forward pass and is
+    recomputed in the backward pass (non-reentrant: the same gradients, less memory for long sequences)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_DTYPES[model_args.dtype])
+    options = {"dtype": _DTYPES[model_args.dtype]}
+    if model_args.hf_attn_implementation is not None:
+        options["attn_implementation"] = model_args.hf_attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(str(path), **options)
+    if model_args.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device)
 
 
