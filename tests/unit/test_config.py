@@ -242,3 +242,22 @@ def test_launchers_report_bad_yaml_in_one_line_with_exit_status_2(tmp_path, laun
         f"error: {tmp_path / 'run.yaml'}:2:7: invalid YAML: mapping values are not allowed here; check the "
         "indentation, quotes and brackets"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]  # nothing written
+
+
+def test_topk_tail_is_on_by_default():
+    assert config_from_dict(BASE).topk_tail is True
+
+
+def test_pure_topk_kd_without_the_tail_warns_at_startup_naming_the_fields():
+    from distill_trainer.config import startup_warnings
+
+    risky = config_from_dict(with_changes(distill_loss_weight=1.0, logits_topk=64, topk_tail=False))
+    (warning,) = startup_warnings(risky, has_chat_template=True)
+    for field in ("distill_loss_weight=1", "logits_topk=64", "topk_tail=false", "train/student_loss"):
+        assert field in warning
+    for safe in (
+        with_changes(distill_loss_weight=1.0, logits_topk=64),  # the tail is on
+        with_changes(distill_loss_weight=0.5, logits_topk=64, topk_tail=False),  # CE holds the rest
+        with_changes(distill_loss_weight=1.0, logits_topk=0, topk_tail=False),  # full vocabulary
+    ):
+        assert startup_warnings(config_from_dict(safe), has_chat_template=True) == []

@@ -31,6 +31,23 @@ def _kl(a, log_a, log_b):
 def reference_per_token(s, t, objective, T=1.0, tau=1.0, lam=0.1, alpha=0.5):
     q = torch.softmax(s / T, -1)
     p = torch.softmax(t / (T * tau), -1)
+    return reference_divergence(p, q, objective, lam, alpha)
+
+
+def tail_bucket(dist, indices):
+    """(dist at the k indices, Σ of dist over every other index): the k + 1 outcomes."""
+    outside = torch.ones_like(dist, dtype=torch.bool).scatter_(-1, indices, False)
+    return torch.cat([dist.gather(-1, indices), (dist * outside).sum(-1, keepdim=True)], -1)
+
+
+def reference_tail_per_token(s, t_full, indices, objective, T=1.0, tau=1.0, lam=0.1, alpha=0.5):
+    """The tail-bucket objective: p and q over the whole vocabulary, then (p_K, Σ_rest p) vs (q_K, Σ_rest q)."""
+    q = tail_bucket(torch.softmax(s / T, -1), indices)
+    p = tail_bucket(torch.softmax(t_full / (T * tau), -1), indices)
+    return reference_divergence(p, q, objective, lam, alpha)
+
+
+def reference_divergence(p, q, objective, lam=0.1, alpha=0.5):
     log_q, log_p = _log(q), _log(p)
     if objective == "forward_kl":
         return _kl(p, log_p, log_q)
@@ -53,9 +70,13 @@ def reference_per_token(s, t, objective, T=1.0, tau=1.0, lam=0.1, alpha=0.5):
     raise AssertionError(objective)
 
 
-def reference_loss(student, teacher, mask=None, objective="forward_kl", **kw):
-    """Mean over masked tokens; ``teacher`` is [N, V] logits or a TopK."""
+def reference_loss(student, teacher, mask=None, objective="forward_kl", full_teacher=None, **kw):
+    """Mean over masked tokens; ``teacher`` is [N, V] logits or a TopK. A TopK with a tail is compared with
+    the k + 1 outcomes computed from ``full_teacher``, the teacher's logits over the whole vocabulary."""
     s, t = student.double(), teacher
+    if isinstance(teacher, TopK) and teacher.tail_logmass is not None:
+        per_token = reference_tail_per_token(s, full_teacher.double(), teacher.indices, objective, **kw)
+        return per_token.mean() if mask is None else (per_token * mask).sum() / mask.sum()
     if isinstance(teacher, TopK):
         s, t = s.gather(-1, teacher.indices), teacher.values
     per_token = reference_per_token(s, t.double(), objective, **kw)
@@ -64,9 +85,9 @@ def reference_loss(student, teacher, mask=None, objective="forward_kl", **kw):
     return (per_token * mask).sum() / mask.sum()
 
 
-def reference_value_and_grad(student, teacher, mask=None, objective="forward_kl", **kw):
+def reference_value_and_grad(student, teacher, mask=None, objective="forward_kl", full_teacher=None, **kw):
     s = student.detach().double().requires_grad_()
-    loss = reference_loss(s, teacher, mask, objective, **kw)
+    loss = reference_loss(s, teacher, mask, objective, full_teacher, **kw)
     loss.backward()
     return loss.detach(), s.grad
 
@@ -97,33 +118,170 @@ TEMPERATURES = [dict(kd_temperature=1.0, teacher_temperature=1.0), dict(kd_tempe
 
 
 @pytest.mark.parametrize("objective", KD_OBJECTIVES)
-@pytest.mark.parametrize("topk", [None, K], ids=["full", "topk"])
+@pytest.mark.parametrize("topk", [None, K, "tail"], ids=["full", "topk", "topk_tail"])
 @pytest.mark.parametrize("temps", TEMPERATURES, ids=["T1", "T1.7_tau0.6"])
 @pytest.mark.parametrize("mask", [None, PARTIAL_MASK], ids=["all", "partial"])
 def test_value_and_gradient_match_reference(objective, topk, temps, mask):
-    student, teacher = logits(N, V, 0), logits(N, V, 1)
-    if topk:
-        teacher = topk_teacher_logits(teacher, topk)
+    student, full_teacher = logits(N, V, 0), logits(N, V, 1)
+    T, tau = temps["kd_temperature"], temps["teacher_temperature"]
+    teacher = full_teacher
+    if topk == "tail":  # the teacher ships its mass outside the top-k at the loss's temperature T·τ
+        teacher = topk_teacher_logits(full_teacher, K, tail_temperature=T * tau)
+    elif topk:
+        teacher = topk_teacher_logits(full_teacher, topk)
     kw = dict(skew_lambda=0.3, adaptive_kl_alpha=0.4, **temps)
     loss, grad = value_and_grad(student, teacher, mask, objective, chunk_size=4, **kw)
     ref_loss, ref_grad = reference_value_and_grad(
-        student,
-        teacher,
-        mask,
-        objective,
-        T=temps["kd_temperature"],
-        tau=temps["teacher_temperature"],
-        lam=0.3,
-        alpha=0.4,
+        student, teacher, mask, objective, full_teacher, T=T, tau=tau, lam=0.3, alpha=0.4
     )
     assert loss.dtype == torch.float32 and loss.dim() == 0
     close(loss, ref_loss)
     close(grad, ref_grad)
     if mask is not None:
         assert torch.all(grad[~mask] == 0)
+    outside = torch.ones(N, V, dtype=torch.bool)
     if topk:
-        outside = torch.ones(N, V, dtype=torch.bool).scatter_(1, teacher.indices, False)
+        outside.scatter_(1, teacher.indices, False)
+    if topk == K:  # renormalised over the top-k: nothing outside it is trained
         assert torch.all(grad[outside] == 0)
+    if topk == "tail":  # the tail bucket trains the student's mass outside the top-k
+        rows = torch.ones(N, dtype=torch.bool) if mask is None else mask
+        assert torch.all(grad[rows][outside[rows]] != 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The tail bucket (top-k + "everything else")
+
+
+def test_tail_logmass_is_the_teachers_mass_outside_its_topk_at_the_given_temperature():
+    teacher = logits(N, V, 50)
+    for temperature in (1.0, 1.7 * 0.6, 3.0):
+        top = topk_teacher_logits(teacher, K, tail_temperature=temperature)
+        p = torch.softmax(teacher.double() / temperature, -1)
+        expected = tail_bucket(p, top.indices)[:, -1].log()
+        assert top.tail_logmass.dtype == torch.float32 and top.tail_logmass.shape == (N,)
+        close(top.tail_logmass, expected, 1e-5)
+
+
+def test_tail_logmass_is_accurate_when_the_tail_is_almost_nothing_or_almost_everything():
+    peaked = logits(N, V, 51, scale=40.0)  # the top-k holds all but ~e^-100 of the mass
+    flat = logits(N, 4000, 52, scale=0.01)  # k = 1 of 4000 nearly equal logits: the tail is ~1 − 1/4000
+    for teacher, k in ((peaked, K), (flat, 1)):
+        top = topk_teacher_logits(teacher, k, tail_temperature=1.0)
+        expected = tail_bucket(torch.softmax(teacher.double(), -1), top.indices)[:, -1].log()
+        assert torch.isfinite(top.tail_logmass).all()
+        torch.testing.assert_close(top.tail_logmass.double(), expected, rtol=1e-5, atol=1e-6)
+    assert peaked_tail_is_tiny(peaked)
+
+
+def peaked_tail_is_tiny(teacher):
+    return bool((topk_teacher_logits(teacher, K, tail_temperature=1.0).tail_logmass < -20).any())
+
+
+@pytest.mark.parametrize("objective", KD_OBJECTIVES)
+def test_tail_bucket_matches_reference_when_the_tail_is_almost_nothing_or_almost_everything(objective):
+    student = logits(N, V, 53)
+    for full_teacher in (logits(N, V, 54, scale=40.0), logits(N, V, 55, scale=0.01)):
+        teacher = topk_teacher_logits(full_teacher, K, tail_temperature=1.3)
+        loss, grad = value_and_grad(student, teacher, None, objective, kd_temperature=1.3)
+        ref_loss, ref_grad = reference_value_and_grad(student, teacher, None, objective, full_teacher, T=1.3)
+        assert torch.isfinite(grad).all()
+        close(loss, ref_loss)
+        close(grad, ref_grad)
+    # and a student whose own tail is ~0 (very peaked on the teacher's top-k)
+    full_teacher = logits(N, V, 56)
+    teacher = topk_teacher_logits(full_teacher, K, tail_temperature=1.0)
+    peaked = torch.full((N, V), -60.0).scatter_(1, teacher.indices, teacher.values)
+    loss, grad = value_and_grad(peaked, teacher, None, objective)
+    ref_loss, ref_grad = reference_value_and_grad(peaked, teacher, None, objective, full_teacher)
+    close(loss, ref_loss)
+    close(grad, ref_grad)
+
+
+@pytest.mark.parametrize("objective", KD_OBJECTIVES)
+def test_tail_bucket_chunked_equals_unchunked(objective):
+    student, full_teacher = logits(N, V, 57), logits(N, V, 58)
+    teacher = topk_teacher_logits(full_teacher, K, tail_temperature=2.0)
+    whole = value_and_grad(student, teacher, PARTIAL_MASK, objective, chunk_size=N, kd_temperature=2.0)
+    for chunk in (1, 3, None):
+        part = value_and_grad(student, teacher, PARTIAL_MASK, objective, chunk_size=chunk, kd_temperature=2.0)
+        close(part[0], whole[0], 1e-6)
+        close(part[1], whole[1], 1e-6)
+
+
+def test_tail_bucket_with_k_equal_to_vocab_is_the_full_loss():
+    student, teacher = logits(N, V, 59), logits(N, V, 60)
+    for objective in KD_OBJECTIVES:
+        full = value_and_grad(student, teacher, objective=objective)
+        top = topk_teacher_logits(teacher, V, tail_temperature=1.0)
+        assert torch.all(top.tail_logmass == -INF)
+        with_tail = value_and_grad(student, top, objective=objective)
+        close(with_tail[0], full[0])
+        close(with_tail[1], full[1])
+
+
+@pytest.mark.parametrize("objective", KD_OBJECTIVES)
+def test_tail_bucket_with_minus_inf_logits_is_finite_and_follows_the_convention(objective):
+    student, full_teacher = logits(N, V, 61), logits(N, V, 62)
+    full_teacher[:, 20:] = -INF  # the teacher masks part of the vocabulary
+    student[:, [0, 30]] = -INF  # the student masks tokens (one may be in the teacher's top-k)
+    few = full_teacher.clone()
+    few[:, 3:] = -INF  # fewer than k allowed tokens: −inf top-k values and an empty tail
+    for t in (full_teacher, few):
+        teacher = topk_teacher_logits(t, K, tail_temperature=1.5)
+        loss, grad = value_and_grad(student, teacher, PARTIAL_MASK, objective, kd_temperature=1.5, chunk_size=4)
+        ref_loss, ref_grad = reference_value_and_grad(student, teacher, PARTIAL_MASK, objective, t, T=1.5)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        close(loss, ref_loss)
+        close(grad, ref_grad)
+
+
+@pytest.mark.parametrize("objective", KD_OBJECTIVES)
+def test_tail_bucket_row_of_all_minus_inf_logits_contributes_zero(objective):
+    student, full_teacher = logits(N, V, 63), logits(N, V, 64)
+    student[2] = -INF
+    teacher = topk_teacher_logits(full_teacher, K, tail_temperature=1.0)
+    loss, grad = value_and_grad(student, teacher, None, objective, chunk_size=4)
+    keep = torch.arange(N) != 2
+    kept = TopK(teacher.values[keep], teacher.indices[keep], teacher.tail_logmass[keep])
+    ref_loss, ref_grad = reference_value_and_grad(student[keep], kept, None, objective, full_teacher[keep])
+    close(loss, ref_loss * keep.sum() / N)
+    close(grad[keep], ref_grad * keep.sum() / N)
+    assert torch.all(grad[2] == 0)
+
+
+@pytest.mark.parametrize("objective", KD_OBJECTIVES)
+def test_tail_bucket_identical_teacher_and_student_give_zero(objective):
+    same = logits(N, V, 65)
+    loss, grad = value_and_grad(same, topk_teacher_logits(same, K, tail_temperature=2.0), None, objective,
+                                kd_temperature=2.0)
+    assert abs(loss.item()) < 1e-6 and grad.abs().max().item() < 1e-6
+
+
+def test_tail_bucket_differs_from_renormalised_only_through_the_tail():
+    """Same k logits, with and without the tail: both are valid losses, and only the tail trains outside K."""
+    student, teacher = logits(N, V, 66), logits(N, V, 67)
+    renormalised = value_and_grad(student, topk_teacher_logits(teacher, K))
+    with_tail = value_and_grad(student, topk_teacher_logits(teacher, K, tail_temperature=1.0))
+    assert with_tail[0] > 0 and renormalised[0] > 0 and not torch.allclose(with_tail[0], renormalised[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tail_bucket_low_precision_inputs_compute_in_float32(dtype):
+    student, full_teacher = logits(N, V, 68).to(dtype), logits(N, V, 69).to(dtype)
+    teacher = topk_teacher_logits(full_teacher, K, tail_temperature=2.0)
+    loss, grad = value_and_grad(student, teacher, PARTIAL_MASK, "skewed_reverse_kl", kd_temperature=2.0)
+    ref_loss, ref_grad = reference_value_and_grad(student, teacher, PARTIAL_MASK, "skewed_reverse_kl", full_teacher,
+                                                  T=2.0)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    close(loss, ref_loss)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-2, atol=1e-2 * ref_grad.abs().max().item())
+
+
+def test_tail_bucket_rejects_a_tail_of_the_wrong_shape():
+    top = topk_teacher_logits(logits(4, 8, 70), 2, tail_temperature=1.0)
+    with pytest.raises(ValueError, match="tail_logmass"):
+        kd_loss(logits(4, 8, 71), TopK(top.values, top.indices, top.tail_logmass[:3]))
 
 
 @pytest.mark.parametrize("objective", ["skewed_forward_kl", "skewed_reverse_kl"])
@@ -412,11 +570,16 @@ def test_retained_graph_allows_a_second_unit_backward():
     close(student.grad, 2 * first)
 
 
-@pytest.mark.parametrize("topk", [None, K], ids=["full", "topk"])
+@pytest.mark.parametrize("topk", [None, K, "tail"], ids=["full", "topk", "topk_tail"])
 def test_autograd_keeps_only_the_gradient_between_forward_and_backward(topk):
-    """The memory claim: nothing [N, V]-sized but the gradient itself (full) or the [N, k] one (top-k)."""
+    """The memory claim: nothing [N, V]-sized but the gradient itself (full, top-k with the tail) or the [N, k]
+    one (top-k renormalised)."""
     student, teacher = logits(N, V, 44).requires_grad_(), logits(N, V, 45)
-    teacher = teacher if topk is None else topk_teacher_logits(teacher, topk)
+    if topk == "tail":
+        teacher = topk_teacher_logits(teacher, K, tail_temperature=1.0)
+        topk = None  # the same bound as the full vocabulary
+    else:
+        teacher = teacher if topk is None else topk_teacher_logits(teacher, topk)
     saved = []
 
     def pack(t):

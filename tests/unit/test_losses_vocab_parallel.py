@@ -1,4 +1,5 @@
-"""vocab_parallel_kd_loss on 2 gloo CPU processes equals kd_loss on the unsharded logits."""
+"""vocab_parallel_kd_loss on 2 gloo CPU processes equals kd_loss on the unsharded logits (full vocabulary,
+top-k renormalised, top-k with the tail bucket: computed from the teacher's shards, or shipped)."""
 
 import os
 import socket
@@ -10,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from distill_trainer.losses import KD_OBJECTIVES, kd_loss, topk_teacher_logits
-from distill_trainer.parallel_losses import vocab_parallel_kd_loss
+from distill_trainer.parallel_losses import vocab_parallel_kd_loss, vocab_parallel_tail_logmass, vocab_parallel_topk
 
 N, V, K = 9, 41, 5
 SPLIT = 23  # rank 0 holds columns [0, 23), rank 1 holds [23, 41): uneven on purpose
@@ -43,24 +44,35 @@ def _check_rank(rank: int, port: int) -> None:
     try:
         start, stop = (0, SPLIT) if rank == 0 else (SPLIT, V)
         kw = dict(kd_temperature=1.6, teacher_temperature=0.7, skew_lambda=0.2, adaptive_kl_alpha=0.4)
-        cases = [(o, k, m) for o in KD_OBJECTIVES for k in (0, K) for m in (False, True)]
+        tail_temperature = kw["kd_temperature"] * kw["teacher_temperature"]
+        cases = [(o, k, m) for o in KD_OBJECTIVES for k in (0, K, "tail", "shipped_tail") for m in (False, True)]
         for objective, topk, masked_vocab in cases:
             student, teacher, mask = _inputs(masked_vocab)
             full = student.clone().requires_grad_()
-            expected = kd_loss(
-                full, teacher if not topk else topk_teacher_logits(teacher, topk), mask, objective=objective, **kw
-            )
+            if topk in ("tail", "shipped_tail"):
+                target = topk_teacher_logits(teacher, K, tail_temperature=tail_temperature)
+            else:
+                target = teacher if not topk else topk_teacher_logits(teacher, topk)
+            expected = kd_loss(full, target, mask, objective=objective, **kw)
             expected.backward()
             shard = student[:, start:stop].clone().requires_grad_()
+            given, options = teacher[:, start:stop], dict(topk=topk)
+            if topk == "tail":  # the loss takes the global top-k and the tail from the teacher's shards
+                options = dict(topk=K, topk_tail=True)
+            elif topk == "shipped_tail":  # what the teacher's TP ranks ship
+                given = vocab_parallel_topk(teacher[:, start:stop].clone(), K, vocab_start=start, group=group,
+                                            tail_temperature=tail_temperature)
+                torch.testing.assert_close(given.tail_logmass, target.tail_logmass, rtol=1e-5, atol=1e-6)
+                options = {}
             loss = vocab_parallel_kd_loss(
                 shard,
-                teacher[:, start:stop],
+                given,
                 group=group,
                 vocab_start=start,
                 mask=mask,
                 objective=objective,
-                topk=topk,
                 chunk_size=4,
+                **options,
                 **kw,
             )
             (3.0 * loss).backward()
@@ -70,6 +82,13 @@ def _check_rank(rank: int, port: int) -> None:
                 shard.grad, 3.0 * full.grad[:, start:stop], rtol=1e-5, atol=1e-6, msg=where
             )
         student, teacher, _ = _inputs(False)
+        # The teacher's tail from all-reduced log-sum-exps, near 0 and near 1, equals the unsharded one.
+        for scale, k in ((15.0, K), (0.01, 1)):
+            peaked = teacher * scale
+            whole = topk_teacher_logits(peaked, k, tail_temperature=0.9)
+            tail = vocab_parallel_tail_logmass(peaked[:, start:stop], whole.indices, vocab_start=start, group=group,
+                                               temperature=0.9)
+            torch.testing.assert_close(tail, whole.tail_logmass, rtol=1e-5, atol=1e-6)
         with torch.no_grad():  # no gradient wanted: value only
             value = vocab_parallel_kd_loss(
                 student[:, start:stop], teacher[:, start:stop], group=group, vocab_start=start

@@ -86,6 +86,23 @@ def _check_rank(rank: int, port: int) -> None:
             torch.testing.assert_close(loss, reference.detach(), rtol=1e-6, atol=1e-7, msg=objective)
             full_grad = torch.cat([full.grad, torch.zeros(N, PADDED - VOCAB)], 1)
             torch.testing.assert_close(shard.grad, full_grad[:, start : start + width], rtol=1e-6, atol=1e-7)
+
+        # With the tail: the teacher's mass outside the global top-k over the real vocabulary only (padding is
+        # −inf), and the student's tail over its real columns; equal to the unsharded loss, padding gets no gradient.
+        shipped = vocab_parallel_topk(teacher_shard, K, vocab_start=start, group=group, tail_temperature=1.5)
+        expected = topk_teacher_logits(teacher[:, :VOCAB], K, tail_temperature=1.5)
+        torch.testing.assert_close(shipped.tail_logmass, expected.tail_logmass, rtol=1e-5, atol=1e-6)
+        for objective in KD_OBJECTIVES:
+            full = student[:, :VOCAB].clone().requires_grad_()
+            reference = kd_loss(full, expected, mask, objective=objective, kd_temperature=1.5, normalizer=9.0)
+            reference.backward()
+            shard = student_shard.detach().clone().requires_grad_()
+            loss = vocab_parallel_kd_loss(shard, shipped, group=group, vocab_start=start, mask=mask,
+                                          objective=objective, kd_temperature=1.5, normalizer=9.0)
+            loss.backward()
+            torch.testing.assert_close(loss, reference.detach(), rtol=1e-5, atol=1e-6, msg=objective)
+            full_grad = torch.cat([full.grad, torch.zeros(N, PADDED - VOCAB)], 1)
+            torch.testing.assert_close(shard.grad, full_grad[:, start : start + width], rtol=1e-5, atol=1e-6)
     except BaseException:
         traceback.print_exc()
         raise

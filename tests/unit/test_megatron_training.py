@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from distill_trainer.data import IGNORE_INDEX
 from distill_trainer.distill_loss import LossConfig, TeacherTargets, make_loss_fn
+from distill_trainer.losses import topk_teacher_logits
 from distill_trainer.models import VocabInfo
 
 from .megatron_helpers import TOKENIZER_VOCAB, fake_config, rank_context, spawn, write_tiny_model
@@ -55,7 +56,9 @@ def _targets(rows: torch.Tensor, tp: int, tp_rank: int, padded: int) -> TeacherT
     full[:, :TOKENIZER_VOCAB] = rows
     width = padded // tp
     top = shard_topk(full[:, tp_rank * width : (tp_rank + 1) * width], TOPK, tp_rank * width)
-    return TeacherTargets(top.values, top.indices)
+    # and the teacher's log mass outside the global top-k at the loss's T·τ (the same on every teacher rank)
+    tail = topk_teacher_logits(rows, TOPK, tail_temperature=LOSS.kd_temperature * LOSS.teacher_temperature)
+    return TeacherTargets(top.values, top.indices, tail.tail_logmass)
 
 
 def _train(rank, world, tp, pp, root, out):

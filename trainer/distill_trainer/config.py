@@ -55,8 +55,9 @@ TOKENIZER_TEMPLATES = ("native", "qwen2_5", "qwen3")
 # strategy_name values of the original that are ours under another name.
 STRATEGY_ALIASES = {"hf_infer": "torch_infer"}
 SUPPORTED_STRATEGIES = ("torch_train", "torch_infer", "megatron_train", "megatron_infer")
-# logits_transfer_backend -> the channel transport (channel.py) that hands the teacher's logits to the student.
-LOGITS_TRANSPORTS = {"ipc+nccl": "shared_memory", "nccl-only": "shared_memory", "ray": "object_store"}
+# logits_transfer_backend -> what the channel (channel.py) is asked for: "same_device" lets channel.choose_transport
+# pick by where the two ranks are (same GPU: CUDA IPC; same host: shared memory; else the object store).
+LOGITS_TRANSPORTS = {"ipc+nccl": "same_device", "nccl-only": "same_device", "ray": "object_store"}
 # Megatron options the config accepts and strategies/megatron.py does not pass to Megatron yet: refused (with the
 # value that turns them off) rather than ignored. The megatron strategy removes an entry when it honours it.
 MEGATRON_OPTIONS_NOT_YET_HONOURED: dict[str, Any] = {
@@ -451,7 +452,11 @@ class DistillConfig(_Strict):
     """Everything a distillation run needs. Field names are the public interface of the YAML files."""
 
     exp_name: str = Field("distill", min_length=1, description="Experiment name, used in logs.")
-    seed: int = Field(42, description="Seed of model init, data order and dropout.")
+    seed: int = Field(
+        42,
+        description="Seed of the data order (shuffling) and of each worker's torch RNG (dropout, sampling). The "
+        "models' weights are loaded from student_pretrain / teacher_pretrain, so it does not change them.",
+    )
     logging_dir: str = Field("./output/logs", description="TensorBoard events and metrics.jsonl go here.")
     output_dir: str = Field("./output", description="Checkpoints checkpoint-<step>/ are written here.")
 
@@ -496,6 +501,13 @@ class DistillConfig(_Strict):
     adaptive_kl_alpha: float = Field(0.5, ge=0, le=1, description="Tail mass threshold of adaptive_kl.")
     skew_lambda: float = Field(0.1, ge=0, le=1, description="Skew coefficient of the skewed KL objectives.")
     logits_topk: int = Field(64, ge=0, description="Teacher logits kept per token (top-k); 0 = full vocabulary.")
+    topk_tail: bool = Field(
+        True,
+        description="With logits_topk > 0: the teacher also ships its probability mass outside its top-k and the KD "
+        "objective compares k + 1 outcomes (the k tokens and everything else), so the student's mass outside the "
+        "top-k is trained too. false: renormalize both distributions over the top-k (the original pipeline's math; "
+        "with distill_loss_weight 1 nothing then constrains the student outside the top-k).",
+    )
     distill_on_prompt: bool = Field(False, description="Also train (CE and KD) on prompt tokens, not only answers.")
     sequence_length: int = Field(1024, ge=2, description="Maximum tokens of prompt + answer; longer answers are truncated.")
 
@@ -549,8 +561,9 @@ class DistillConfig(_Strict):
     logits_transfer_backend: Literal["ipc+nccl", "nccl-only", "ray"] = Field(
         "ipc+nccl",
         description="How teacher logits reach the student rank on the same device: ipc+nccl and nccl-only (the "
-        "original's names) use the same-device hand-off (shared memory between CPU ranks; CUDA IPC on a GPU once the "
-        "channel has it); ray sends them through the Ray object store.",
+        "original's names) use the same-device hand-off (CUDA IPC when both ranks are on one GPU, shared memory "
+        "between CPU ranks or GPUs of one host, the Ray object store across hosts); ray always sends them through "
+        "the Ray object store.",
     )
     system_envs: dict[str, str] = Field(
         default_factory=dict,
@@ -870,8 +883,8 @@ def worker_env(config: DistillConfig, role: Literal["student", "teacher"] | None
     return env
 
 
-def logits_transport(config: DistillConfig) -> Literal["shared_memory", "object_store"]:
-    """The channel transport ``logits_transfer_backend`` selects (``LOGITS_TRANSPORTS``)."""
+def logits_transport(config: DistillConfig) -> Literal["same_device", "object_store"]:
+    """What ``logits_transfer_backend`` asks of the channel (``LOGITS_TRANSPORTS``)."""
     return LOGITS_TRANSPORTS[config.logits_transfer_backend]  # type: ignore[return-value]
 
 
@@ -917,6 +930,13 @@ def startup_warnings(config: DistillConfig, *, has_chat_template: bool) -> list[
         warnings.append(
             f"{place}={value!r}: the tokenizer of student_pretrain has no chat template, so prompts are the plain "
             "question text"
+        )
+    if config.distill_loss_weight == 1 and config.logits_topk > 0 and not config.topk_tail:
+        warnings.append(
+            f"distill_loss_weight=1 with logits_topk={config.logits_topk} and topk_tail=false: pure KD on the "
+            "teacher's top-k renormalized, with no cross-entropy term, leaves the student's probability mass outside "
+            "those tokens untrained, and the student can collapse while the KD loss falls (watch "
+            "train/student_loss). Set topk_tail: true, or distill_loss_weight below 1"
         )
     checkpoint = config.checkpoint_config
     if checkpoint is not None and checkpoint.output_dir and checkpoint.output_dir != config.output_dir:

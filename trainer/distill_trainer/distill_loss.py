@@ -5,12 +5,14 @@ composes the loss, and the driver only adds up the sums it returns. With ``N`` t
 *global* batch (all data-parallel ranks, all micro-batches of the step) and w = ``distill_loss_weight``:
 
     ce_sum = Σ_label −log q(label)                 (q = softmax(z_s), T = 1: CE is never tempered)
-    kd_sum = Σ_label D(p ‖ q)                      (D = the kd_objective of losses.py, with its temperatures)
+    kd_sum = Σ_label D(p ‖ q)                      (D = the kd_objective of losses.py, with its temperatures;
+                                                    top-k: over the k tokens + the tail, or renormalised)
     loss   = (1 − w)·ce_sum / N  +  w·kd_sum / N
 
 so summing ``loss`` over micro-batches and data-parallel ranks gives the step's mean loss, and its
 gradients sum the same way (torchtune's ``normalize=False``: sums compose, means do not). A term whose
-weight is 0 is left out of ``loss`` (0·inf would be NaN; pure KD must not stop on a non-finite CE).
+weight is 0 is left out of ``loss`` (0·inf would be NaN; pure KD must not stop on a non-finite CE), but
+``ce_sum`` is always computed (without a graph when w = 1): it is the run's SFT-comparable figure.
 
 Inputs are the *logits at every position* of a micro-batch and its ``labels`` (``IGNORE_INDEX`` where
 nothing is learned); the teacher's targets (``TeacherTargets``) cover exactly the label positions, in
@@ -50,31 +52,51 @@ class TeacherTargets:
     rank's TP index). ``indices`` set: top-k, ``values``/``indices`` [N_label, k] with *global* vocabulary
     indices; unsharded they are the top-k, under TP they are one shard's candidates (the loss picks the
     global top-k of all shards' candidates). Columns beyond the tokenizer's vocabulary must be −inf (or
-    absent), so that a padded column can never win a top-k.
+    absent), so that a padded column can never win a top-k. ``tail`` [N_label] (top-k with ``topk_tail``):
+    log of the mass softmax(z_t / (T·τ)) puts outside the *global* top-k, over the whole vocabulary (under
+    TP from the all-reduced log-sum-exp, the same on every teacher rank).
     """
 
     values: torch.Tensor
     indices: Optional[torch.Tensor] = None
+    tail: Optional[torch.Tensor] = None
 
     @property
     def rows(self) -> int:
         return int(self.values.shape[0])
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """By name, as the channel carries them (indices as int32)."""
+        named = {"values": self.values}
+        if self.indices is not None:
+            named["indices"] = self.indices.to(torch.int32)
+        if self.tail is not None:
+            named["tail"] = self.tail
+        return named
+
+    @staticmethod
+    def from_tensors(named: dict[str, torch.Tensor]) -> "TeacherTargets":
+        return TeacherTargets(named["values"], named.get("indices"), named.get("tail"))
+
     def to(self, device: torch.device) -> "TeacherTargets":
         indices = None if self.indices is None else self.indices.to(device).long()
-        return TeacherTargets(self.values.to(device), indices)
+        tail = None if self.tail is None else self.tail.to(device)
+        return TeacherTargets(self.values.to(device), indices, tail)
 
     def split(self, rows: list[int]) -> list["TeacherTargets"]:
         """Per-micro-batch targets of targets published for several micro-batches at once (rows concatenated)."""
-        values = torch.split(self.values, rows)
-        indices = torch.split(self.indices, rows) if self.indices is not None else [None] * len(rows)
-        return [TeacherTargets(v, i) for v, i in zip(values, indices)]
+        def parts(t):
+            return torch.split(t, rows) if t is not None else [None] * len(rows)
+
+        return [TeacherTargets(*p) for p in zip(parts(self.values), parts(self.indices), parts(self.tail))]
 
     @staticmethod
     def cat(parts: list["TeacherTargets"]) -> "TeacherTargets":
-        values = torch.cat([p.values for p in parts])
-        indices = None if parts[0].indices is None else torch.cat([p.indices for p in parts])
-        return TeacherTargets(values, indices)
+        def joined(name):
+            first = getattr(parts[0], name)
+            return None if first is None else torch.cat([getattr(p, name) for p in parts])
+
+        return TeacherTargets(joined("values"), joined("indices"), joined("tail"))
 
 
 @dataclass(frozen=True)
@@ -97,6 +119,7 @@ class LossConfig:
     skew_lambda: float = 0.1
     adaptive_kl_alpha: float = 0.5
     logits_topk: int = 0
+    topk_tail: bool = True  # top-k: the k tokens + the teacher's tail (False: renormalise over the k)
 
     @classmethod
     def from_config(cls, config: "DistillConfig") -> "LossConfig":
@@ -108,6 +131,7 @@ class LossConfig:
             skew_lambda=config.skew_lambda,
             adaptive_kl_alpha=config.adaptive_kl_alpha,
             logits_topk=config.logits_topk,
+            topk_tail=config.topk_tail,
         )
 
 
@@ -147,7 +171,8 @@ def distill_loss(
     rows = student_logits[mask]  # [N_label, V(_local)]: the positions both terms are computed on
     targets = labels.to(student_logits.device)[mask]
     weight = cfg.distill_loss_weight
-    ce_sum = _ce_sum(rows, targets, shard)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and weight < 1):  # pure KD: CE is a metric only
+        ce_sum = _ce_sum(rows, targets, shard)
     loss = (1.0 - weight) * ce_sum / normalizer if weight < 1 else ce_sum.new_zeros(())
     kd_sum = torch.zeros((), dtype=torch.float64)
     if weight > 0:
@@ -224,8 +249,9 @@ def _kd_mean(rows, teacher: TeacherTargets, cfg: LossConfig, normalizer: float, 
         adaptive_kl_alpha=cfg.adaptive_kl_alpha,
         normalizer=float(normalizer),
     )
+    tail = _tail_of(teacher, cfg)
     if shard is None:
-        target = teacher.values if teacher.indices is None else TopK(teacher.values, teacher.indices)
+        target = teacher.values if teacher.indices is None else TopK(teacher.values, teacher.indices, tail)
         return kd_loss(rows, target, **options)
     from .parallel_losses import merge_topk, vocab_parallel_kd_loss
 
@@ -234,4 +260,14 @@ def _kd_mean(rows, teacher: TeacherTargets, cfg: LossConfig, normalizer: float, 
     # This TP index's candidates -> the exact global top-k (the same on every rank of the group).
     k = min(cfg.logits_topk or teacher.values.shape[1], teacher.values.shape[1] * dist.get_world_size(shard.group))
     top = merge_topk(TopK(teacher.values, teacher.indices), k, shard.group)
+    top = TopK(top.values, top.indices, tail)  # the teacher's tail is of this same global top-k
     return vocab_parallel_kd_loss(rows, top, group=shard.group, vocab_start=shard.start, **options)
+
+
+def _tail_of(teacher: TeacherTargets, cfg: LossConfig) -> Optional[torch.Tensor]:
+    """The teacher's log tail mass when the run uses the tail bucket (top-k with ``topk_tail``), else None."""
+    if teacher.indices is None or not cfg.topk_tail:
+        return None
+    if teacher.tail is None:
+        raise ValueError("topk_tail is on but the teacher's targets carry no tail mass (TeacherTargets.tail)")
+    return teacher.tail

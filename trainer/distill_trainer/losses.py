@@ -7,8 +7,19 @@ Notation (per token; ``z_s``/``z_t`` are the student/teacher logits over the voc
     q = softmax(z_s / T)            student distribution
     KL(a ‖ b) = Σ_i a_i (log a_i − log b_i)
 
-With ``TopK`` teacher logits, ``p`` and ``q`` are both renormalised over the teacher's k kept indices
-(the student's logits are gathered at those indices).
+With ``TopK`` teacher logits (the teacher's k most likely indices K), there are two forms:
+
+- with the teacher's tail (``TopK.tail_logmass`` given; the pipeline's default, ``topk_tail: true``):
+  the distributions are over k+1 outcomes, the k tokens and "everything else":
+
+      p̃ = (p_i for i ∈ K, P_tail),   P_tail = 1 − Σ_{i∈K} p_i   (shipped by the teacher as log P_tail)
+      q̃ = (q_i for i ∈ K, Q_tail),   log Q_tail = logsumexp_{i∉K}(z_s,i/T) − logsumexp_i(z_s,i/T)
+
+  with p and q the *full-vocabulary* softmaxes above (so p_i = exp(z_t,i/(T·τ)) · (1 − P_tail) /
+  Σ_{j∈K} exp(z_t,j/(T·τ)) from the k shipped logits). Every objective below is applied to (p̃, q̃);
+  the student's mass outside K is pulled towards the teacher's, so pure KD cannot move it elsewhere.
+- without it (``tail_logmass`` None, ``topk_tail: false``): ``p`` and ``q`` are both renormalised over
+  K (the student's logits gathered there); the student's mass outside K gets no gradient at all.
 
     forward_kl        = KL(p ‖ q)
     reverse_kl        = KL(q ‖ p)
@@ -42,8 +53,11 @@ intermediates kept for autograd. With ``x = z_s / T`` and any per-token loss L(q
     js_divergence     h = ½ q (log q − log m)                m = (p + q)/2
     adaptive_kl       w_h · h_forward + w_t · h_reverse      (w detached)
 
-(on dropped summands h is 0). ``vocab_parallel_kd_loss`` in ``parallel_losses`` runs the same
-code with the vocabulary sharded across a process group.
+(on dropped summands h is 0). With the tail bucket the objective runs on the k+1 "logits"
+x̃ = (x_K, logsumexp_{i∉K} x_i) (softmax(x̃) = q̃), and the chain rule spreads the tail's gradient
+over the vocabulary outside K: ∂L/∂x_i = ∂L/∂x̃_i for i ∈ K, ∂L/∂x̃_tail · exp(x_i − x̃_tail) for i ∉ K.
+``vocab_parallel_kd_loss`` in ``parallel_losses`` runs the same code with the vocabulary sharded
+across a process group.
 """
 
 from __future__ import annotations
@@ -72,6 +86,9 @@ class TopK(NamedTuple):
 
     values: torch.Tensor  # [N, k] raw teacher logits at `indices`
     indices: torch.Tensor  # [N, k] int64 vocabulary indices
+    # [N] log P_tail: log of the mass softmax(z_t / (T·τ)) puts outside `indices` (at the temperatures of
+    # the loss); None: no tail bucket, both distributions are renormalised over the k indices.
+    tail_logmass: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -98,15 +115,76 @@ class VocabReduce:
         return True
 
 
-def topk_teacher_logits(teacher_logits: torch.Tensor, k: int) -> TopK:
-    """Keep the teacher's k largest logits per position (what the teacher worker ships)."""
+def topk_teacher_logits(teacher_logits: torch.Tensor, k: int, tail_temperature: Optional[float] = None) -> TopK:
+    """Keep the teacher's k largest logits per position (what the teacher worker ships).
+
+    ``tail_temperature`` (T·τ, the temperature the loss will apply to the teacher): also ship the log of the
+    probability mass softmax(teacher_logits / tail_temperature) puts outside those k (``TopK.tail_logmass``).
+    """
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     if k > teacher_logits.shape[-1]:
         raise ValueError(f"k={k} is larger than the vocabulary size V={teacher_logits.shape[-1]} of teacher_logits")
     with torch.no_grad():
         values, indices = torch.topk(teacher_logits.detach(), k, dim=-1)
-    return TopK(values=values, indices=indices)
+    if tail_temperature is None:
+        return TopK(values=values, indices=indices)
+    return TopK(values, indices, tail_logmass(teacher_logits, indices, tail_temperature))
+
+
+def tail_logmass(
+    logits: torch.Tensor,
+    indices: torch.Tensor,
+    temperature: float,
+    *,
+    vocab: Optional["VocabReduce"] = None,
+    owned: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """[...] float32 log Σ_{i ∉ indices} softmax(logits / temperature)_i, per row of ``logits`` [..., V].
+
+    Computed as logsumexp over the columns outside ``indices`` minus logsumexp over all (each with its own
+    maximum), so it is exact for a tail mass near 0 (no 1 − Σp cancellation) and near 1; −inf when
+    nothing is outside (k = V, or the rest is −inf). ``vocab``/``owned``: ``logits`` is this rank's shard
+    ([..., V_local]) of a vocabulary sharded through ``vocab``, ``indices`` are local columns and only
+    those marked ``owned`` are this rank's (``parallel_losses.vocab_parallel_tail_logmass``).
+    """
+    _check_temperatures(temperature, 1.0)
+    vocab = vocab or VocabReduce()
+    width, k = logits.shape[-1], indices.shape[-1]
+    flat = logits.detach().reshape(-1, width)
+    index = indices.reshape(-1, k).long()
+    owned = None if owned is None else owned.reshape(-1, k)
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    chunk = max(1, CPU_CHUNK_BUDGET_BYTES // (6 * 4 * max(width, 1)))
+    with torch.no_grad():
+        for start in range(0, max(flat.shape[0], 1), chunk):
+            stop = min(start + chunk, flat.shape[0])
+            if stop <= start:
+                break
+            y = flat[start:stop].float() / temperature  # a fresh float32 copy
+            rest = y.clone()
+            _mask_columns(rest, index[start:stop], None if owned is None else owned[start:stop])
+            both = torch.stack([y, rest], 1)  # [n, 2, V]
+            top = vocab.max(both.amax(2))
+            top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+            sums = vocab.sum(torch.exp(both - top[:, :, None]).sum(2))
+            lse = top + sums.log()  # [n, 2]: all, outside
+            out[start:stop] = (lse[:, 1] - lse[:, 0]).clamp_(max=0.0)
+    return out.reshape(logits.shape[:-1])
+
+
+def _mask_columns(x: torch.Tensor, index: torch.Tensor, owned: Optional[torch.Tensor]) -> torch.Tensor:
+    """x[r, index[r, j]] = −inf in place (only where ``owned``, when given)."""
+    rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(index)
+    if owned is not None:
+        rows, index = rows[owned], index[owned]
+    x.index_put_((rows, index), torch.tensor(-math.inf, dtype=x.dtype, device=x.device))
+    return x
+
+
+def _log1mexp(t: torch.Tensor) -> torch.Tensor:
+    """log(1 − e^t) for t ≤ 0, accurate at both ends (Mächler 2012); −inf at t = 0, 0 at t = −inf."""
+    return torch.where(t > -math.log(2.0), torch.log(-torch.expm1(t)), torch.log1p(-torch.exp(t)))
 
 
 def kd_loss(
@@ -151,6 +229,31 @@ def kd_loss(
     denominator = _denominator(normalizer, rows, student.shape[0])
 
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    tail = _flatten_tail(teacher, student.shape[0])
+    if tail is not None:  # top-k with the teacher's tail: k + 1 outcomes, the gradient is dense
+        with torch.no_grad():
+            student = student.detach()
+            grad = None
+            if need_grad and (rows is None or rows.numel() > 0):
+                grad = torch.empty_like(student) if rows is None else torch.zeros_like(student)
+            total = fused_tail_loss_and_grad(
+                student,
+                student.gather(1, teacher_indices).float(),
+                teacher_indices,
+                None,
+                teacher_values.detach(),
+                tail,
+                rows,
+                objective_,
+                kd_temperature,
+                teacher_temperature,
+                chunk_size,
+                grad,
+                _grad_scale(denominator),
+                VocabReduce(),
+            )
+            loss = (total / denominator).to(torch.float32)
+        return loss if not need_grad else attach_gradient(student_logits, loss, grad)
     with torch.no_grad():
         student = student.detach()
         scores = student if teacher_indices is None else student.gather(1, teacher_indices)
@@ -237,6 +340,97 @@ def fused_loss_and_grad(
                     grad_out[start:stop].copy_(g)
                 else:
                     grad_out.index_copy_(0, select, g.to(grad_out.dtype))
+    return total
+
+
+def fused_tail_loss_and_grad(
+    student: torch.Tensor,
+    scores: torch.Tensor,
+    index: torch.Tensor,
+    owned: Optional[torch.Tensor],
+    teacher: torch.Tensor,
+    teacher_tail: torch.Tensor,
+    rows: Optional[torch.Tensor],
+    objective: _Objective,
+    kd_temperature: float,
+    teacher_temperature: float,
+    chunk_size: Optional[int],
+    grad_out: Optional[torch.Tensor],
+    grad_scale: Union[float, torch.Tensor],
+    vocab: VocabReduce,
+) -> torch.Tensor:
+    """The top-k loss with the tail bucket: Σ over ``rows`` of the per-token divergence over k+1 outcomes.
+
+    ``student`` [N, v]: the student's raw logits over the vocabulary (or this rank's shard of it, combined
+    through ``vocab``); ``scores`` [N, k]: its raw logits at the teacher's k indices (the same on every rank);
+    ``index`` [N, k]: those columns in ``student`` (only where ``owned``, when given); ``teacher`` [N, k] raw
+    logits and ``teacher_tail`` [N] log P_tail. ``grad_out`` [N, v] (the student's dtype) receives
+    ``grad_scale ·`` ∂/∂student on ``rows``: the k+1-outcome gradient at K, and the tail's spread over the
+    columns outside K in proportion to the student's softmax there.
+    """
+    n_total, width = student.shape
+    k = scores.shape[1]
+    n_rows = n_total if rows is None else rows.numel()
+    total = torch.zeros((), dtype=torch.float64, device=student.device)
+    if n_rows == 0:
+        return total
+    budget = CPU_CHUNK_BUDGET_BYTES if student.device.type == "cpu" else CHUNK_BUDGET_BYTES
+    chunk = min(chunk_size or max(1, budget // (3 * 4 * width)), n_rows)  # x, e and the dense gradient
+    wide = _Workspace(chunk, width, student.device)
+    narrow = _Workspace(chunk, k + 1, student.device)  # the k+1 outcomes: negligible
+    student_scale = 1.0 / kd_temperature
+    local = VocabReduce()  # the k+1 outcomes are the same on every rank
+
+    for start in range(0, n_rows, chunk):
+        stop = min(start + chunk, n_rows)
+        select = slice(start, stop) if rows is None else rows[start:stop]
+        n = stop - start
+        columns, mine = index[select], None if owned is None else owned[select]
+        # x̃_tail = logsumexp of x = z_s/T over the columns outside K (its own maximum: no underflow)
+        x = wide("x", n)
+        x.copy_(student[select])
+        if kd_temperature != 1.0:
+            x.div_(kd_temperature)
+        _mask_columns(x, columns, mine)
+        top = vocab.max(x.amax(1))
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        e = torch.sub(x, top[:, None], out=wide("e", n)).exp_()
+        mass = vocab.sum(e.sum(1))
+        lq = narrow("lq", n)
+        torch.mul(scores[select], student_scale, out=lq[:, :k])
+        torch.add(top, mass.log(), out=lq[:, k])
+        lq.sub_(torch.logsumexp(lq, 1, keepdim=True))  # log q̃; NaN rows when every student logit is −inf
+        # log p̃ = (y_K − logsumexp(y_K) + log(1 − P_tail), log P_tail), y = z_t/(T·τ)
+        lp = narrow("lp", n)
+        log_tail = teacher_tail[select].float().clamp(max=0.0)
+        torch.div(teacher[select].float(), kd_temperature * teacher_temperature, out=lp[:, :k])
+        lp[:, :k].sub_(torch.logsumexp(lp[:, :k], 1, keepdim=True) - _log1mexp(log_tail)[:, None])
+        lp[:, k] = log_tail
+        q = torch.exp(lq, out=narrow("q", n))
+        p = torch.exp(lp, out=narrow("p", n))
+        finite = bool(lq.amin() > -math.inf) and bool(lp.amin() > -math.inf)
+        g = None if grad_out is None else narrow("grad", n)
+        per_token = _OBJECTIVES[objective.name](lp, p, lq, q, objective, narrow, n, g, local, finite)
+        bad = torch.isnan(lq[:, 0]) | torch.isnan(lp).any(1)
+        if bool(bad.any()):
+            per_token = per_token.masked_fill(bad, 0.0)
+            if g is not None:
+                g.masked_fill_(bad[:, None], 0.0)
+        total += per_token.sum(dtype=torch.float64)
+        if g is None:
+            continue
+        # ∂L/∂x_i = ∂L/∂x̃_tail · exp(x_i − x̃_tail) outside K (e = exp(x − top) is 0 at K), ∂L/∂x̃_i at K
+        e.mul_(torch.where(mass > 0, g[:, k] / mass, torch.zeros_like(mass))[:, None])
+        at = torch.arange(n, device=e.device)[:, None].expand_as(columns)
+        values = g[:, :k]
+        if mine is not None:
+            at, columns, values = at[mine], columns[mine], values[mine]
+        e.index_put_((at, columns), values)
+        e.mul_(grad_scale * student_scale)
+        if rows is None:
+            grad_out[start:stop].copy_(e)
+        else:
+            grad_out.index_copy_(0, select, e.to(grad_out.dtype))
     return total
 
 
@@ -590,6 +784,20 @@ def _flatten_inputs(student_logits, teacher, mask):
             raise ValueError(f"mask shape {tuple(mask.shape)} must be {tuple(lead)} to match student_logits")
         mask = mask.reshape(-1).to(torch.bool)
     return student, values, indices, mask
+
+
+def _flatten_tail(teacher, n_rows: int) -> Optional[torch.Tensor]:
+    """[N] float32 log P_tail of a ``TopK`` with a tail, else None."""
+    if not isinstance(teacher, TopK) or teacher.tail_logmass is None:
+        return None
+    tail = teacher.tail_logmass
+    if not isinstance(tail, torch.Tensor) or not tail.is_floating_point():
+        raise ValueError("teacher.tail_logmass must be a floating-point tensor")
+    if tail.shape != teacher.values.shape[:-1]:
+        raise ValueError(
+            f"teacher (TopK) tail_logmass {tuple(tail.shape)} must be {tuple(teacher.values.shape[:-1])}, one per token"
+        )
+    return tail.detach().reshape(n_rows).float()
 
 
 def _masked_rows(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

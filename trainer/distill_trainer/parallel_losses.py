@@ -18,6 +18,13 @@ so every rank evaluates the same small [N, k] loss; the [N, k] gradient is scatt
 entries this rank owns. Gathering k logits is cheaper and simpler than reducing partial statistics
 over the k set, and the gradient then needs no collective at all.
 
+Top-k with the teacher's tail (``TopK.tail_logmass``, see ``losses``): the teacher's TP ranks compute
+log P_tail from all-reduced log-sum-exps over their shards (``vocab_parallel_tail_logmass``, at the
+loss's temperature T·τ). The student's tail outcome logsumexp_{i∉K}(z_s,i/T) is one all-reduced
+max and Σexp over the shards with K masked out; the k+1-outcome loss is then the same on every rank,
+and each rank's gradient covers its own columns: the K entries it owns, and the tail's share of the
+others (no further collective).
+
 The result equals ``kd_loss`` on the unsharded logits, in value and gradient (the loss is replicated
 on every rank; each rank's gradient is w.r.t. its own shard).
 """
@@ -37,9 +44,12 @@ from distill_trainer.losses import (
     _check_temperatures,
     _denominator,
     _grad_scale,
+    _flatten_tail,
     _masked_rows,
     attach_gradient,
     fused_loss_and_grad,
+    fused_tail_loss_and_grad,
+    tail_logmass,
 )
 
 
@@ -77,6 +87,7 @@ def vocab_parallel_kd_loss(
     skew_lambda: float = 0.1,
     adaptive_kl_alpha: float = 0.5,
     topk: int = 0,
+    topk_tail: bool = False,
     chunk_size: Optional[int] = None,
     normalizer: Optional[Union[float, torch.Tensor]] = None,
 ) -> torch.Tensor:
@@ -87,12 +98,15 @@ def vocab_parallel_kd_loss(
         teacher_logits: the teacher's logits over the same slice, same shape; or the teacher's global
             top-k as ``TopK(values=[N, k], indices=[N, k])`` with *global* vocabulary indices, the same
             on every rank (what ``vocab_parallel_topk`` gives the teacher's TP ranks): the student's
-            logits are gathered there and the loss is the top-k loss of ``kd_loss``.
+            logits are gathered there and the loss is the top-k loss of ``kd_loss`` (with the tail
+            bucket when its ``tail_logmass`` is set).
         group: the tensor-parallel process group the vocabulary is sharded over.
         vocab_start: global vocabulary index of this rank's first column; the slices of the ranks
             must tile [0, V) without gaps or overlaps.
         topk: 0 = full vocabulary; k > 0 = keep the teacher's global top-k of ``teacher_logits`` (each
             shard must have at least k columns). Must be 0 when ``teacher_logits`` is a ``TopK``.
+        topk_tail: with ``topk`` > 0, add the tail bucket (the teacher's mass outside its global top-k,
+            from the all-reduced log-sum-exp of ``teacher_logits``).
         Other arguments are as in ``kd_loss``.
 
     Returns:
@@ -119,6 +133,29 @@ def vocab_parallel_kd_loss(
     rows = _masked_rows(mask)
     denominator = _denominator(normalizer, rows, student.shape[0])
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    tail = None
+    if shipped is not None:
+        tail = _flatten_tail(shipped, student.shape[0])
+    elif topk and topk_tail:
+        top = vocab_parallel_topk(
+            teacher.detach(), topk, vocab_start=vocab_start, group=group,
+            tail_temperature=kd_temperature * teacher_temperature,
+        )
+        shipped, tail = top, top.tail_logmass
+    if tail is not None:
+        with torch.no_grad():
+            student = student.detach()
+            values = shipped.values.reshape(-1, shipped.values.shape[-1]).detach()
+            index, owned, scores = _student_at(student, shipped.indices.reshape(values.shape).long(), vocab_start, group)
+            grad = None
+            if need_grad and (rows is None or rows.numel() > 0):
+                grad = torch.empty_like(student) if rows is None else torch.zeros_like(student)
+            total = fused_tail_loss_and_grad(
+                student, scores, index, owned, values, tail, rows, objective_, kd_temperature,
+                teacher_temperature, chunk_size, grad, _grad_scale(denominator), ShardedVocab(group),
+            )
+            loss = (total / denominator).to(torch.float32)
+        return loss if not need_grad else attach_gradient(student_logits, loss, grad)
     with torch.no_grad():
         student = student.detach()
         teacher = teacher.detach()
@@ -188,11 +225,37 @@ def merge_topk(candidates: TopK, k: int, group: dist.ProcessGroup) -> TopK:
     return TopK(values=top_v, indices=indices.gather(-1, pick))
 
 
-def vocab_parallel_topk(teacher_shard: torch.Tensor, k: int, *, vocab_start: int, group: dist.ProcessGroup) -> TopK:
+def vocab_parallel_topk(
+    teacher_shard: torch.Tensor,
+    k: int,
+    *,
+    vocab_start: int,
+    group: dist.ProcessGroup,
+    tail_temperature: Optional[float] = None,
+) -> TopK:
     """``topk_teacher_logits`` of vocabulary-sharded logits: per-shard top-k with global indices, then the
     global top-k of the k·tp candidates. Every rank of ``group`` gets the same [N, k] values and global
-    indices; this is all the teacher needs to ship (not its shard)."""
-    return merge_topk(shard_topk(teacher_shard, k, vocab_start), k, group)
+    indices; this is all the teacher needs to ship (not its shard). ``tail_temperature`` (T·τ): also the
+    log of the mass softmax(z / tail_temperature) puts outside that global top-k (``vocab_parallel_tail_logmass``)."""
+    top = merge_topk(shard_topk(teacher_shard, k, vocab_start), k, group)
+    if tail_temperature is None:
+        return top
+    tail = vocab_parallel_tail_logmass(teacher_shard, top.indices, vocab_start=vocab_start, group=group,
+                                       temperature=tail_temperature)
+    return TopK(top.values, top.indices, tail)
+
+
+def vocab_parallel_tail_logmass(
+    teacher_shard: torch.Tensor, indices: torch.Tensor, *, vocab_start: int, group: dist.ProcessGroup, temperature: float
+) -> torch.Tensor:
+    """[N] float32 log Σ_{i ∉ indices} softmax(z / temperature)_i of vocabulary-sharded logits ``teacher_shard``
+    [N, V_local]; ``indices`` [N, k] are *global* (the global top-k, the same on every rank). The log-sum-exps
+    over all columns and over those outside ``indices`` are all-reduced (max, then Σexp) over ``group``;
+    the same result on every rank (``losses.tail_logmass`` unsharded)."""
+    local = indices.long() - vocab_start
+    owned = (local >= 0) & (local < teacher_shard.shape[-1])
+    local = local.clamp(0, max(teacher_shard.shape[-1] - 1, 0))
+    return tail_logmass(teacher_shard, local, temperature, vocab=ShardedVocab(group), owned=owned)
 
 
 def mask_vocab_padding(logits_shard: torch.Tensor, vocab_start: int, vocab_size: int) -> torch.Tensor:

@@ -145,10 +145,7 @@ class TeacherWorker(_Rank):
         if any(part is None for part in parts):  # a rank without logits (not the last pipeline stage)
             return TeacherOutput(None, (), forward_done - start, 0.0)
         targets = TeacherTargets.cat(parts)
-        tensors = {"values": targets.values}
-        if targets.indices is not None:
-            tensors["indices"] = targets.indices.to(torch.int32)
-        handle = self.publisher.publish(tensors)
+        handle = self.publisher.publish(targets.tensors())  # values (+ indices, tail) by name
         return TeacherOutput(handle, tuple(p.rows for p in parts), forward_done - start,
                              time.perf_counter() - forward_done)
 
@@ -214,7 +211,7 @@ class StudentWorker(_Rank):
         if teacher is None or teacher.handle is None:
             return [None] * count
         tensors = self.receiver.open(teacher.handle)
-        targets = TeacherTargets(tensors["values"], tensors.get("indices")).to(self.device)
+        targets = TeacherTargets.from_tensors(tensors).to(self.device)
         return targets.split(list(teacher.rows))
 
     def train_step(

@@ -16,7 +16,9 @@ With tp = 1 the logits are simply cut to the tokenizer's size.
 Teacher targets (``MegatronInferStrategy.forward``): the raw logits at the label positions; with
 ``logits_topk`` each TP rank ships the top-k of its own shard with global indices (the student's loss
 all-gathers the k·tp candidates of its TP group and keeps the exact global top-k, see ``distill_loss``),
-without top-k its whole (masked) shard.
+without top-k its whole (masked) shard. With ``topk_tail`` it also ships the log of its probability mass
+outside the *global* top-k at the loss's temperature T·τ: the TP ranks merge their candidates and all-reduce
+the log-sum-exps (``parallel_losses.vocab_parallel_tail_logmass``), so every rank ships the same tail.
 
 Training step (``MegatronTrainStrategy``): ``forward_backward`` runs Megatron's schedule
 (``get_forward_backward_func``: no pipelining at pp = 1, 1F1B otherwise) with a ``forward_step_func`` whose
@@ -49,7 +51,8 @@ import torch.distributed as dist
 from .. import checkpoint
 from ..data import IGNORE_INDEX
 from ..distill_loss import TeacherTargets, VocabShard
-from ..parallel_losses import mask_vocab_padding, shard_topk
+from ..losses import tail_logmass
+from ..parallel_losses import mask_vocab_padding, merge_topk, shard_topk, vocab_parallel_tail_logmass
 from . import megatron_bridge as mb
 from .base import InferStrategy, MicroBatch, OptimizerStepResult, RankContext, StepStats, TrainStrategy
 from .megatron_cpu import apply_cpu_shims, cpu_device_mode, needs_cpu_shims
@@ -196,6 +199,17 @@ class MegatronInferStrategy(_MegatronModel, InferStrategy):
         self.module.eval()
         self.module.requires_grad_(False)
         self.topk = config.logits_topk
+        self.tail_temperature = config.kd_temperature * config.teacher_temperature if config.topk_tail else None
+
+    def _tail(self, rows: torch.Tensor, candidates) -> Optional[torch.Tensor]:
+        """log mass outside the global top-k (of every TP rank's candidates), at T·τ; None without the tail."""
+        if self.tail_temperature is None:
+            return None
+        if self.rank.tp_size == 1:
+            return tail_logmass(rows, candidates.indices, self.tail_temperature)
+        top = merge_topk(candidates, self.topk, self.tp_group)
+        return vocab_parallel_tail_logmass(rows, top.indices, vocab_start=self.vocab_start, group=self.tp_group,
+                                           temperature=self.tail_temperature)
 
     @torch.no_grad()
     def forward(self, micro_batch: MicroBatch) -> Optional[TeacherTargets]:
@@ -210,7 +224,7 @@ class MegatronInferStrategy(_MegatronModel, InferStrategy):
                 mask_vocab_padding(rows, self.vocab_start, self.vocab.size)
             if self.topk:
                 top = shard_topk(rows, self.topk, self.vocab_start if self.rank.tp_size > 1 else 0)
-                out.append(TeacherTargets(top.values, top.indices))
+                out.append(TeacherTargets(top.values, top.indices, self._tail(rows, top)))
             else:
                 out.append(TeacherTargets(rows))
             return output.new_zeros(())

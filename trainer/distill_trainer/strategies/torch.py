@@ -55,6 +55,8 @@ class TorchInferStrategy(InferStrategy):
         self.device = rank.device
         self.vocab_size = vocab.size
         self.topk = config.logits_topk
+        # top-k with the tail: the mass outside the top-k at the loss's teacher temperature T·τ
+        self.tail_temperature = config.kd_temperature * config.teacher_temperature if config.topk_tail else None
         self.model = load_causal_lm(config.teacher_pretrain, config.teacher.model_args, self.device).eval()
         self.model.requires_grad_(False)
 
@@ -70,8 +72,8 @@ class TorchInferStrategy(InferStrategy):
         rows = logits[(micro_batch.labels != IGNORE_INDEX).to(logits.device)].float()  # [N_label, V]
         if not self.topk:
             return TeacherTargets(rows)
-        top = topk_teacher_logits(rows, self.topk)
-        return TeacherTargets(top.values, top.indices)
+        top = topk_teacher_logits(rows, self.topk, self.tail_temperature)
+        return TeacherTargets(top.values, top.indices, top.tail_logmass)
 
 
 def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
