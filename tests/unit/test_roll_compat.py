@@ -75,7 +75,7 @@ def test_original_megatron_example_loads_with_its_keys_and_nesting():
     assert student.strategy_args.sequence_parallel is False and student.strategy_args.recompute_granularity is None
     assert student.model_args.activation_checkpointing and not teacher.model_args.activation_checkpointing
     assert worker_env(config) == {"RAY_PROFILING": "0"}
-    assert logits_transport(config) == "shared_memory"  # nccl-only: the same-device hand-off
+    assert logits_transport(config) == "same_device"  # nccl-only: the same-device hand-off
     assert config.checkpoint_config.output_dir == "/var/tmp/ckpt"
 
 
@@ -246,7 +246,7 @@ def test_hf_infer_is_the_torch_inference_strategy():
 
 
 @pytest.mark.parametrize("backend, transport", [
-    ("ipc+nccl", "shared_memory"), ("nccl-only", "shared_memory"), ("nccl_only", "shared_memory"),
+    ("ipc+nccl", "same_device"), ("nccl-only", "same_device"), ("nccl_only", "same_device"),
     ("ray", "object_store"),
 ])
 def test_logits_transfer_backend_maps_to_a_channel_transport(backend, transport):

@@ -2,29 +2,43 @@
 
 The teacher publishes a dict of tensors (top-k values and indices, or full logits) and gets back a small
 ``LogitsHandle`` that travels through Ray as ordinary metadata; the student opens the handle and gets
-tensors back.
+tensors back, and releases it once its step no longer reads them.
 
-Transports:
-- ``shared_memory``: teacher and student on the same host (always so when co-located on one device, and
-  on CPU). The teacher copies into a named POSIX shared-memory segment it owns; the student maps the same
-  pages, so what crosses Ray is a name, shapes and offsets. Segments are reused (a ring of ``slots``), so
-  steady state allocates nothing.
-- ``object_store``: the fallback when the two ends are on different hosts. The tensors go as numpy
-  arrays, which Ray stores without pickling and the reader maps zero-copy from its local object store.
+Transports (``Transport``: ``publish`` on the teacher; ``open`` and ``release`` on the student), chosen by
+``choose_transport`` from where the two ends are (``DeviceIdentity``), not from Ray's node ids:
 
-CUDA IPC (teacher and student ranks sharing one GPU) plugs in as a third transport with the same two
-calls; it comes with the GPU strategies.
+- ``CudaIpc`` (same GPU): a ring of CUDA buffers on the teacher, each exported once with torch's
+  ``reduce_tensor``; the export (ints and bytes) is the handle. The student rebuilds each buffer once, keeps
+  it, and opens later handles as views of it: no copy, no host round trip. Ray gives each actor its own
+  ``CUDA_VISIBLE_DEVICES``, so the producer's device index means nothing to the student: the handle names the
+  GPU by UUID and the student maps it to its own index. The teacher copies its targets into the slot and
+  synchronizes its stream before it returns the handle (torch makes a consumer wait on the producer's event
+  only the first time it opens a storage, so a reused buffer needs this each time).
+  ``expandable_segments`` must stay off in the teacher (``PYTORCH_CUDA_ALLOC_CONF``): with it torch exports
+  memory as a file descriptor that the consumer fetches with ``pidfd_getfd``, which unprivileged
+  containers (Kubernetes pods without CAP_SYS_PTRACE) refuse; ``CudaIpc`` refuses to start with it on.
+- ``SharedMemory`` (same host): the teacher copies into named POSIX shared-memory segments it owns (a ring
+  of slots); the student maps the same pages, so what crosses Ray is a name, shapes and offsets.
+- ``ObjectStore`` (other hosts, or ``logits_transfer_backend: ray``): the tensors go as numpy arrays, which
+  Ray stores without pickling and the reader maps zero-copy from its local object store.
 
-Protocol: a slot is overwritten ``slots`` publishes later. The pipeline hands each handle to the student
-and waits for its step before the teacher publishes again, so a reader never sees a slot being rewritten.
+Slot protocol (the two same-host transports). A publisher has ``slots`` buffers used in turn, and a small
+control segment in shared memory holding, per slot, the sequence number the reader has released. Each
+handle carries its slot and sequence number (1, 2, ... per publisher). The student calls ``release(handle)``
+when its step is done with the tensors (after synchronizing its CUDA stream), which writes that sequence
+number into the slot's entry. Before the teacher rewrites a slot it waits until the entry holds the sequence
+number it last published there (``SlotBusyError`` after ``wait_seconds``): a slot is never rewritten while a
+reader holds it, whatever the order in which the driver calls the two sides. Segments and CUDA buffers are
+reused, so steady state allocates nothing; a slot grows (new segment or buffer, new export) when a step's
+tensors do not fit.
 
 Leftover segments: a teacher killed with SIGKILL (with its whole process group, as Ray does when the driver
 dies) never unlinks its segments, and each can be tokens x vocabulary x 4 bytes of /dev/shm. A segment's name
-says whose it is, ``kd_<pid namespace>_<pid>_<process start time>_<publisher>_<slot>_<generation>``, and every
-new publisher first removes the segments of processes that are gone: same pid namespace, and that pid no
-longer exists or now belongs to a process started at another time (pid reuse). Segments of live processes,
-of other pid namespaces sharing /dev/shm (containers; their pids mean nothing here), and names in any other
-form are never touched. Linux only (elsewhere segments are not listed as files and nothing is removed).
+says whose it is, ``kd_<pid namespace>_<pid>_<process start time>_<publisher>_<slot or c>_<generation>``, and
+every new shared-memory publisher first removes the segments of processes that are gone: same pid namespace,
+and that pid no longer exists or now belongs to a process started at another time (pid reuse). Segments of live
+processes, of other pid namespaces sharing /dev/shm (containers; their pids mean nothing here), and names in any
+other form are never touched. Linux only (elsewhere segments are not listed as files and nothing is removed).
 """
 
 from __future__ import annotations
@@ -32,22 +46,94 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
+import time
 import uuid
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal, Optional
 
 import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
 
-Transport = Literal["shared_memory", "object_store"]
+TransportKind = Literal["cuda_ipc", "shared_memory", "object_store"]
+# What logits_transfer_backend asks for: the best hand-off the two ends' places allow, or the object store.
+Requested = Literal["same_device", "object_store"]
 _ALIGN = 64  # bytes; keeps every tensor in a segment cache-line aligned
 SHM_DIR = Path("/dev/shm")  # where Linux keeps POSIX shared-memory segments, one file each
-_SEGMENT_NAME = re.compile(r"^kd_([0-9a-z]+)_([0-9a-z]+)_([0-9a-z]+)_[0-9a-f]+_\d+_[0-9a-f]+$")
+_SEGMENT_NAME = re.compile(r"^kd_([0-9a-z]+)_([0-9a-z]+)_([0-9a-z]+)_[0-9a-f]+_(?:\d+|c)_[0-9a-f]+$")
+DEFAULT_WAIT_SECONDS = 600.0  # how long a publisher waits for the reader to release a slot
+# A PyTorch allocator setting that breaks CUDA IPC in unprivileged containers (see the module docstring).
+_ALLOC_CONF_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+
+
+class SlotBusyError(RuntimeError):
+    """The reader has not released the slot the publisher needs next."""
+
+
+# ----------------------------------------------------------------------------------------- where the ends are
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    """Where one end of the channel runs: its host and, on a GPU, that GPU's UUID.
+
+    ``host`` is equal for two processes exactly when they share POSIX shared memory: the kernel's boot id, the
+    hostname and the device number of the /dev/shm mount (containers on one machine each have their own).
+    """
+
+    host: str
+    gpu: Optional[str] = None
+
+    @classmethod
+    def of(cls, device: torch.device) -> "DeviceIdentity":
+        gpu = gpu_uuid(device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else None
+        return cls(host_identity(), gpu)
+
+
+def host_identity() -> str:
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = "?"
+    try:
+        shm = str(SHM_DIR.stat().st_dev)
+    except OSError:
+        shm = "?"
+    return f"{socket.gethostname()}/{boot}/{shm}"
+
+
+def gpu_uuid(index: int) -> str:
+    """The UUID of local CUDA device ``index`` (the same string in every process that sees the GPU)."""
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+def cuda_index_of(uuid_: str) -> int:
+    """This process's index of the GPU with UUID ``uuid_`` (indices depend on CUDA_VISIBLE_DEVICES)."""
+    for index in range(torch.cuda.device_count()):
+        if gpu_uuid(index) == uuid_:
+            return index
+    raise RuntimeError(f"GPU {uuid_} is not visible to this process (CUDA_VISIBLE_DEVICES="
+                       f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r})")
+
+
+def choose_transport(producer: DeviceIdentity, consumer: DeviceIdentity,
+                     requested: Requested = "same_device") -> TransportKind:
+    """Same GPU -> CUDA IPC; same host -> shared memory; otherwise (or when asked) the object store."""
+    if requested == "object_store" or producer.host != consumer.host:
+        return "object_store"
+    if producer.gpu is not None and producer.gpu == consumer.gpu:
+        return "cuda_ipc"
+    return "shared_memory"
+
+
+# ----------------------------------------------------------------------------------------- handles and layout
 
 
 @dataclass(frozen=True)
@@ -55,17 +141,30 @@ class TensorSpec:
     name: str
     dtype: str  # torch dtype name, e.g. "float32"
     shape: tuple[int, ...]
-    offset: int  # bytes from the start of the segment
+    offset: int  # bytes from the start of the segment or buffer
+
+
+@dataclass(frozen=True)
+class CudaExport:
+    """One CUDA buffer as exported once by the teacher: ``reduce_tensor``'s arguments (ints, bytes, types)."""
+
+    key: str  # publisher, slot and generation: the student rebuilds each key once
+    gpu: str  # the buffer's GPU UUID
+    args: tuple
 
 
 @dataclass(frozen=True)
 class LogitsHandle:
     """What the student needs to find the teacher's tensors. Small and cheap to send through Ray."""
 
-    transport: Transport
+    transport: TransportKind
     tensors: tuple[TensorSpec, ...]
-    segment: str | None = None  # shared-memory segment name
-    arrays: dict[str, np.ndarray] | None = None  # object-store payload
+    segment: Optional[str] = None  # shared memory: the slot's segment name
+    arrays: Optional[dict[str, np.ndarray]] = None  # object store: the payload
+    cuda: Optional[CudaExport] = None  # CUDA IPC: the slot's buffer
+    slot: int = 0
+    sequence: int = 0  # this publisher's count of publishes; what ``release`` hands back
+    control: Optional[str] = None  # the publisher's control segment (released sequence number per slot)
 
 
 def _layout(tensors: dict[str, torch.Tensor]) -> tuple[tuple[TensorSpec, ...], int]:
@@ -83,6 +182,14 @@ def _view(buffer, spec: TensorSpec) -> torch.Tensor:
     if count == 0:
         return torch.empty(spec.shape, dtype=dtype)
     return torch.frombuffer(buffer, dtype=dtype, count=count, offset=spec.offset).view(spec.shape)
+
+
+def _byte_view(buffer: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    """``spec``'s tensor as a view of a flat uint8 tensor (a CUDA buffer), at its aligned offset."""
+    dtype = getattr(torch, spec.dtype)
+    count = int(np.prod(spec.shape, dtype=np.int64))
+    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    return buffer[spec.offset : spec.offset + nbytes].view(dtype).view(spec.shape)
 
 
 def _base36(number: int) -> str:
@@ -168,28 +275,145 @@ def _owner_prefix() -> str:
     return f"kd_{namespace}_{_base36(os.getpid())}_{start}"
 
 
-class LogitsPublisher:
-    """Teacher side: owns the shared-memory segments and unlinks them on ``close``.
+# ----------------------------------------------------------------------------------------- transports
 
-    Starting one first removes the segments that publishers of ended (killed) processes left behind.
+
+class Transport(ABC):
+    """One way to hand a step's tensors from a teacher rank to its student rank.
+
+    An instance serves one side: the teacher's ``publish``es (and owns what it published until ``close``), the
+    student's ``open``s handles and ``release``s them when its step no longer reads the tensors.
     """
 
-    def __init__(self, transport: Transport = "shared_memory", slots: int = 2):
-        self.transport = transport
-        if transport == "shared_memory":
-            remove_stale_segments()
+    kind: ClassVar[TransportKind]
+
+    @abstractmethod
+    def publish(self, tensors: dict[str, torch.Tensor]) -> LogitsHandle:
+        """Teacher: make ``tensors`` readable by the student; the handle says where they are."""
+
+    @abstractmethod
+    def open(self, handle: LogitsHandle) -> dict[str, torch.Tensor]:
+        """Student: the published tensors (views where the transport allows; read only)."""
+
+    def release(self, handle: LogitsHandle) -> None:
+        """Student: done reading ``handle``'s tensors; the teacher may rewrite their slot."""
+
+    def close(self) -> None:
+        """Free what this side holds (the teacher's segments and buffers; the student's mappings)."""
+
+
+class ObjectStore(Transport):
+    """The tensors themselves, as numpy arrays in the handle (Ray's object store carries them)."""
+
+    kind = "object_store"
+
+    def publish(self, tensors: dict[str, torch.Tensor]) -> LogitsHandle:
+        tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+        specs, _ = _layout(tensors)
+        return LogitsHandle("object_store", specs, arrays={n: t.numpy() for n, t in tensors.items()})
+
+    def open(self, handle: LogitsHandle) -> dict[str, torch.Tensor]:
+        assert handle.arrays is not None
+        with warnings.catch_warnings():
+            # Arrays from the object store are read-only views; the loss only reads them.
+            warnings.simplefilter("ignore", UserWarning)
+            return {spec.name: torch.from_numpy(handle.arrays[spec.name]) for spec in handle.tensors}
+
+
+def _attach_segment(name: str) -> shared_memory.SharedMemory:
+    segment = shared_memory.SharedMemory(name=name, create=False)
+    match = _SEGMENT_NAME.match(name)
+    if match is None or int(match[2], 36) != os.getpid():
+        # The teacher owns the segment; without this the reader's resource tracker would unlink it (or warn about
+        # a leak) when this process exits. (Not when this process made it: that registration is the teacher's.)
+        resource_tracker.unregister(segment._name, "shared_memory")  # type: ignore[attr-defined]
+    return segment
+
+
+class _SlotRing(Transport):
+    """The slot protocol of the same-host transports (module docstring): which slot the teacher writes next,
+    waiting until the student has released it, and the student's release."""
+
+    def __init__(self, slots: int, wait_seconds: float):
+        if slots < 1:
+            raise ValueError(f"slots must be at least 1, not {slots}")
+        self.slots = slots
+        self.wait_seconds = wait_seconds
         self._token = uuid.uuid4().hex[:4]  # tells apart the publishers of one process
-        self._segments: list[shared_memory.SharedMemory | None] = [None] * slots
-        self._next = 0
+        self._control: Optional[shared_memory.SharedMemory] = None  # teacher: made on the first publish
+        self._released: Optional[np.ndarray] = None  # [slots] int64 in the control segment, written by the reader
+        self._published = [0] * slots  # teacher: the sequence number last published in each slot
+        self._sequence = 0
+        self._controls: dict[str, tuple[shared_memory.SharedMemory, np.ndarray]] = {}  # student: by name
+
+    def _next_slot(self) -> tuple[int, int]:
+        """The slot to write next and its sequence number, once the reader has released that slot."""
+        if self._control is None:
+            self._control = shared_memory.SharedMemory(
+                name=f"{_owner_prefix()}_{self._token}_c_{uuid.uuid4().hex[:6]}", create=True, size=8 * self.slots
+            )
+            self._released = np.ndarray((self.slots,), dtype=np.int64, buffer=self._control.buf)
+            self._released[:] = 0
+        slot = self._sequence % self.slots
+        deadline = time.monotonic() + self.wait_seconds
+        while int(self._released[slot]) < self._published[slot]:
+            if time.monotonic() >= deadline:
+                raise SlotBusyError(
+                    f"slot {slot} still holds publish {self._published[slot]}, which the student has not released "
+                    f"after {self.wait_seconds:g} s (it released {int(self._released[slot])}); a student step must "
+                    f"call release(handle) when it is done with the tensors"
+                )
+            time.sleep(0.0005)
+        self._sequence += 1
+        self._published[slot] = self._sequence
+        return slot, self._sequence
+
+    def _handle(self, specs, slot: int, sequence: int, **where) -> LogitsHandle:
+        assert self._control is not None
+        return LogitsHandle(self.kind, specs, slot=slot, sequence=sequence, control=self._control.name, **where)
+
+    def release(self, handle: LogitsHandle) -> None:
+        if handle.control is None:
+            return
+        entry = self._controls.get(handle.control)
+        if entry is None:
+            segment = _attach_segment(handle.control)
+            entry = self._controls[handle.control] = (segment, np.ndarray((segment.size // 8,), np.int64, segment.buf))
+        entry[1][handle.slot] = handle.sequence  # one aligned 8-byte store: the teacher sees old or new, never half
+
+    def close(self) -> None:
+        self._released = None  # the array holds an export of the segment's buffer
+        if self._control is not None:
+            self._control.close()
+            self._control.unlink()
+            self._control = None
+        for name in list(self._controls):
+            segment, _ = self._controls.pop(name)
+            try:
+                segment.close()
+            except BufferError:
+                pass
+
+
+class SharedMemory(_SlotRing):
+    """A ring of POSIX shared-memory segments on the teacher; the student maps them (cached by name).
+
+    Starting a teacher's instance first removes the segments that publishers of ended (killed) processes left.
+    """
+
+    kind = "shared_memory"
+
+    def __init__(self, slots: int = 2, wait_seconds: float = DEFAULT_WAIT_SECONDS, *, clean_up: bool = True):
+        super().__init__(slots, wait_seconds)
+        if clean_up:
+            remove_stale_segments()
+        self._segments: list[Optional[shared_memory.SharedMemory]] = [None] * slots
+        self._attached: dict[str, shared_memory.SharedMemory] = {}
 
     def publish(self, tensors: dict[str, torch.Tensor]) -> LogitsHandle:
         tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
         specs, nbytes = _layout(tensors)
-        if self.transport == "object_store":
-            return LogitsHandle("object_store", specs, arrays={n: t.numpy() for n, t in tensors.items()})
-
-        slot = self._next
-        self._next = (self._next + 1) % len(self._segments)
+        slot, sequence = self._next_slot()
         segment = self._segments[slot]
         if segment is None or segment.size < nbytes:
             if segment is not None:
@@ -203,48 +427,19 @@ class LogitsPublisher:
             self._segments[slot] = segment
         for spec in specs:
             _view(segment.buf, spec).copy_(tensors[spec.name])
-        return LogitsHandle("shared_memory", specs, segment=segment.name)
-
-    def close(self) -> None:
-        for index, segment in enumerate(self._segments):
-            if segment is not None:
-                segment.close()
-                segment.unlink()
-                self._segments[index] = None
-
-
-class LogitsReceiver:
-    """Student side: maps the teacher's segments (cached by name) and returns tensor views into them."""
-
-    def __init__(self) -> None:
-        self._attached: dict[str, shared_memory.SharedMemory] = {}
+        return self._handle(specs, slot, sequence, segment=segment.name)
 
     def open(self, handle: LogitsHandle) -> dict[str, torch.Tensor]:
-        if handle.transport == "object_store":
-            assert handle.arrays is not None
-            with warnings.catch_warnings():
-                # Arrays from the object store are read-only views; the loss only reads them.
-                warnings.simplefilter("ignore", UserWarning)
-                return {spec.name: torch.from_numpy(handle.arrays[spec.name]) for spec in handle.tensors}
-        segment = self._attach(handle.segment)
+        assert handle.segment is not None
+        segment = self._attached.get(handle.segment)
+        if segment is None:
+            segment = self._attached[handle.segment] = _attach_segment(handle.segment)
+            self._forget_replaced(keep=handle.segment)
         return {spec.name: _view(segment.buf, spec) for spec in handle.tensors}
 
-    def _attach(self, name: str | None) -> shared_memory.SharedMemory:
-        assert name is not None
-        segment = self._attached.get(name)
-        if segment is None:
-            segment = shared_memory.SharedMemory(name=name, create=False)
-            # The teacher owns the segment; without this the reader's resource tracker would unlink it (or warn
-            # about a leak) when this process exits.
-            resource_tracker.unregister(segment._name, "shared_memory")  # type: ignore[attr-defined]
-            self._attached[name] = segment
-            self._forget_stale(keep=name)
-        return segment
-
-    def _forget_stale(self, keep: str) -> None:
-        # A segment the teacher replaced (it grew) is unlinked already; drop our mapping when no view is alive.
-        prefix = keep.rsplit("_", 2)[0]
-        slot = keep.rsplit("_", 2)[1]
+    def _forget_replaced(self, keep: str) -> None:
+        # A segment the teacher replaced (its slot grew) is unlinked already; drop our mapping when no view is alive.
+        prefix, slot, _ = keep.rsplit("_", 2)
         for name in [n for n in self._attached if n != keep and n.startswith(f"{prefix}_{slot}_")]:
             try:
                 self._attached.pop(name).close()
@@ -252,9 +447,141 @@ class LogitsReceiver:
                 pass  # a tensor view still points into it; the mapping goes when the process does
 
     def close(self) -> None:
+        for index, segment in enumerate(self._segments):
+            if segment is not None:
+                segment.close()
+                segment.unlink()
+                self._segments[index] = None
         for segment in self._attached.values():
             try:
                 segment.close()
             except BufferError:
                 pass
         self._attached.clear()
+        super().close()
+
+
+def refuse_expandable_segments() -> None:
+    """CUDA IPC of memory from expandable segments needs ``pidfd_getfd``, which unprivileged containers refuse."""
+    for var in _ALLOC_CONF_VARS:
+        if re.search(r"expandable_segments\s*:\s*true", os.environ.get(var, ""), re.IGNORECASE):
+            raise RuntimeError(
+                f"{var}={os.environ[var]!r} enables expandable_segments in the teacher: its CUDA IPC exports would "
+                f"need pidfd_getfd, which unprivileged containers refuse. Leave it off in the teacher's environment "
+                f"(system_envs / teacher.system_envs), or use logits_transfer_backend: ray"
+            )
+
+
+def rebuild_cuda_export(export: CudaExport) -> torch.Tensor:
+    """The teacher's exported buffer in this process, on this process's index of the same GPU (by UUID).
+
+    Call once per export and keep the tensor: torch counts one consumer reference per export, and rebuilding
+    an export it has already opened releases that reference again.
+    """
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    args = list(export.args)
+    args[6] = cuda_index_of(export.gpu)  # the producer's device index, in the producer's CUDA_VISIBLE_DEVICES
+    return rebuild_cuda_tensor(*args)
+
+
+class CudaIpc(_SlotRing):
+    """A ring of CUDA buffers on the teacher, each exported once; the student rebuilds each once and keeps it."""
+
+    kind = "cuda_ipc"
+
+    def __init__(self, slots: int = 2, wait_seconds: float = DEFAULT_WAIT_SECONDS,
+                 device: Optional[torch.device] = None):
+        super().__init__(slots, wait_seconds)
+        self.device = device
+        self._buffers: list[Optional[torch.Tensor]] = [None] * slots  # teacher: flat uint8 buffers
+        self._exports: list[Optional[CudaExport]] = [None] * slots
+        self._generation = 0
+        self._opened: dict[str, torch.Tensor] = {}  # student: rebuilt buffers by export key
+
+    def publish(self, tensors: dict[str, torch.Tensor]) -> LogitsHandle:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        refuse_expandable_segments()
+        device = self.device or next((t.device for t in tensors.values() if t.is_cuda),
+                                     torch.device("cuda", torch.cuda.current_device()))
+        specs, nbytes = _layout(tensors)
+        slot, sequence = self._next_slot()
+        buffer = self._buffers[slot]
+        if buffer is None or buffer.numel() < nbytes:
+            # The old buffer goes back to torch, which keeps it allocated while the student still maps it.
+            self._buffers[slot] = None
+            buffer = torch.empty(int(nbytes * 1.25), dtype=torch.uint8, device=device)
+            self._generation += 1
+            self._buffers[slot] = buffer
+            _, args = reduce_tensor(buffer)
+            self._exports[slot] = CudaExport(f"{self._token}_{slot}_{self._generation}",
+                                             gpu_uuid(buffer.device.index), tuple(args))
+        for spec in specs:
+            _byte_view(buffer, spec).copy_(tensors[spec.name].detach(), non_blocking=True)
+        # The student reads on its own stream in another process: the data must be complete before the handle
+        # leaves (torch syncs on the producer's event only the first time a storage is opened).
+        torch.cuda.current_stream(buffer.device).synchronize()
+        return self._handle(specs, slot, sequence, cuda=self._exports[slot])
+
+    def open(self, handle: LogitsHandle) -> dict[str, torch.Tensor]:
+        export = handle.cuda
+        assert export is not None
+        buffer = self._opened.get(export.key)
+        if buffer is None:
+            # A new generation of a slot replaces the old one (the teacher grew it): drop our reference to that.
+            slot_prefix = export.key.rsplit("_", 1)[0]
+            for key in [k for k in self._opened if k.rsplit("_", 1)[0] == slot_prefix]:
+                del self._opened[key]
+            buffer = self._opened[export.key] = rebuild_cuda_export(export)
+        return {spec.name: _byte_view(buffer, spec) for spec in handle.tensors}
+
+    def release(self, handle: LogitsHandle) -> None:
+        buffer = self._opened.get(handle.cuda.key) if handle.cuda is not None else None
+        if buffer is not None:
+            torch.cuda.current_stream(buffer.device).synchronize()  # our kernels that read the slot are done
+        super().release(handle)
+
+    def close(self) -> None:
+        self._buffers = [None] * self.slots
+        self._exports = [None] * self.slots
+        self._opened.clear()
+        if torch.cuda.is_initialized():
+            torch.cuda.ipc_collect()  # free exported blocks whose consumers are gone
+        super().close()
+
+
+TRANSPORTS: dict[str, type[Transport]] = {t.kind: t for t in (CudaIpc, SharedMemory, ObjectStore)}
+
+
+def make_transport(kind: TransportKind, slots: int = 2) -> Transport:
+    """The teacher's side of transport ``kind``."""
+    if kind == "object_store":
+        return ObjectStore()
+    return TRANSPORTS[kind](slots)
+
+
+class LogitsReceiver:
+    """The student's side of every transport: opens (and releases) whatever kind of handle arrives."""
+
+    def __init__(self) -> None:
+        self._readers: dict[str, Transport] = {}
+
+    def _reader(self, kind: TransportKind) -> Transport:
+        reader = self._readers.get(kind)
+        if reader is None:
+            reader = self._readers[kind] = (
+                SharedMemory(clean_up=False) if kind == "shared_memory" else TRANSPORTS[kind]()
+            )
+        return reader
+
+    def open(self, handle: LogitsHandle) -> dict[str, torch.Tensor]:
+        return self._reader(handle.transport).open(handle)
+
+    def release(self, handle: LogitsHandle) -> None:
+        self._reader(handle.transport).release(handle)
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()

@@ -2,8 +2,8 @@
 
 ``create_workers`` makes one placement-group bundle per entry of ``device_mapping`` (one CPU bundle when it is
 empty; CPU bundles too when the Ray cluster has no GPU, so the indices then name CPU ranks). Teacher rank i and
-student rank i share bundle i, hence the device and host, so the teacher's targets reach the student through
-shared memory. Each side's ranks form a torch.distributed group (gloo on CPU, nccl on GPU) whose address and
+student rank i share bundle i, hence the device and host, so the teacher's targets reach the student by CUDA IPC
+(same GPU) or shared memory (CPU ranks): ``channel.choose_transport`` decides from where the two actors really are. Each side's ranks form a torch.distributed group (gloo on CPU, nccl on GPU) whose address and
 port rank 0 picks; the strategy of each rank (``strategies.STRATEGIES[strategy_name]``) is built once the group
 is up.
 
@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 
 from . import checkpoint
-from .channel import LogitsHandle, LogitsPublisher, LogitsReceiver, Transport
+from .channel import DeviceIdentity, LogitsHandle, LogitsReceiver, TransportKind, choose_transport, make_transport
 from .config import DistillConfig, logits_transport, worker_env
 from .data import Example, collate, eval_batches
 from .distill_loss import LossConfig, TeacherTargets, make_loss_fn
@@ -65,10 +65,9 @@ class _Rank:
         self.device = _setup_process(config.seed, num_threads, on_gpu)
         self.group = None
 
-    def node_id(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
+    def device_identity(self) -> DeviceIdentity:
+        """This rank's host and GPU, from which the channel's transport is chosen."""
+        return DeviceIdentity.of(self.device)
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0: an address and a free port of this host for the side's group."""
@@ -122,7 +121,7 @@ class TeacherWorker(_Rank):
         self,
         config: DistillConfig,
         vocab: VocabInfo,
-        transport: Transport,
+        transport: TransportKind,
         num_threads: int = 0,
         rank: int = 0,
         world_size: int = 1,
@@ -130,8 +129,14 @@ class TeacherWorker(_Rank):
     ):
         super().__init__(config, "teacher", rank, world_size, on_gpu, num_threads)
         self.vocab = vocab
-        self.publisher = LogitsPublisher(transport)
+        self.publisher = make_transport(transport)
         self.strategy = None
+
+    def use_transport(self, kind: TransportKind) -> None:
+        """Publish through ``kind`` from now on (set once the student rank's place is known)."""
+        if kind != self.publisher.kind:
+            self.publisher.close()
+            self.publisher = make_transport(kind)
 
     def build(self) -> None:
         self.strategy = strategy_class(self.config.teacher.strategy_args.strategy_name)(
@@ -219,11 +224,15 @@ class StudentWorker(_Rank):
     ) -> StudentStepResult:
         """One optimizer step on this rank's micro-batches; ``normalizer`` = label tokens of the global batch."""
         start = time.perf_counter()
-        targets = self._teacher_targets(teacher, len(batches))
-        opened = time.perf_counter()
-        micro_batches = [_micro_batch(batch, target) for batch, target in zip(batches, targets)]
-        stats = self.strategy.forward_backward(micro_batches, make_loss_fn(self.loss_config, normalizer))
-        update = self.strategy.optimizer_step()
+        try:
+            targets = self._teacher_targets(teacher, len(batches))
+            opened = time.perf_counter()
+            micro_batches = [_micro_batch(batch, target) for batch, target in zip(batches, targets)]
+            stats = self.strategy.forward_backward(micro_batches, make_loss_fn(self.loss_config, normalizer))
+            update = self.strategy.optimizer_step()
+        finally:
+            if teacher is not None and teacher.handle is not None:
+                self.receiver.release(teacher.handle)  # done reading: the teacher may rewrite that slot
         if not self.rank_context().counted:
             stats = StepStats(counted=False)
         return StudentStepResult(
@@ -350,19 +359,21 @@ def create_workers(
     ]
     teachers = []
     if config.distill_loss_weight > 0:
-        student_nodes = ray.get([s.node_id.remote() for s in students])
-        transport = logits_transport(config)  # logits_transfer_backend: shared memory, or "ray" (object store)
-        for r in range(world_size):
-            teacher = ray.remote(TeacherWorker).options(**options(r, "teacher")).remote(
-                config, vocab, transport, num_threads, rank=r, **side
+        teachers = [
+            ray.remote(TeacherWorker).options(**options(r, "teacher")).remote(
+                config, vocab, "object_store", num_threads, rank=r, **side
             )
-            if transport == "shared_memory" and ray.get(teacher.node_id.remote()) != student_nodes[r]:
-                # Cannot happen within one bundle, but a custom cluster setup might split them: stay correct.
-                ray.kill(teacher)
-                teacher = ray.remote(TeacherWorker).options(**options(r, "teacher")).remote(
-                    config, vocab, "object_store", num_threads, rank=r, **side
-                )
-            teachers.append(teacher)
+            for r in range(world_size)
+        ]
+        # Same GPU -> CUDA IPC, same host -> shared memory, else the object store (logits_transfer_backend: ray
+        # asks for the object store always). Within one bundle it is the same device; a custom cluster setup
+        # might split them, and this stays correct.
+        requested = logits_transport(config)
+        places = ray.get([a.device_identity.remote() for a in [*teachers, *students]])
+        ray.get([
+            teacher.use_transport.remote(choose_transport(places[r], places[world_size + r], requested))
+            for r, teacher in enumerate(teachers)
+        ])
     args = config.student.strategy_args
     workers = Workers(students, teachers, group, RankContext(0, world_size, args.tp_size, args.pp_size))
     try:

@@ -70,6 +70,14 @@ def have_transformer_engine() -> bool:
     return True
 
 
+def have_fused_softmax_kernel() -> bool:
+    try:
+        import scaled_masked_softmax_cuda  # noqa: F401  (built with Megatron-LM's fused kernels, or by NGC images)
+    except ImportError:
+        return False
+    return True
+
+
 def make_bridge(hf_config, *, dtype: torch.dtype, padded_vocab: int, config_overrides: dict | None = None):
     """The mbridge bridge for ``hf_config`` with the adaptations of the module docstring.
 
@@ -91,6 +99,10 @@ def make_bridge(hf_config, *, dtype: torch.dtype, padded_vocab: int, config_over
     overrides = dict(config_overrides or {})
     if needs_cpu_shims():
         overrides.update(cpu_transformer_config_overrides())
+    elif not have_fused_softmax_kernel():
+        # mbridge turns masked_softmax_fusion on; its kernel is Megatron's compiled extension, which a pip install
+        # of megatron-core lacks: Megatron would import it on the first bf16 attention and fail.
+        overrides.setdefault("masked_softmax_fusion", False)
     use_te = have_transformer_engine() and not needs_cpu_shims()
     adapted = type(f"Adapted{_MODEL_REGISTRY[model_type].__name__}", (_Adapted, _MODEL_REGISTRY[model_type]), {})
     adapted._overrides = overrides
