@@ -173,6 +173,15 @@ def test_without_a_terminal_each_log_prints_one_plain_line(tmp_path, capsys):
     assert err == ""
 
 
+def test_a_kd_run_shows_the_students_cross_entropy_beside_the_mixed_loss(tmp_path, capsys):
+    with Tracker(tmp_path, max_steps=100, exp_name="kd", sinks=()) as tracker:
+        tracker.log(3, {"train/loss": 2.6, "train/student_loss": 5.214, "train/distill_loss": 0.07})
+        tracker.log(4, {"train/loss": 5.1, "train/student_loss": 5.1})  # SFT-like record: nothing to add
+    first, second = capsys.readouterr().out.splitlines()
+    assert first.startswith("kd step 3/100 (3%) loss 2.6000 (student CE 5.2140) | elapsed ")
+    assert "student CE 5.2140" in second  # the last KD figure stays until the next one
+
+
 def test_on_a_terminal_the_progress_bar_shows_step_and_loss(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("sys.stderr.isatty", lambda: True)
     with Tracker(tmp_path, max_steps=20, start_step=5, exp_name="tiny") as tracker:

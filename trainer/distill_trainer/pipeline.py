@@ -132,6 +132,8 @@ def ensure_ray() -> bool:
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # otherwise Ray writes a token under ~/.ray
     if os.environ.get("RAY_ADDRESS"):
+        # Joining a running cluster: its raylets already chose the workers' niceness (`ray start` reads
+        # RAY_worker_niceness from its environment); nothing a client passes changes it.
         ray.init(log_to_driver=True)
     else:
         # Embedded Ray for one machine: loopback only, no dashboard. address="local" always starts a new one
@@ -143,6 +145,9 @@ def ensure_ray() -> bool:
             log_to_driver=True,
             configure_logging=False,
             _node_ip_address="127.0.0.1",
+            # Ray starts worker processes at nice 15 by default; our actors are the training itself, so on a
+            # busy machine they must not yield to everything else.
+            _system_config={"worker_niceness": 0},
         )
     return True
 
@@ -156,7 +161,9 @@ class DistillPipeline:
 
     def __init__(self, config: DistillConfig, *, num_threads: int | None = None, console: bool = True):
         self.config = config
-        self.num_threads = default_num_threads() if num_threads is None else num_threads
+        # SFT only (no teacher actor): the student alone shares each device, so it gets every core.
+        actors_per_device = 2 if config.distill_loss_weight > 0 else 1
+        self.num_threads = default_num_threads(actors_per_device) if num_threads is None else num_threads
         self.console = console
 
     def run(self) -> RunResult:

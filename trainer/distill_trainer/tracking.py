@@ -10,9 +10,11 @@ One `Tracker` per run (on the driver). Every `log(step, metrics)` call goes to:
   DistillJob progress reporter (`k8s_progress.py`, under a DistillJob), ...
 
 Tags the pipeline logs:
-    train/loss               total loss: (1 - distill_loss_weight) * CE + distill_loss_weight * KD
+    train/loss               the loss trained on: (1 - distill_loss_weight) * CE + distill_loss_weight * KD
+                             (in a KD run not comparable with an SFT run's: compare train/student_loss, val/loss)
     train/distill_loss       KD term (the kd_objective), per label token
-    train/student_loss       cross-entropy of the student against the labels, per label token
+    train/student_loss       the student's full-vocabulary cross-entropy against the labels, per label token
+                             (always computed, also with distill_loss_weight 1: the SFT-comparable figure)
     train/grad_norm          gradient norm before clipping
     student/lr               learning rate of the student's optimizer
     train/tokens_per_second  input tokens of the step's batches per wall-clock second of the step
@@ -25,7 +27,8 @@ Tags the pipeline logs:
 Console: on an interactive terminal a tqdm bar (step/max_steps, loss, ETA); otherwise (CI logs, Ray
 job logs, `console=False`) no bar, which would redraw into the log as thousands of lines, but one
 plain line per `log` call: `distill step 10/100 (10%) loss 1.2340 | 812 tok/s | elapsed 0:00:12 | ETA 0:01:48`
-(plus `| val/loss 1.1 | ...` when the call carries eval metrics).
+(plus `| val/loss 1.1 | ...` when the call carries eval metrics). In a KD run (`train/distill_loss` logged) the
+student's cross-entropy follows the mixed loss: `loss 2.6010 (student CE 5.2140)`, and the bar shows both.
 
 Resuming (`start_step > 0`): TensorBoard hides events after `start_step` written by the interrupted
 run (`purge_step`), and metrics.jsonl is rewritten without the lines after `start_step`, so each
@@ -86,6 +89,7 @@ class Tracker:
         self._closed = False
         self._step = start_step
         self._last_loss: float | None = None
+        self._last_student_ce: float | None = None  # KD runs: train/student_loss, shown beside the mixed loss
         self._last_tokens_per_second: float | None = None
         # ETA from this run's own pace: steps done before a resume took no time in this process.
         self._start_time = time.monotonic()
@@ -134,12 +138,17 @@ class Tracker:
 
         if "train/loss" in values:
             self._last_loss = values["train/loss"]
+        if "train/distill_loss" in values and "train/student_loss" in values:
+            self._last_student_ce = values["train/student_loss"]
         if "train/tokens_per_second" in values:
             self._last_tokens_per_second = values["train/tokens_per_second"]
         evaluation = " | ".join(f"{k} {v:.4g}" for k, v in values.items() if k.startswith("val/"))
         if self._interactive:
             if self._last_loss is not None:
-                self._bar.set_postfix(loss=f"{self._last_loss:.4f}")
+                shown = {"loss": f"{self._last_loss:.4f}"}
+                if self._last_student_ce is not None:
+                    shown["student_CE"] = f"{self._last_student_ce:.4f}"
+                self._bar.set_postfix(shown)
             if evaluation:
                 self._bar.write(f"{self.exp_name} step {step}: {evaluation}")
             self.advance(step)
@@ -203,6 +212,8 @@ class Tracker:
         parts = [f"{self.exp_name} step {step}/{self.max_steps} ({100 * step / max(self.max_steps, 1):.0f}%)"]
         if self._last_loss is not None:
             parts[0] += f" loss {self._last_loss:.4f}"
+            if self._last_student_ce is not None:
+                parts[0] += f" (student CE {self._last_student_ce:.4f})"
         if self._last_tokens_per_second is not None:
             parts.append(f"{self._last_tokens_per_second:.0f} tok/s")
         elapsed = time.monotonic() - self._start_time
