@@ -19,6 +19,6 @@ echo "==> installing torch==2.13.0 (CPU) and kubedistill[trainer,megatron,operat
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q -e ".[trainer,megatron,operator,dev]" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import torch, transformers, ray, kopf, megatron.core, mbridge, distill_trainer, distill_operator" \
+.venv/bin/python -W ignore -c "import torch, transformers, ray, kopf, megatron.core, mbridge, distill_trainer, distill_operator" \
   || { echo "setup failed: the packages above did not import" >&2; exit 1; }
 echo "$want" > "$stamp"
