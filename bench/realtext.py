@@ -7,14 +7,15 @@ all runs, as ``kubedistill train`` runs them):
    ships (PSF license): ``apt-get download`` + ``dpkg-deb -x`` into the cache directory, once. Markup is
    stripped (directives, code and indented blocks, tables, headings; roles and literals keep their text);
    paragraphs of prose remain.
-2. Records: each document's words are cut into consecutive windows; the first ``Q_WORDS`` words are the
-   question, the next ``A_WORDS`` the answer (the continuation). One document in ten (by a hash of its
+2. Records: each document's words are cut into consecutive windows; the first ``q_words`` words are the
+   question, the next ``a_words`` the answer (the continuation). One document in ten (by a hash of its
    name) is held out, so held-out text is never seen in training.
 3. A byte-level BPE tokenizer trained on the training records, a Qwen2-shaped teacher and a smaller
    student (``distill_trainer.demo.tiny_models``).
 4. The teacher: a pipeline run with ``distill_loss_weight=0`` (plain SFT), cosine schedule.
-5. Students, per seed (each seed: its own initialization and data order): SFT only, and each of the six
-   KD objectives at ``distill_loss_weight`` 0.5 and 1, top-64 teacher logits, T = 1.
+5. Students, per seed (each seed: its own initialization and data order), on a fixed random sample of the
+   teacher's training records: SFT only, and each of the six KD objectives at ``distill_loss_weight`` 0.5
+   and 1, top-64 teacher logits with the tail bucket, T = 1.
 
 Every student run uses the same learning rate, batch and schedule: linear warmup, then a CONSTANT learning
 rate. That makes one long SFT run serve both comparisons: its first S steps are exactly those of an S-step
@@ -38,7 +39,8 @@ reports, not the mixed training loss), perplexity its exp. Rows give the median 
 and student actors take turns within a step, so 1 keeps the run on one core and steady while the machine
 is shared). KD rows use the top-k "tail bucket" (``topk_tail: true``, the default: k tokens plus the
 teacher's mass outside them); ``--renorm OBJECTIVE...`` adds rows at ``distill_loss_weight`` 1 with
-``topk_tail: false`` (both sides renormalized over the top-k, the original pipeline's math) for reference.
+``topk_tail: false`` (both sides renormalized over the top-k, the original pipeline's math) for reference
+(default: forward_kl).
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class Sizes:
     student: dict
     teacher_steps: int
     teacher_lr: float
+    teacher_batch: int
     steps: int  # KD runs (and SFT's equal-steps point)
     transfer_records: int  # the students' training set: a fixed random sample of the teacher's
     sft_factor: float  # the SFT run is this many times longer, for the equal-time reading
@@ -96,16 +99,16 @@ FULL = Sizes(
     vocab=2048, seq=128, q_words=12, a_words=56,
     teacher=dict(hidden_size=192, num_layers=4, num_heads=6, intermediate_size=768),
     student=dict(hidden_size=96, num_layers=3, num_heads=4, intermediate_size=256),
-    teacher_steps=500, teacher_lr=2e-3, steps=80, transfer_records=4000, sft_factor=3.0, evals=4, lr=3e-3, batch=16,
-    topk=64,
+    teacher_steps=500, teacher_lr=2e-3, teacher_batch=16, steps=160, transfer_records=4000, sft_factor=3.5, evals=4,
+    lr=3e-3, batch=8, topk=64,
     eval_records=256, max_train_records=100_000,
 )
 QUICK = Sizes(
     vocab=512, seq=64, q_words=4, a_words=12,
     teacher=dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
     student=dict(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32),
-    teacher_steps=4, teacher_lr=3e-3, steps=4, transfer_records=200, sft_factor=4.0, evals=2, lr=3e-3, batch=4,
-    topk=16,
+    teacher_steps=4, teacher_lr=3e-3, teacher_batch=4, steps=4, transfer_records=200, sft_factor=4.0, evals=2,
+    lr=3e-3, batch=4, topk=16,
     eval_records=16, max_train_records=400,
 )
 
@@ -257,7 +260,7 @@ class Bench:
 
     def config(self, name: str, init: Path, *, steps: int, w: float, seed: int, lr: float, schedule: str,
                warmup: int, eval_steps: int, teacher: Path | None = None, objective: str = "forward_kl",
-               tail: bool = True, train_file: str = "transfer.jsonl"):
+               tail: bool = True, train_file: str = "transfer.jsonl", batch: int | None = None):
         from distill_trainer.config import config_from_dict
 
         s, run_dir = self.sizes, self.out / "runs" / name
@@ -272,7 +275,7 @@ class Bench:
             "student": {
                 "training_args": {
                     "learning_rate": lr, "lr_scheduler_type": schedule, "warmup_steps": warmup,
-                    "per_device_train_batch_size": s.batch, "weight_decay": 0.0, "max_grad_norm": 1.0,
+                    "per_device_train_batch_size": batch or s.batch, "weight_decay": 0.0, "max_grad_norm": 1.0,
                     "adam_beta2": 0.95, "per_device_eval_batch_size": 64,
                 },
                 "data_args": {"file_name": str(self.out / "data" / train_file),
@@ -303,7 +306,10 @@ class Bench:
         s = self.sizes
         init, final = self.out / "models" / "teacher_init", self.out / "models" / "teacher"
         stamp = self.out / "models" / "teacher.json"
-        spec = {"sizes": s.__dict__, "threads": self.args.threads, "data": self.data_digest}
+        teacher_fields = ("vocab", "seq", "q_words", "a_words", "teacher", "teacher_steps", "teacher_lr", "teacher_batch",
+                          "eval_records", "max_train_records")
+        spec = {"sizes": {k: getattr(s, k) for k in teacher_fields}, "threads": self.args.threads,
+                "data": self.data_digest}
         if final.is_dir() and stamp.is_file() and json.loads(stamp.read_text())["spec"] == spec:
             saved = json.loads(stamp.read_text())["run"]
             print(f"[realtext] reusing the teacher trained earlier in {final} (same data, sizes and steps)")
@@ -315,7 +321,7 @@ class Bench:
                         **s.teacher)
         config = self.config("teacher", init, steps=s.teacher_steps, w=0.0, seed=1000, lr=s.teacher_lr,
                              schedule="cosine", warmup=max(1, s.teacher_steps // 20), eval_steps=0,
-                             train_file="train.jsonl")
+                             train_file="train.jsonl", batch=s.teacher_batch)
         run = self.pipeline_run(config, Run("teacher", 1000, 0.0, None, s.teacher_steps))
         checkpoint = Path(config.output_dir) / f"checkpoint-{s.teacher_steps}" / "student"
         shutil.rmtree(final, ignore_errors=True)
@@ -346,6 +352,7 @@ class Bench:
         write_jsonl(train, self.out / "data" / "train.jsonl")
         write_jsonl(held_out, self.out / "data" / "eval.jsonl")
         transfer = random.Random(0).sample(train, min(s.transfer_records, len(train)))
+        self.n_train, self.n_transfer = len(train), len(transfer)
         write_jsonl(transfer, self.out / "data" / "transfer.jsonl")
         lengths = [len(tokenizer(r["question"] + r["answer"]).input_ids) + 1 for r in held_out]
         student_inits = {}
@@ -424,11 +431,11 @@ class Bench:
                      f"actor {args.threads} (KUBEDISTILL_NUM_THREADS)")
         lines.append(f"other work: load average {load_start[0]:.1f} at start, {min(self.loads):.1f}-{max(self.loads):.1f} "
                      f"at run starts, {load_end[0]:.1f} at end (this benchmark alone adds about 1)")
-        lines.append(f"teacher {n_teacher / 1e6:.2f}M params ({_shape(s.teacher)}), {s.teacher_steps} steps cosine "
-                     f"lr {s.teacher_lr:g}: held-out CE {teacher_run.final:.3f} (ppl {math.exp(teacher_run.final):.1f}), "
+        lines.append(f"teacher {n_teacher / 1e6:.2f}M params ({_shape(s.teacher)}), {s.teacher_steps} steps of batch "
+                     f"{s.teacher_batch} on {self.n_train:,} records, cosine lr {s.teacher_lr:g}: held-out CE {teacher_run.final:.3f} (ppl {math.exp(teacher_run.final):.1f}), "
                      f"{teacher_run.wall_s:.0f} s")
         lines.append(f"student {n_student / 1e6:.2f}M params ({_shape(s.student)}); vocab {s.vocab}, sequence {s.seq}, "
-                     f"batch {s.batch}, lr {s.lr:g} constant after {max(1, s.steps // 10)} warmup steps, top-{s.topk}, "
+                     f"batch {s.batch} from {self.n_transfer:,} of those records, lr {s.lr:g} constant after {max(1, s.steps // 10)} warmup steps, top-{s.topk}, "
                      f"T 1, topk_tail true unless a row says otherwise")
         lines.append(f"seeds {' '.join(map(str, args.seeds))}; KD runs {s.steps} steps; SFT run {sft_steps} steps, "
                      f"evaluated every {eval_every}")
@@ -514,15 +521,16 @@ def _cpu_model() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="student seeds (default 0 1 2; quick: 0)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps of each KD run (default 100)")
-    parser.add_argument("--teacher-steps", type=int, default=None, help="teacher SFT steps (default 600)")
+    parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps of each KD run (default {FULL.steps})")
+    parser.add_argument("--teacher-steps", type=int, default=None,
+                        help=f"teacher SFT steps (default {FULL.teacher_steps})")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke version: tiny models, a few steps, one seed")
     parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=None,
                         help="KD objectives (default all six; quick: forward_kl)")
     parser.add_argument("--weights", type=float, nargs="+", default=[0.5, 1.0], help="distill_loss_weight values")
-    parser.add_argument("--renorm", nargs="*", choices=OBJECTIVES, default=None,
-                        help="objectives also run at distill_loss_weight 1 with topk_tail false (default: none; quick: "
-                        "forward_kl)")
+    parser.add_argument("--renorm", nargs="*", choices=OBJECTIVES, default=["forward_kl"],
+                        help="objectives also run at distill_loss_weight 1 with topk_tail false, for reference "
+                        "(default: forward_kl; none: --renorm)")
     parser.add_argument("--check-prefix", action=argparse.BooleanOptionalAction, default=None,
                         help="also run SFT for exactly --steps steps (first seed) and compare with the long SFT run "
                         "at that step (default: on with --quick)")
@@ -538,8 +546,6 @@ def main(argv: list[str] | None = None) -> int:
     args.seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     if args.check_prefix is None:
         args.check_prefix = args.quick
-    if args.renorm is None:
-        args.renorm = ["forward_kl"] if args.quick else []
     args.objectives = args.objectives or (["forward_kl"] if args.quick else list(OBJECTIVES))
     os.environ["KUBEDISTILL_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
