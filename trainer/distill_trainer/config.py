@@ -132,6 +132,14 @@ class ModelArgs(_Strict):
         "Megatron strategies use strategy_args.recompute_granularity instead.",
     )
 
+    fused_lm_head: bool = Field(
+        True,
+        description="torch_train: compute the student's output layer and the distillation loss together, chunk by "
+        "chunk, never holding the [label tokens, vocabulary] logits or their gradient (same loss and gradients; "
+        "needs a plain linear lm_head, else the unfused head is used). false: the head's logits, then the loss. "
+        "Other strategies ignore it.",
+    )
+
     @field_validator("model_type", mode="before")
     @classmethod
     def _null_is_causal_lm(cls, value: Any) -> Any:

@@ -37,7 +37,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX
-from .losses import TopK, kd_loss
+from .fused_head import ChunkLoss, ChunkFn, fused_linear_loss
+from .losses import TopK, VocabReduce, _check_objective, fused_loss_and_grad, fused_tail_loss_and_grad, kd_loss
 
 if TYPE_CHECKING:
     from .config import DistillConfig
@@ -186,13 +187,117 @@ def distill_loss(
     return LossTerms(loss, ce_sum.detach().double().cpu(), kd_sum, int(rows.shape[0]))
 
 
+class _LossFn:
+    """``loss_fn(logits, micro_batch, shard=None)``, and ``loss_fn.fused_head(hidden, weight, bias, labels,
+    micro_batch)`` for a strategy that fuses the output layer into the loss (``fused_head_distill_loss``)."""
+
+    def __init__(self, cfg: LossConfig, normalizer: float):
+        self.cfg, self.normalizer = cfg, normalizer
+
+    def __call__(self, logits: torch.Tensor, micro_batch, shard: Optional[VocabShard] = None) -> LossTerms:
+        return distill_loss(logits, micro_batch.labels, micro_batch.teacher, self.cfg, self.normalizer, shard)
+
+    def fused_head(self, hidden, weight, bias, labels, micro_batch) -> LossTerms:
+        return fused_head_distill_loss(hidden, weight, bias, labels, micro_batch.teacher, self.cfg, self.normalizer)
+
+
 def make_loss_fn(cfg: LossConfig, normalizer: float) -> Callable[..., LossTerms]:
     """``loss_fn(logits, micro_batch, shard=None)`` for ``TrainStrategy.forward_backward`` (see strategies.base)."""
+    return _LossFn(cfg, normalizer)
 
-    def loss_fn(logits: torch.Tensor, micro_batch, shard: Optional[VocabShard] = None) -> LossTerms:
-        return distill_loss(logits, micro_batch.labels, micro_batch.teacher, cfg, normalizer, shard)
 
-    return loss_fn
+# ------------------------------------------------------------------------------- fused output layer
+
+
+def fused_head_distill_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    teacher: Optional[TeacherTargets],
+    cfg: LossConfig,
+    normalizer: float,
+    chunk_rows: Optional[int] = None,
+) -> LossTerms:
+    """``distill_loss`` of the logits ``hidden @ weightᵀ + bias`` without forming them (``fused_head``).
+
+    Args:
+        hidden: [N_label, d] the student's final hidden states at the label positions (row-major order).
+        weight, bias: the output layer, [V, d] and [V] or None (rows beyond the tokenizer's vocabulary cut off).
+        labels: [N_label] the next-token ids at those positions.
+        teacher, cfg, normalizer: as ``distill_loss``.
+        chunk_rows: rows per chunk (None: from a scratch budget).
+
+    Returns the same ``LossTerms`` as ``distill_loss`` on the logits; ``loss`` backpropagates into ``hidden``,
+    ``weight`` and ``bias``.
+    """
+    if cfg.distill_loss_weight > 0:
+        if teacher is None:
+            raise ValueError("distill_loss_weight > 0 but no teacher targets were given for this micro-batch")
+        if teacher.rows != hidden.shape[0]:
+            raise ValueError(f"teacher targets have {teacher.rows} rows, the micro-batch {hidden.shape[0]} label tokens")
+        teacher = teacher.to(hidden.device)
+    chunk_fn = head_chunk_loss(labels.to(hidden.device), teacher, cfg, normalizer)
+    loss, (ce_sum, kd_sum) = fused_linear_loss(hidden, weight, bias, chunk_fn, 2, chunk_rows)
+    return LossTerms(loss, ce_sum.detach().cpu(), kd_sum.detach().cpu(), int(hidden.shape[0]))
+
+
+def head_chunk_loss(labels: torch.Tensor, teacher: Optional[TeacherTargets], cfg: LossConfig, normalizer: float) -> ChunkFn:
+    """The math of one chunk of the fused head: ``(1 − w)·CE + w·KD`` of its rows divided by ``normalizer``, the
+    metrics (ce_sum, kd_sum), and the gradient w.r.t. the chunk's float32 logits ``z`` [n, V]:
+
+        ∂/∂z = (1 − w)/N · (softmax(z) − onehot(label))  +  w/N · ∂KD/∂z   (the closed forms of ``losses``)
+
+    Top-k targets without the tail and w = 1: ∂KD/∂z is nonzero only at the teacher's k indices and is returned
+    sparse ([n, k]); the chunk's full logits still give the CE figure the run reports.
+    """
+    w = cfg.distill_loss_weight
+    objective = _check_objective(cfg.kd_objective, cfg.skew_lambda, cfg.adaptive_kl_alpha)
+    temperatures = (cfg.kd_temperature, cfg.teacher_temperature)
+    tail = _tail_of(teacher, cfg) if teacher is not None and w > 0 else None
+    kd_scale = w / normalizer
+
+    def chunk(z: torch.Tensor, rows: slice, need_grad: bool) -> ChunkLoss:
+        label = labels[rows]
+        lse = torch.logsumexp(z, 1)
+        ce_sum = (lse - z.gather(1, label[:, None]).squeeze(1)).sum(dtype=torch.float64)
+        loss = (1.0 - w) * ce_sum / normalizer if w < 1 else torch.zeros_like(ce_sum)
+        kd_sum = torch.zeros_like(ce_sum)
+        grad = sparse = None
+        if w > 0:
+            values = teacher.values[rows]
+            if teacher.indices is None:  # full vocabulary
+                grad = torch.empty_like(z) if need_grad else None
+                kd_sum = fused_loss_and_grad(z, values, None, objective, *temperatures, None, grad, kd_scale, VocabReduce())
+            else:
+                index = teacher.indices[rows]
+                scores = z.gather(1, index)
+                if tail is not None:  # k + 1 outcomes: the gradient reaches every column
+                    grad = torch.empty_like(z) if need_grad else None
+                    kd_sum = fused_tail_loss_and_grad(
+                        z, scores, index, None, values, tail[rows], None, objective, *temperatures, None, grad,
+                        kd_scale, VocabReduce(),
+                    )
+                else:  # renormalised over the k: the gradient lives at the k indices only
+                    grad_k = torch.empty_like(scores) if need_grad else None
+                    kd_sum = fused_loss_and_grad(
+                        scores, values, None, objective, *temperatures, None, grad_k, kd_scale, VocabReduce()
+                    )
+                    sparse = None if grad_k is None else (index, grad_k)
+            loss = loss + w * kd_sum / normalizer
+        if need_grad and w < 1:  # CE: softmax(z) − onehot(label), in z's buffer (the KD is done with z)
+            ce_grad = z.sub_(lse[:, None]).exp_()
+            ce_grad[torch.arange(z.shape[0], device=z.device), label] -= 1.0
+            if grad is None:
+                grad = ce_grad.mul_((1.0 - w) / normalizer)
+            else:
+                grad.add_(ce_grad, alpha=(1.0 - w) / normalizer)
+            if sparse is not None:  # a dense gradient exists anyway: add the top-k part into it
+                grad.scatter_add_(1, *sparse)
+                sparse = None
+        return ChunkLoss(loss, torch.stack([ce_sum, kd_sum.to(ce_sum.dtype)]), grad, sparse)
+
+    return chunk
 
 
 # ----------------------------------------------------------------------------------------------- CE

@@ -5,13 +5,20 @@ data-parallel replicas: each runs its own slice of the global batch, and ``optim
 the gradients over the side's process group before clipping, so every replica takes the same step. The loss is
 already divided by the label tokens of the global batch, so the sum is the gradient of the global mean. Tensor
 and pipeline parallelism are the Megatron-Core strategies' (``megatron_*``).
+
+The output layer runs only where a loss is computed: the transformer body gives the hidden states of every
+position, the label positions' rows are selected, and the LM head is applied to those alone (``CausalLMParts``;
+a model without a plain body + ``lm_head`` structure falls back to the full logits). With ``fused_lm_head`` the
+student goes further: ``fused_head`` computes the head and the loss chunk by chunk, never holding the
+``[N_label, V]`` logits or their gradient.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -40,6 +47,57 @@ def load_causal_lm(path: str | Path, model_args: ModelArgs, device: torch.device
     return model.to(device)
 
 
+class CausalLMParts(NamedTuple):
+    """An HF ``*ForCausalLM`` split into its transformer body (hidden states) and its output layer."""
+
+    body: torch.nn.Module
+    head: torch.nn.Module
+
+
+# Config attributes of models whose logits are not just ``lm_head(hidden)`` (soft-capping, scaling): full logits.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def causal_lm_parts(model: torch.nn.Module) -> Optional[CausalLMParts]:
+    """(body, head) of a Qwen2/Llama-style causal LM (``model.get_decoder()`` / ``model.model`` and ``lm_head``);
+    None when the model has another structure or transforms its logits after the head."""
+    head = getattr(model, "lm_head", None)
+    body = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    if not isinstance(head, torch.nn.Module) or not isinstance(body, torch.nn.Module) or body is model:
+        return None
+    config = getattr(model, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    return CausalLMParts(body, head)
+
+
+def label_hidden_states(parts: CausalLMParts, micro_batch: MicroBatch, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """([N_label, hidden] hidden states at the label positions, [N_label] their labels), row-major order."""
+    out = parts.body(
+        input_ids=micro_batch.input_ids.to(device), attention_mask=micro_batch.attention_mask.to(device), use_cache=False
+    )
+    labels = micro_batch.labels.to(device)
+    mask = labels != IGNORE_INDEX
+    return out.last_hidden_state[mask], labels[mask]
+
+
+def label_logits(model, parts: Optional[CausalLMParts], micro_batch: MicroBatch, vocab_size: int, device):
+    """([N_label, vocab_size] logits at the label positions, [N_label] labels); the LM head runs on those rows
+    only when the model splits into ``parts``."""
+    if parts is None:
+        out = model(input_ids=micro_batch.input_ids.to(device), attention_mask=micro_batch.attention_mask.to(device))
+        labels = micro_batch.labels.to(device)
+        mask = labels != IGNORE_INDEX
+        return out.logits[..., :vocab_size][mask], labels[mask]
+    hidden, labels = label_hidden_states(parts, micro_batch, device)
+    return parts.head(hidden)[..., :vocab_size], labels
+
+
+def _as_label_rows(micro_batch: MicroBatch, labels: torch.Tensor) -> MicroBatch:
+    """The micro-batch seen by ``loss_fn`` when the logits are already the label rows: one sequence of them."""
+    return dataclasses.replace(micro_batch, labels=labels[None])
+
+
 def _data_parallel_only(rank: RankContext, name: str) -> None:
     if rank.tp_size != 1 or rank.pp_size != 1:
         raise ValueError(f"{name} has no tensor/pipeline parallelism (tp_size={rank.tp_size}, pp_size={rank.pp_size})")
@@ -59,6 +117,7 @@ class TorchInferStrategy(InferStrategy):
         self.tail_temperature = config.kd_temperature * config.teacher_temperature if config.topk_tail else None
         self.model = load_causal_lm(config.teacher_pretrain, config.teacher.model_args, self.device).eval()
         self.model.requires_grad_(False)
+        self.parts = causal_lm_parts(self.model)
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -68,8 +127,8 @@ class TorchInferStrategy(InferStrategy):
 
     @torch.inference_mode()
     def forward(self, micro_batch: MicroBatch) -> TeacherTargets:
-        logits = self.logits(micro_batch.input_ids, micro_batch.attention_mask)
-        rows = logits[(micro_batch.labels != IGNORE_INDEX).to(logits.device)].float()  # [N_label, V]
+        rows, _ = label_logits(self.model, self.parts, micro_batch, self.vocab_size, self.device)
+        rows = rows.float()  # [N_label, V]
         if not self.topk:
             return TeacherTargets(rows)
         top = topk_teacher_logits(rows, self.topk, self.tail_temperature)
@@ -113,17 +172,34 @@ class TorchTrainStrategy(TrainStrategy):
             num_training_steps=config.max_steps,
         )
         self._loss_finite = True  # of the micro-batches accumulated since the last optimizer step
+        self.parts = causal_lm_parts(self.model)
+        # The fused head + loss needs a plain linear output layer whose logits are the model's.
+        self.fused_head = (
+            self.model_args.fused_lm_head and self.parts is not None and type(self.parts.head) is torch.nn.Linear
+        )
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
         return out.logits[..., : self.vocab_size]
 
+    def _loss_terms(self, micro_batch: MicroBatch, loss_fn: LossFn):
+        """``loss_fn``'s terms of one micro-batch, the LM head applied at the label positions only; with
+        ``fused_lm_head`` (training) the head and the loss run fused, chunk by chunk (``loss_fn.fused_head``)."""
+        fused = getattr(loss_fn, "fused_head", None)
+        if self.fused_head and fused is not None and torch.is_grad_enabled():
+            hidden, labels = label_hidden_states(self.parts, micro_batch, self.device)
+            head = self.parts.head
+            bias = None if head.bias is None else head.bias[: self.vocab_size]
+            return fused(hidden, head.weight[: self.vocab_size], bias, labels, micro_batch)
+        rows, labels = label_logits(self.model, self.parts, micro_batch, self.vocab_size, self.device)
+        return loss_fn(rows[None], _as_label_rows(micro_batch, labels))
+
     def forward_backward(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn) -> StepStats:
         loss = ce_sum = kd_sum = 0.0
         label_tokens = input_tokens = 0
         for micro_batch in micro_batches:
-            terms = loss_fn(self.logits(micro_batch.input_ids, micro_batch.attention_mask), micro_batch)
-            loss += float(terms.loss)
+            terms = self._loss_terms(micro_batch, loss_fn)
+            loss += float(terms.loss.detach())
             if torch.isfinite(terms.loss.detach()):
                 terms.loss.backward()
             else:  # its gradients would be NaN/inf everywhere; optimizer_step will not apply this step
@@ -175,7 +251,7 @@ class TorchTrainStrategy(TrainStrategy):
         try:
             loss, ce_sum, label_tokens, input_tokens = 0.0, 0.0, 0, 0
             for micro_batch in micro_batches:
-                terms = loss_fn(self.logits(micro_batch.input_ids, micro_batch.attention_mask), micro_batch)
+                terms = self._loss_terms(micro_batch, loss_fn)
                 loss += float(terms.loss)
                 ce_sum += float(terms.ce_sum)
                 label_tokens += terms.label_tokens
