@@ -6,6 +6,13 @@ Compares, for the full vocabulary and for top-k teacher logits:
   (b) kubedistill: ``distill_trainer.losses.kd_loss`` (chunked, gradient computed in the forward pass);
 and a floor: allocating and zeroing the dense [N, V] fp32 gradient that both must return.
 
+Then the output layer + loss (``head`` rows; the student's hidden states [N, hidden] and LM head [V, hidden]
+are the inputs, the gradients of both the outputs):
+  (a) straightforward: logits = hidden @ Wᵀ materialised, then (a) above, autograd for the backward;
+  (b) kubedistill fused: ``distill_loss.fused_head_distill_loss`` (``fused_head``: chunk by chunk, never the
+      [N, V] logits or their gradient; w = 1; top-k renormalised over the k like (a), topk_tail false, so its
+      backward only touches the k columns).
+
 Method. Every measurement runs in a fresh subprocess (``--worker``), and the cases take turns
 within each round of repeats, so a burst of load from other processes on a shared machine hits
 all cases alike rather than one. The worker allocates the inputs (student logits [N, V] fp32
@@ -20,8 +27,9 @@ under-report; at the default size every [N, V] buffer is far above it.) Time is 
 (time.perf_counter) of loss + backward; the table shows medians over the repeats. Other processes
 may share the machine: compare ratios, and rerun when in doubt.
 
-    python bench/kd_loss.py                        # N=4096, V=151,936, top-k=64, 3 repeats, 1 thread
+    python bench/kd_loss.py                        # N=4096, V=151,936, hidden 896, top-k=64, 3 repeats, 1 thread
     python bench/kd_loss.py --tokens 512 --vocab 32000 --repeats 5
+    python bench/kd_loss.py --only head --repeats 1   # the output layer + loss rows only (~3 min a round)
 """
 
 from __future__ import annotations
@@ -40,6 +48,12 @@ CASES = (
     ("topk", "straightforward"),
     ("topk", "kubedistill"),
     ("topk", "floor"),
+)
+HEAD_CASES = (
+    ("head_full", "straightforward"),
+    ("head_full", "kubedistill"),
+    ("head_topk", "straightforward"),
+    ("head_topk", "kubedistill"),
 )
 
 
@@ -82,6 +96,8 @@ def worker(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.mode.startswith("head"):
+        return head_worker(args)
     g = torch.Generator().manual_seed(0)
     # The floor case allocates the same inputs as the top-k cases, so that it starts from their state.
     student = torch.randn(args.tokens, args.vocab, generator=g).mul_(4).requires_grad_()
@@ -109,6 +125,40 @@ def worker(args) -> None:
     print(json.dumps({"seconds": seconds, "peak_extra_mib": peak, "loss": None if loss is None else float(loss)}))
 
 
+def head_worker(args) -> None:
+    """One measurement of the output layer + loss: inputs hidden [N, hidden], W [V, hidden] (both requiring grad)
+    and the teacher's targets; loss, backward into hidden and W."""
+    import torch
+
+    from distill_trainer.distill_loss import LossConfig, TeacherTargets, fused_head_distill_loss
+    from distill_trainer.losses import topk_teacher_logits
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(args.tokens, args.hidden, generator=g).requires_grad_()
+    weight = torch.randn(args.vocab, args.hidden, generator=g).mul_(4 / args.hidden**0.5).requires_grad_()  # logits ~ 4·N(0, 1)
+    labels = torch.randint(0, args.vocab, (args.tokens,), generator=g)
+    teacher = torch.randn(args.tokens, args.vocab, generator=g).mul_(4)
+    kept = topk_teacher_logits(teacher, args.topk) if args.mode == "head_topk" else None
+    if kept is not None:
+        del teacher
+    measured = _reset_peak()
+    baseline = _status_kib("VmRSS")
+    start = time.perf_counter()
+    if args.impl == "straightforward":
+        logits = hidden @ weight.t()
+        loss = straightforward_kd_loss(logits, teacher) if kept is None else straightforward_kd_loss(logits, kept.values, kept.indices)
+        loss.backward()
+        del logits
+    else:
+        targets = TeacherTargets(teacher) if kept is None else TeacherTargets(kept.values, kept.indices)
+        cfg = LossConfig(distill_loss_weight=1.0, logits_topk=0 if kept is None else args.topk, topk_tail=False)
+        loss = fused_head_distill_loss(hidden, weight, None, labels, targets, cfg, normalizer=float(args.tokens)).loss
+        loss.backward()
+    seconds = time.perf_counter() - start
+    peak = (_status_kib("VmHWM") - baseline) / 1024 if measured else None
+    print(json.dumps({"seconds": seconds, "peak_extra_mib": peak, "loss": float(loss)}))
+
+
 def measure(args, mode: str, impl: str) -> dict:
     cmd = [
         sys.executable,
@@ -119,6 +169,7 @@ def measure(args, mode: str, impl: str) -> dict:
         f"--tokens={args.tokens}",
         f"--vocab={args.vocab}",
         f"--topk={args.topk}",
+        f"--hidden={args.hidden}",
         f"--threads={args.threads}",
     ]
     env = dict(os.environ, THP_MEM_ALLOC_ENABLE="1" if args.thp else "0")
@@ -131,6 +182,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=151_936)
     parser.add_argument("--topk", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=896, help="hidden size of the head rows (Qwen2.5-0.5B: 896)")
+    parser.add_argument("--only", choices=("loss", "head"), help="run only the loss rows or only the head rows")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per case (0 = torch's default)")
     parser.add_argument(
@@ -140,7 +193,7 @@ def main() -> None:
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=("straightforward", "kubedistill", "floor"), help=argparse.SUPPRESS)
-    parser.add_argument("--mode", choices=("full", "topk"), help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=("full", "topk", "head_full", "head_topk"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -154,9 +207,10 @@ def main() -> None:
         f"KD loss (forward_kl) forward+backward on CPU, fp32, N={args.tokens} tokens, V={args.vocab:,}, "
         f"{threads} thread(s), {pages}, median of {args.repeats} runs"
     )
-    runs: dict[tuple[str, str], list[dict]] = {case: [] for case in CASES}
+    cases = (CASES if args.only != "head" else ()) + (HEAD_CASES if args.only != "loss" else ())
+    runs: dict[tuple[str, str], list[dict]] = {case: [] for case in cases}
     for _ in range(args.repeats):
-        for mode, impl in CASES:
+        for mode, impl in cases:
             runs[mode, impl].append(measure(args, mode, impl))
 
     def median(case, key):
@@ -164,9 +218,28 @@ def main() -> None:
         return statistics.median(values) if values else float("nan")
 
     label = {"full": "full vocab", "topk": f"top-k={args.topk}"}
+    header_label = {"head_full": "full vocab", "head_topk": f"top-k={args.topk}"}
     header = f"{'teacher':<11} {'implementation':<16} {'time s':>8} {'peak extra MiB':>15} {'time ×':>7} {'memory ×':>9}  loss"
     print(header)
-    print("-" * len(header))
+    if args.only != "head":
+        print("-" * len(header))
+        print_loss_rows(args, runs, median, label, len(header))
+    if args.only != "loss":
+        print(f"output layer + loss: hidden {args.hidden}, W [V, hidden] fp32; gradients of hidden and W")
+        print("-" * len(header))
+        for mode, impl in HEAD_CASES:
+            seconds, mib = median((mode, impl), "seconds"), median((mode, impl), "peak_extra_mib")
+            base_s, base_mib = median((mode, "straightforward"), "seconds"), median((mode, "straightforward"), "peak_extra_mib")
+            name = "head + loss" if impl == "straightforward" else "fused head+loss"
+            print(
+                f"{header_label[mode]:<11} {name:<16} {seconds:8.2f} {mib:15.0f} {seconds / base_s:7.2f} "
+                f"{mib / base_mib:9.2f}  {runs[mode, impl][0]['loss']:.6f}"
+            )
+        print("-" * len(header))
+        print("× columns: relative to the straightforward head + loss with the same teacher (target: memory ≤ 0.10×).")
+
+
+def print_loss_rows(args, runs, median, label, header_width: int) -> None:
     for mode, impl in CASES[:4]:
         seconds, mib = median((mode, impl), "seconds"), median((mode, impl), "peak_extra_mib")
         base_s, base_mib = median((mode, "straightforward"), "seconds"), median((mode, "straightforward"), "peak_extra_mib")
@@ -176,7 +249,7 @@ def main() -> None:
         )
     floor_s, floor_mib = median(("topk", "floor"), "seconds"), median(("topk", "floor"), "peak_extra_mib")
     print(f"{'(floor)':<11} {'zeros([N, V])':<16} {floor_s:8.2f} {floor_mib:15.0f}")
-    print("-" * len(header))
+    print("-" * header_width)
     print("× columns: relative to straightforward with the same teacher.")
     print("floor: allocating and zeroing the dense [N, V] fp32 gradient both must return (on CPU mostly page faults).")
     full_s, topk_s = median(("full", "kubedistill"), "seconds"), median(("topk", "kubedistill"), "seconds")
