@@ -124,3 +124,42 @@ def test_object_store_transport_gives_the_same_step_as_shared_memory(straight_ru
     first = json.loads((straight_out / "logs" / "metrics.jsonl").read_text().splitlines()[0])
     for tag in ("train/loss", "train/student_loss", "train/distill_loss", "train/grad_norm"):
         assert result.last_train_metrics[tag] == first[tag], tag
+
+
+def test_overlapped_teacher_gives_the_same_losses_and_weights_as_taking_turns(straight_run, tiny_setup, tmp_path,
+                                                                              local_ray):
+    # straight_run overlaps (overlap_teacher defaults to true: the teacher computes step k+1 while the student
+    # trains on k); this run takes turns. Same batches in the same order: every loss and weight bit for bit.
+    # device_peak_tflops only adds train/mfu to the metrics.
+    config, result = run(tiny_setup, tmp_path, overlap_teacher=False, device_peak_tflops=1.0)
+    assert result.final_step == 4
+    straight_out, straight_config, _ = straight_run
+    assert straight_config.overlap_teacher
+
+    def records(out):
+        return [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+    compared = ("train/loss", "train/student_loss", "train/distill_loss", "train/grad_norm", "student/lr", "val/loss")
+    overlapped, in_turns = records(straight_out), records(tmp_path)
+    assert [r["step"] for r in overlapped] == [r["step"] for r in in_turns] == [1, 2, 3, 4]
+    for a, b in zip(overlapped, in_turns):
+        for tag in compared:
+            assert (tag in a) == (tag in b), tag
+            if tag in a:
+                assert a[tag] == b[tag], (a["step"], tag)
+    for name in ("checkpoint-2", "checkpoint-4"):
+        straight, turns = weights(straight_out / "output" / name), weights(tmp_path / "output" / name)
+        assert straight.keys() == turns.keys()
+        for key in straight:
+            assert torch.equal(straight[key], turns[key]), (name, key)
+
+    # MFU: only with a known peak; (6·N_student + 2·N_teacher)·tokens/s over the peak, plus attention terms.
+    from distill_trainer.flops import ModelShape
+
+    assert all("train/mfu" not in r for r in overlapped)
+    student, teacher = ModelShape.of(config.student_pretrain), ModelShape.of(config.teacher_pretrain)
+    for r in (r for r in in_turns if "train/loss" in r):
+        per_token = 6 * student.matmul_params + 2 * teacher.matmul_params
+        attention = (3 * student.attention_flops_per_position + teacher.attention_flops_per_position) * 32
+        low = per_token * r["train/tokens_per_second"] / 1e12
+        assert low < r["train/mfu"] <= low + attention * r["train/tokens_per_second"] / 1e12

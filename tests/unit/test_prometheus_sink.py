@@ -18,7 +18,7 @@ JOB = {"distilljob_namespace": "ml", "distilljob_name": "qwen", "exp_name": "exp
 TRAIN = {
     "train/loss": 1.5, "train/distill_loss": 2.0, "train/student_loss": 1.0, "train/grad_norm": 0.7,
     "student/lr": 1e-4, "train/tokens_per_second": 812.0, "time/teacher_forward": 0.25,
-    "time/logits_transfer": 0.01, "time/student_step": 0.5,
+    "time/logits_transfer": 0.01, "time/student_step": 0.5, "train/mfu": 0.25,
 }
 
 
@@ -39,7 +39,7 @@ def test_logged_step_sets_every_training_series_labelled_by_the_distilljob():
         (ps.STEP, ()): 10, (ps.MAX_STEPS, ()): 100, (ps.START_TIMESTAMP, ()): 1000.0,
         (ps.LOSS, (("term", "total"),)): 1.5, (ps.LOSS, (("term", "distill"),)): 2.0,
         (ps.LOSS, (("term", "student"),)): 1.0, (ps.LEARNING_RATE, ()): 1e-4, (ps.GRAD_NORM, ()): 0.7,
-        (ps.TOKENS_PER_SECOND, ()): 812.0,
+        (ps.TOKENS_PER_SECOND, ()): 812.0, (ps.MFU, ()): 0.25,
         (ps.STEP_PHASE_SECONDS, (("phase", "teacher_forward"),)): 0.25,
         (ps.STEP_PHASE_SECONDS, (("phase", "logits_transfer"),)): 0.01,
         (ps.STEP_PHASE_SECONDS, (("phase", "student_step"),)): 0.5,

@@ -173,6 +173,16 @@ def test_without_a_terminal_each_log_prints_one_plain_line(tmp_path, capsys):
     assert err == ""
 
 
+def test_mfu_is_shown_beside_the_throughput_only_when_logged(tmp_path, capsys):
+    with Tracker(tmp_path, max_steps=100, exp_name="gpu", sinks=()) as tracker:
+        tracker.log(1, {"train/loss": 1.0, "train/tokens_per_second": 812.4})
+        tracker.log(2, {"train/loss": 1.0, "train/tokens_per_second": 900.0, "train/mfu": 0.4123})
+    first, second = capsys.readouterr().out.splitlines()
+    assert "| 812 tok/s | elapsed " in first and "MFU" not in first
+    assert "| 900 tok/s, MFU 41.2% | elapsed " in second
+    assert read_jsonl(tmp_path)[-1]["train/mfu"] == 0.4123
+
+
 def test_a_kd_run_shows_the_students_cross_entropy_beside_the_mixed_loss(tmp_path, capsys):
     with Tracker(tmp_path, max_steps=100, exp_name="kd", sinks=()) as tracker:
         tracker.log(3, {"train/loss": 2.6, "train/student_loss": 5.214, "train/distill_loss": 0.07})

@@ -573,6 +573,18 @@ class DistillConfig(_Strict):
         "between CPU ranks or GPUs of one host, the Ray object store across hosts); ray always sends them through "
         "the Ray object store.",
     )
+    overlap_teacher: bool = Field(
+        True,
+        description="The teacher computes the next step's targets while the student trains on this step's (one "
+        "step ahead at most, the same batches in the same order: the same losses and weights bit for bit); "
+        "false: the two take turns.",
+    )
+    device_peak_tflops: float | None = Field(
+        None,
+        gt=0,
+        description="Peak dense TFLOP/s of one device (e.g. 989 for an H100/H200 in bf16), for train/mfu (model "
+        "FLOPs utilization); unset, and KUBEDISTILL_PEAK_TFLOPS unset too: no MFU is reported (as on CPU).",
+    )
     system_envs: dict[str, str] = Field(
         default_factory=dict,
         description="Environment variables of every worker process (a side's own system_envs win), e.g. NCCL_* "

@@ -4,7 +4,10 @@ Per optimizer step: draw the global batch (``gradient_accumulation_steps`` micro
 ``per_device_train_batch_size`` for each data-parallel rank), count its label tokens (the normalizer of both
 loss terms), and hand each data-parallel rank its slice: teacher rank r computes its targets and the result goes
 straight to student rank r, which runs forward/backward and the optimizer step; the driver only adds up the
-ranks' sums. Evaluation every ``eval_steps``, an atomic checkpoint every ``save_steps``, and both at the last step.
+ranks' sums. With ``overlap_teacher`` (the default) the driver hands the teacher step k+1's batches as soon as the
+student has step k's, so the teacher computes k+1's targets while the student trains on k: one step ahead at
+most (the channel's slots: ``workers.CHANNEL_SLOTS``), the same batches in the same order, hence the same
+losses and weights bit for bit as with the two taking turns. Evaluation every ``eval_steps``, an atomic checkpoint every ``save_steps``, and both at the last step.
 The driver owns the trainer state (step, data position) and the checkpoint directory; each student rank writes
 its own model and optimizer state into it.
 
@@ -22,6 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import checkpoint
 from .config import (
@@ -33,6 +37,7 @@ from .config import (
     startup_warnings,
 )
 from .data import IGNORE_INDEX, DataCursor, Example, ShuffledBatches, collate, load_examples
+from .flops import ModelFlops, peak_flops_per_second
 from .models import VocabInfo, check_shared_vocab, load_tokenizer
 from .run_identity import RunIdentity, identity_of
 from .tracking import Tracker
@@ -62,6 +67,21 @@ class Prepared:
     eval: list[Example]
     resume_from: Path | None
     identity: RunIdentity
+
+
+@dataclass(frozen=True)
+class StepWork:
+    """One step's work as handed out: each data-parallel rank's slice of the global batch (in the object store),
+    the label and input tokens of the global batch (and Σ tokens·width over its micro-batches, for the attention
+    FLOPs), each teacher rank's pending targets (ObjectRefs; none in SFT-only runs), and the data position after
+    this step's batches (what a checkpoint of this step records)."""
+
+    slices: list[Any]
+    label_tokens: int
+    input_tokens: int
+    token_positions: int
+    teacher_outputs: list[Any]
+    cursor: DataCursor
 
 
 def check_writable_dir(path: str, field_name: str) -> None:
@@ -215,6 +235,9 @@ class DistillPipeline:
         batches = ShuffledBatches(prepared.train, args.per_device_train_batch_size, config.seed, cursor)
         result = RunResult(final_step=start_step, last_checkpoint=str(prepared.resume_from or "") or None)
         skipped_in_a_row = 0
+        pad = prepared.vocab.pad_token_id
+        flops = self._model_flops()
+        ahead: StepWork | None = None  # the next step's work, already with the teacher (overlap_teacher)
 
         with Tracker(
             config.logging_dir,
@@ -225,7 +248,13 @@ class DistillPipeline:
             sinks=self._sinks(),
         ) as tracker:
             for step in range(start_step + 1, config.max_steps + 1):
-                metrics, applied = self._train_step(workers, batches, prepared.vocab.pad_token_id)
+                started = time.perf_counter()
+                work, ahead = ahead or self._hand_out(workers, batches, pad), None
+                calls = self._student_steps(workers, work)
+                if config.overlap_teacher and workers.teachers and step < config.max_steps:
+                    # The teacher starts on step k+1 now, while the students train on step k.
+                    ahead = self._hand_out(workers, batches, pad)
+                metrics, applied = self._step_metrics(_get(calls), work, time.perf_counter() - started, flops)
                 result.final_step, result.last_train_metrics = step, metrics
                 tracker.advance(step)
                 skipped_in_a_row = 0 if applied else skipped_in_a_row + 1
@@ -239,7 +268,7 @@ class DistillPipeline:
                 if logged:  # one record (and one console line) per step, evaluation included
                     tracker.log(step, logged)
                 if _is_due(step, config.save_steps, config.max_steps):
-                    result.last_checkpoint = self._save(workers, step, batches.cursor, prepared.identity)
+                    result.last_checkpoint = self._save(workers, step, work.cursor, prepared.identity)
                     tracker.checkpoint_saved(step, result.last_checkpoint)
         return result
 
@@ -286,41 +315,62 @@ class DistillPipeline:
             f"or set on_nonfinite_loss=skip to drop such steps."
         )
 
-    def _train_step(
-        self, workers: Workers, batches: ShuffledBatches, pad_token_id: int
-    ) -> tuple[dict[str, float], bool]:
-        """One optimizer step; returns its metrics and whether the update was applied (False: NaN/inf)."""
+    def _hand_out(self, workers: Workers, batches: ShuffledBatches, pad_token_id: int) -> StepWork:
+        """Draw the next global batch and give each teacher rank its slice (it starts at once)."""
         import ray
 
         accumulation = self.config.train_args.gradient_accumulation_steps
         layout = workers.layout
-        started = time.perf_counter()
         # The global batch: data-parallel rank d gets draws [d·accumulation, (d+1)·accumulation).
         micro_batches = [collate(batches.next_batch(), pad_token_id) for _ in range(layout.dp_size * accumulation)]
         label_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+        input_tokens = [int(b["attention_mask"].sum()) for b in micro_batches]
+        token_positions = sum(n * b["input_ids"].shape[1] for n, b in zip(input_tokens, micro_batches))
         slices = [ray.put(micro_batches[d * accumulation : (d + 1) * accumulation]) for d in range(layout.dp_size)]
-        calls = []
-        for rank, student in enumerate(workers.students):
-            data = slices[layout.of_rank(rank).dp_rank]
-            # The teacher's result goes to the student of the same rank as an ObjectRef, not through the driver.
-            teacher_out = workers.teachers[rank].forward.remote(data) if workers.teachers else None
-            calls.append(student.train_step.remote(data, teacher_out, float(label_tokens)))
-        results: list[StudentStepResult] = ray.get(calls)
-        elapsed = time.perf_counter() - started
+        rank_slices = [slices[layout.of_rank(rank).dp_rank] for rank in range(len(workers.students))]
+        # The teacher's result goes to the student of the same rank as an ObjectRef, not through the driver.
+        teacher_outputs = [teacher.forward.remote(rank_slices[rank]) for rank, teacher in enumerate(workers.teachers)]
+        return StepWork(rank_slices, label_tokens, sum(input_tokens), token_positions, teacher_outputs,
+                        DataCursor(**vars(batches.cursor)))
 
+    def _student_steps(self, workers: Workers, work: StepWork) -> list[Any]:
+        """Start every student rank's training step on its slice and its teacher rank's targets."""
+        return [
+            student.train_step.remote(work.slices[rank], work.teacher_outputs[rank] if work.teacher_outputs else None,
+                                      float(work.label_tokens))
+            for rank, student in enumerate(workers.students)
+        ]
+
+    def _model_flops(self) -> ModelFlops | None:
+        """Model FLOPs per token of the two models, when the device's peak is known (else no MFU is logged)."""
+        peak = peak_flops_per_second(self.config)
+        if peak is None:
+            return None
+        teacher = self.config.teacher_pretrain if self.config.distill_loss_weight > 0 else None
+        devices = max(1, len(self.config.student.device_mapping))
+        return ModelFlops.of(self.config.student_pretrain, teacher, peak * devices)
+
+    def _step_metrics(
+        self, results: list[StudentStepResult], work: StepWork, elapsed: float, flops: ModelFlops | None
+    ) -> tuple[dict[str, float], bool]:
+        """One step's metrics from the ranks' results; and whether the update was applied (False: NaN/inf)."""
+        label_tokens = work.label_tokens
         counted = [r.stats for r in results if r.stats.counted]
         update = results[0].update  # every rank took the same decision on the same reduced gradients
+        input_tokens = sum(s.input_tokens for s in counted)
         metrics = {
             "train/loss": sum(s.loss for s in counted),
             "train/student_loss": sum(s.ce_sum for s in counted) / label_tokens,
             "train/grad_norm": update.grad_norm,
             "student/lr": update.lr,
-            "train/tokens_per_second": sum(s.input_tokens for s in counted) / elapsed,
+            "train/tokens_per_second": input_tokens / elapsed,
             "time/teacher_forward": max(r.teacher_seconds for r in results),
             "time/logits_transfer": max(r.transfer_seconds for r in results),
             "time/student_step": max(r.student_seconds for r in results),
         }
-        if workers.teachers:
+        if flops is not None:
+            metrics["train/mfu"] = flops.utilization(work.input_tokens, work.token_positions, elapsed)
+        if work.teacher_outputs:
             metrics["train/distill_loss"] = sum(s.kd_sum for s in counted) / label_tokens
         applied = all(r.update.applied for r in results)
         return metrics, applied

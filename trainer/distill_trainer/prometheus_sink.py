@@ -14,6 +14,8 @@ Every series carries ``distilljob_namespace``, ``distilljob_name`` (empty for a 
     kubedistill_trainer_learning_rate                     student learning rate
     kubedistill_trainer_grad_norm                         gradient norm before clipping
     kubedistill_trainer_tokens_per_second                 input tokens per wall-clock second of the step
+    kubedistill_trainer_mfu                               model FLOPs utilization of the step, 0-1 (only with a known
+                                                          device peak: device_peak_tflops; see flops.py)
     kubedistill_trainer_step_phase_seconds{phase="teacher_forward"|"logits_transfer"|"student_step"}
                                                           seconds of the last logged step in each phase
     kubedistill_trainer_eval_loss                         loss on the eval file (after the first evaluation)
@@ -51,6 +53,7 @@ LOSS = shared_names.TRAINER_LOSS
 LEARNING_RATE = shared_names.TRAINER_LEARNING_RATE
 GRAD_NORM = shared_names.TRAINER_GRAD_NORM
 TOKENS_PER_SECOND = shared_names.TRAINER_TOKENS_PER_SECOND
+MFU = shared_names.TRAINER_MFU
 STEP_PHASE_SECONDS = shared_names.TRAINER_STEP_PHASE_SECONDS
 EVAL_LOSS = shared_names.TRAINER_EVAL_LOSS
 EVAL_EXACT_MATCH = shared_names.TRAINER_EVAL_EXACT_MATCH
@@ -67,6 +70,8 @@ _HELP = {
     LEARNING_RATE: "Learning rate of the student's optimizer.",
     GRAD_NORM: "Gradient norm before clipping of the last logged step.",
     TOKENS_PER_SECOND: "Input tokens per wall-clock second of the last logged step.",
+    MFU: "Model FLOPs utilization of the last logged step (0-1): student 6N + teacher 2N per token, plus attention, "
+    "over the step time and the devices' peak (device_peak_tflops).",
     STEP_PHASE_SECONDS: "Seconds of the last logged step spent in teacher forward, logits transfer, student step.",
     EVAL_LOSS: "Loss on the eval file at the last evaluation.",
     EVAL_EXACT_MATCH: "Greedy exact-match accuracy on the eval file at the last evaluation.",
@@ -84,6 +89,7 @@ _TAGS: dict[str, tuple[str, tuple[str, str] | None]] = {
     "student/lr": (LEARNING_RATE, None),
     "train/grad_norm": (GRAD_NORM, None),
     "train/tokens_per_second": (TOKENS_PER_SECOND, None),
+    "train/mfu": (MFU, None),
     "time/teacher_forward": (STEP_PHASE_SECONDS, ("phase", "teacher_forward")),
     "time/logits_transfer": (STEP_PHASE_SECONDS, ("phase", "logits_transfer")),
     "time/student_step": (STEP_PHASE_SECONDS, ("phase", "student_step")),

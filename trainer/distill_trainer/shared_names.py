@@ -28,6 +28,7 @@ ENV_JOB_UID = "KUBEDISTILL_DISTILLJOB_UID"  # metadata.uid of the DistillJob: pa
 ENV_PROGRESS_CONFIGMAP = "KUBEDISTILL_PROGRESS_CONFIGMAP"
 ENV_PROGRESS_INTERVAL = "KUBEDISTILL_PROGRESS_INTERVAL_SECONDS"  # seconds between progress reports
 ENV_NUM_THREADS = "KUBEDISTILL_NUM_THREADS"  # torch threads per worker actor
+ENV_PEAK_TFLOPS = "KUBEDISTILL_PEAK_TFLOPS"  # peak dense TFLOP/s of one device, for train/mfu (config: device_peak_tflops)
 
 # --- Progress reports: the trainer patches this key of its ConfigMap; the operator copies it to status.progress ----
 PROGRESS_KEY = "progress.json"
@@ -81,6 +82,7 @@ TRAINER_LOSS = "kubedistill_trainer_loss"
 TRAINER_LEARNING_RATE = "kubedistill_trainer_learning_rate"
 TRAINER_GRAD_NORM = "kubedistill_trainer_grad_norm"
 TRAINER_TOKENS_PER_SECOND = "kubedistill_trainer_tokens_per_second"
+TRAINER_MFU = "kubedistill_trainer_mfu"
 TRAINER_STEP_PHASE_SECONDS = "kubedistill_trainer_step_phase_seconds"
 TRAINER_EVAL_LOSS = "kubedistill_trainer_eval_loss"
 TRAINER_EVAL_EXACT_MATCH = "kubedistill_trainer_eval_exact_match"

@@ -18,6 +18,8 @@ Tags the pipeline logs:
     train/grad_norm          gradient norm before clipping
     student/lr               learning rate of the student's optimizer
     train/tokens_per_second  input tokens of the step's batches per wall-clock second of the step
+    train/mfu                model FLOPs utilization of the step (0-1; only when the device's peak FLOP/s is known:
+                             device_peak_tflops or KUBEDISTILL_PEAK_TFLOPS; see flops.py)
     time/teacher_forward     seconds in teacher forward (+ temperature, top-k) per step
     time/logits_transfer     seconds handing the logits from teacher to student per step
     time/student_step        seconds in student forward, backward and optimizer step per step
@@ -27,6 +29,7 @@ Tags the pipeline logs:
 Console: on an interactive terminal a tqdm bar (step/max_steps, loss, ETA); otherwise (CI logs, Ray
 job logs, `console=False`) no bar, which would redraw into the log as thousands of lines, but one
 plain line per `log` call: `distill step 10/100 (10%) loss 1.2340 | 812 tok/s | elapsed 0:00:12 | ETA 0:01:48`
+(`| 812 tok/s, MFU 41.2% |` when train/mfu is logged)
 (plus `| val/loss 1.1 | ...` when the call carries eval metrics). In a KD run (`train/distill_loss` logged) the
 student's cross-entropy follows the mixed loss: `loss 2.6010 (student CE 5.2140)`, and the bar shows both.
 
@@ -91,6 +94,7 @@ class Tracker:
         self._last_loss: float | None = None
         self._last_student_ce: float | None = None  # KD runs: train/student_loss, shown beside the mixed loss
         self._last_tokens_per_second: float | None = None
+        self._last_mfu: float | None = None
         # ETA from this run's own pace: steps done before a resume took no time in this process.
         self._start_time = time.monotonic()
 
@@ -142,12 +146,16 @@ class Tracker:
             self._last_student_ce = values["train/student_loss"]
         if "train/tokens_per_second" in values:
             self._last_tokens_per_second = values["train/tokens_per_second"]
+        if "train/mfu" in values:
+            self._last_mfu = values["train/mfu"]
         evaluation = " | ".join(f"{k} {v:.4g}" for k, v in values.items() if k.startswith("val/"))
         if self._interactive:
             if self._last_loss is not None:
                 shown = {"loss": f"{self._last_loss:.4f}"}
                 if self._last_student_ce is not None:
                     shown["student_CE"] = f"{self._last_student_ce:.4f}"
+                if self._last_mfu is not None:
+                    shown["MFU"] = f"{100 * self._last_mfu:.1f}%"
                 self._bar.set_postfix(shown)
             if evaluation:
                 self._bar.write(f"{self.exp_name} step {step}: {evaluation}")
@@ -215,7 +223,8 @@ class Tracker:
             if self._last_student_ce is not None:
                 parts[0] += f" (student CE {self._last_student_ce:.4f})"
         if self._last_tokens_per_second is not None:
-            parts.append(f"{self._last_tokens_per_second:.0f} tok/s")
+            parts.append(f"{self._last_tokens_per_second:.0f} tok/s"
+                         + (f", MFU {100 * self._last_mfu:.1f}%" if self._last_mfu is not None else ""))
         elapsed = time.monotonic() - self._start_time
         parts.append(f"elapsed {_hms(elapsed)}")
         done = step - self.start_step
