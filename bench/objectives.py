@@ -1,0 +1,111 @@
+"""Which KD objective? The demo task, the six objectives and SFT only, several student seeds, the same budget.
+
+The demo's task and models (``kubedistill demo``, trainer/distill_trainer/demo/): 3-digit addition written
+least-significant digit first, a 1.1M-parameter teacher trained by SFT on 20,000 clean records, a 0.22M-parameter
+student trained on 1,000 transfer records with 20% answer-digit noise; held-out set 500 clean questions. Every
+student run is an ordinary pipeline run of ``examples/tiny/distill.yaml`` (top-64 teacher logits with the tail
+bucket, ``distill_loss_weight`` 0.5, T = 1, cosine schedule) with only ``kd_objective`` changed, or with
+``distill_loss_weight=0`` for SFT only; each seed has its own student initialization and data order, shared by
+every objective. All runs have the same number of steps (``--steps``; the demo's is 800).
+
+Prints, per objective: the median held-out exact match and cross-entropy per answer token over the seeds, with
+the spread (min–max), and the median wall time of a run. Figures only; it never passes or fails on them.
+
+  .venv/bin/python bench/objectives.py                         # 5 seeds x 7 runs x 800 steps (~1 h on 2 cores)
+  .venv/bin/python bench/objectives.py --steps 300 --seeds 0 1 2 3 4
+  .venv/bin/python bench/objectives.py --quick                 # smoke run: 2 seeds, 20 steps, 2 objectives
+
+The teacher and the data are the demo's (``--workdir``, default the demo's artifacts): built and trained once,
+reused afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "trainer"))
+# Ray's worker processes import distill_trainer too: from this checkout, whatever else is installed.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "trainer"), os.environ.get("PYTHONPATH")]))
+
+OBJECTIVES = ("forward_kl", "reverse_kl", "skewed_forward_kl", "skewed_reverse_kl", "js_divergence", "adaptive_kl")
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    return f"{format(statistics.median(values), fmt)} ({format(min(values), fmt)}–{format(max(values), fmt)})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default=str(REPO / "examples" / "tiny" / "artifacts"))
+    parser.add_argument("--steps", type=int, default=800, help="optimizer steps of every student run (demo: 800)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--teacher-steps", type=int, default=1000, help="teacher SFT steps (the demo's: 1000)")
+    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
+    parser.add_argument("--quick", action="store_true", help="smoke run: seeds 0 1, 20 steps, two objectives")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.seeds, args.objectives = 20, [0, 1], ["forward_kl", "reverse_kl"]
+
+    from distill_trainer.demo import run as demo
+    from distill_trainer.pipeline import ensure_ray
+
+    began = time.perf_counter()
+    workdir = Path(args.workdir).resolve()
+    demo.build_artifacts(workdir, seed=0)
+    started_ray = ensure_ray()
+    results: dict[str, list[tuple[float, float, float]]] = {}  # row -> [(exact match, loss, seconds)] by seed
+    try:
+        teacher_dir = workdir / "models" / "teacher"
+        if not (teacher_dir / "config.json").is_file():
+            result, _ = demo._run("teacher SFT", demo._config("teacher_sft", workdir, [
+                "seed=0", f"max_steps={args.teacher_steps}", f"logging_steps={max(1, args.teacher_steps // 10)}"]))
+            demo._install(result.last_checkpoint, teacher_dir)
+            (workdir / "models" / "teacher_eval.json").write_text(json.dumps(result.eval_metrics))
+        budget = [f"max_steps={args.steps}", f"save_steps={args.steps}", f"eval_steps={args.steps}",
+                  f"logging_steps={args.steps}", "max_ckpt_to_keep=1"]
+        for seed in args.seeds:
+            sft_config, _ = demo._student_runs(workdir, 0, seed)  # builds this seed's student initialization
+            init = sft_config.student_pretrain.replace(str(workdir), demo.ARTIFACTS)
+            rows = [("SFT only", ["distill_loss_weight=0"])] + [(o, [f"kd_objective={o}"]) for o in args.objectives]
+            for row, overrides in rows:
+                name = f"{row.replace(' ', '_')}_s{seed}"
+                out = f"{demo.ARTIFACTS}/bench_objectives/{name}"
+                config = demo._config("distill", workdir, [
+                    f"seed={seed}", f"student_pretrain={init}", f"exp_name={name}", f"output_dir={out}",
+                    f"logging_dir={out}/logs", *budget, *overrides])
+                result, seconds = demo._run(f"{row}, seed {seed}", config)
+                metrics = result.eval_metrics
+                results.setdefault(row, []).append((metrics["val/exact_match"], metrics["val/loss"], seconds))
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+    teacher_eval = json.loads((workdir / "models" / "teacher_eval.json").read_text())
+    print(f"\nDemo task (held-out: 500 clean questions); teacher {args.teacher_steps} SFT steps: exact match "
+          f"{teacher_eval['val/exact_match']:.1%}, loss {teacher_eval['val/loss']:.3f}; students: 0.22M parameters, 1,000 transfer records with 20% "
+          f"answer-digit noise, {args.steps} steps each, batch 64; KD rows: examples/tiny/distill.yaml "
+          f"(top-64 with tail, distill_loss_weight 0.5, T 1); KUBEDISTILL_NUM_THREADS="
+          f"{os.environ.get('KUBEDISTILL_NUM_THREADS', 'default')}. Seeds {' '.join(map(str, args.seeds))}; median "
+          f"(min–max) over seeds.")
+    print(f"| {'objective':<18} | {'exact match':<22} | {'held-out loss':<24} | {'run time':>8} |")
+    print(f"|{'-' * 20}|{'-' * 24}|{'-' * 26}|{'-' * 10}|")
+    for row, values in results.items():
+        matches = [100 * v[0] for v in values]
+        losses = [v[1] for v in values]
+        seconds = statistics.median(v[2] for v in values)
+        print(f"| {row:<18} | {_spread(matches, '.1f') + ' %':<22} | {_spread(losses, '.3f'):<24} | {seconds:>6.0f} s |")
+    print(f"total wall time: {time.perf_counter() - began:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
