@@ -156,7 +156,7 @@ def head_worker(args) -> None:
         loss.backward()
     seconds = time.perf_counter() - start
     peak = (_status_kib("VmHWM") - baseline) / 1024 if measured else None
-    print(json.dumps({"seconds": seconds, "peak_extra_mib": peak, "loss": float(loss)}))
+    print(json.dumps({"seconds": seconds, "peak_extra_mib": peak, "loss": float(loss.detach())}))
 
 
 def measure(args, mode: str, impl: str) -> dict:
