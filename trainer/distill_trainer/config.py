@@ -22,7 +22,9 @@ from typing import Annotated, Any, Literal, Sequence
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -75,12 +77,6 @@ def _data_files_schema(description: str) -> Any:
     return WithJsonSchema({"x-kubernetes-preserve-unknown-fields": True, "description": description})
 
 
-DataFiles = Annotated[
-    str | list[str] | None,
-    _data_files_schema("A JSON array or JSONL file of records, or a list of such files (read in order)."),
-]
-
-
 def data_files(value: str | list[str] | None) -> list[str]:
     """The files of a ``file_name`` / ``eval_file_name`` field, as a list (empty when unset)."""
     if value is None:
@@ -106,6 +102,15 @@ def _check_template(value: str | None) -> str | None:
             f"original's {', '.join(TOKENIZER_TEMPLATES)} name (or leave template unset)"
         )
     return value
+
+
+# The two field types the data sections share; each carries its own check, so every field using it is checked.
+DataFiles = Annotated[
+    str | list[str] | None,
+    BeforeValidator(_check_data_files),
+    _data_files_schema("A JSON array or JSONL file of records, or a list of such files (read in order)."),
+]
+ChatTemplate = Annotated[str | None, AfterValidator(_check_template)]
 
 
 class ModelArgs(_Strict):
@@ -192,7 +197,7 @@ class DataArgs(_Strict):
     )
     question_key: str = Field("question", min_length=1, description="Record key holding the prompt text.")
     answer_key: str = Field("answer", min_length=1, description="Record key holding the answer text.")
-    template: str | None = Field(
+    template: ChatTemplate = Field(
         None,
         description="Chat format by the original pipeline's names: native, qwen2_5 and qwen3 (and null) use the "
         "tokenizer's own chat template; a tokenizer without one gets the plain question text, with a warning. "
@@ -201,16 +206,6 @@ class DataArgs(_Strict):
     preprocessing_num_workers: int | None = Field(
         None, ge=1, description="Accepted from the original pipeline's configs; records are tokenized in the driver."
     )
-
-    @field_validator("file_name", "eval_file_name", mode="before")
-    @classmethod
-    def _files(cls, value: Any) -> Any:
-        return _check_data_files(value)
-
-    @field_validator("template")
-    @classmethod
-    def _template(cls, value: str | None) -> str | None:
-        return _check_template(value)
 
 
 class StrategyConfig(_Strict):
@@ -430,17 +425,7 @@ class ValidationDataArgs(_Strict):
     """The ``data_args`` of the original pipeline's ``validation`` section."""
 
     file_name: DataFiles = Field(None, description="Held-out data: a file or a list of files.")
-    template: str | None = Field(None, description="Chat format; must agree with student.data_args.template.")
-
-    @field_validator("file_name", mode="before")
-    @classmethod
-    def _files(cls, value: Any) -> Any:
-        return _check_data_files(value)
-
-    @field_validator("template")
-    @classmethod
-    def _template(cls, value: str | None) -> str | None:
-        return _check_template(value)
+    template: ChatTemplate = Field(None, description="Chat format; must agree with student.data_args.template.")
 
 
 class ValidationConfig(_Strict):
