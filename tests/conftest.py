@@ -79,6 +79,20 @@ def tiny_config_dict(setup: TinySetup, out: Path, **overrides) -> dict:
     return config
 
 
+def logged_metrics(out: Path) -> list[dict]:
+    """The records of ``<out>/logs/metrics.jsonl`` of a run made with ``tiny_config_dict(setup, out)``."""
+    import json
+
+    return [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint_weights(out: Path, step: int) -> dict:
+    """The student weights of ``<out>/output/checkpoint-<step>`` of such a run."""
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "output" / f"checkpoint-{step}" / "student" / "model.safetensors"))
+
+
 @pytest.fixture(scope="session")
 def local_ray():
     """One embedded Ray for the whole test session (starting one costs ~10 s); 127.0.0.1 only."""

@@ -2,16 +2,14 @@
 CPU ranks per side train through the real pipeline (local Ray), write an HF checkpoint that ``from_pretrained``
 loads, match the torch strategies' losses, and resume bit for bit."""
 
-import json
 import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from distill_trainer.config import config_from_dict
 from distill_trainer.pipeline import DistillPipeline
-from tests.conftest import tiny_config_dict
+from tests.conftest import checkpoint_weights, logged_metrics, tiny_config_dict
 
 
 def run(setup, out, *, strategy, ranks, tp, **overrides):
@@ -20,14 +18,6 @@ def run(setup, out, *, strategy, ranks, tp, **overrides):
     data["teacher"]["strategy_args"] = {"strategy_name": f"{strategy}_infer", "tp_size": tp}
     data["student"]["device_mapping"] = data["teacher"]["device_mapping"] = list(range(ranks))  # CPU ranks
     return DistillPipeline(config_from_dict(data), num_threads=1, console=False).run()
-
-
-def logged(out):
-    return [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
-
-
-def weights(out, step):
-    return load_file(str(out / "output" / f"checkpoint-{step}" / "student" / "model.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +36,11 @@ def test_tp2_megatron_run_writes_an_hf_checkpoint_and_matches_the_torch_strategy
     model = AutoModelForCausalLM.from_pretrained(student)
     AutoTokenizer.from_pretrained(student)
     state = model.state_dict()
-    for name, tensor in weights(out, 3).items():
+    for name, tensor in checkpoint_weights(out, 3).items():
         assert torch.equal(state[name], tensor), name
 
     run(tiny_setup, tmp_path, strategy="torch", ranks=1, tp=1)
-    mine, reference = logged(out), logged(tmp_path)
+    mine, reference = logged_metrics(out), logged_metrics(tmp_path)
     assert [line["step"] for line in mine] == [line["step"] for line in reference] == [1, 2, 3]
     for a, b in zip(reference, mine):
         for tag in ("train/loss", "train/student_loss", "train/distill_loss"):
@@ -65,6 +55,6 @@ def test_tp2_megatron_run_resumes_bit_for_bit(tp2, tiny_setup, tmp_path):
     assert (tmp_path / "output" / "checkpoint-2" / "megatron" / "rank_00001.pt").is_file()
     result = run(tiny_setup, tmp_path, strategy="megatron", ranks=2, tp=2, resume_from_checkpoint=True)
     assert result.final_step == 3
-    straight, resumed = weights(out, 3), weights(tmp_path, 3)
+    straight, resumed = checkpoint_weights(out, 3), checkpoint_weights(tmp_path, 3)
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
