@@ -174,6 +174,36 @@ def test_tail_logmass_is_accurate_when_the_tail_is_almost_nothing_or_almost_ever
     assert peaked_tail_is_tiny(peaked)
 
 
+def test_tail_logmass_edge_cases_padded_columns_k_equals_vocab_overflowing_top_and_batched_shapes(monkeypatch):
+    """The teacher's one-pass top-k + tail against the float64 definition and the general ``tail_logmass``."""
+    from distill_trainer import losses
+    from distill_trainer.losses import tail_logmass
+
+    monkeypatch.setattr(losses, "TOPK_TAIL_CHUNK_BYTES", 3 * 4 * V)  # 3 rows a chunk: chunk edges are crossed
+
+    padded = logits(N, V, 57)
+    padded[:, V - 7:] = -INF  # a padded embedding's columns beyond the tokenizer
+    gap = logits(N, V, 58)
+    gap[:, :K] += 200.0  # the top-k sits 200 above the rest: exp((top − rest)/t) overflows float32
+    for teacher, k, temperature in ((padded, K, 1.0), (padded, V - 7, 1.0), (padded, V - 8, 0.7), (gap, K, 0.5)):
+        top = topk_teacher_logits(teacher, k, tail_temperature=temperature)
+        p = torch.softmax(teacher.double() / temperature, -1)
+        expected = tail_bucket(p, top.indices)[:, -1].log()
+        torch.testing.assert_close(top.tail_logmass.double(), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(top.tail_logmass, tail_logmass(teacher, top.indices, temperature), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(top.values, teacher.gather(1, top.indices))
+        assert torch.equal(top.indices, torch.topk(teacher, k, dim=-1).indices)
+    whole = topk_teacher_logits(logits(N, V, 59), V, tail_temperature=1.0)  # k = V: nothing is outside
+    assert torch.equal(whole.tail_logmass, torch.full((N,), -INF))
+    batched = logits(12, V, 60).reshape(2, 6, V).to(torch.bfloat16)  # [B, T, V], bf16 as a model emits
+    top = topk_teacher_logits(batched, K, tail_temperature=1.0)
+    assert top.values.dtype == torch.bfloat16 and top.values.shape == top.indices.shape == (2, 6, K)
+    flat = topk_teacher_logits(batched.reshape(12, V), K, tail_temperature=1.0)
+    assert torch.equal(top.tail_logmass.reshape(12), flat.tail_logmass) and top.tail_logmass.shape == (2, 6)
+    expected = tail_bucket(torch.softmax(batched.reshape(12, V).double(), -1), flat.indices)[:, -1].log()
+    torch.testing.assert_close(flat.tail_logmass.double(), expected, rtol=1e-5, atol=1e-6)
+
+
 def peaked_tail_is_tiny(teacher):
     return bool((topk_teacher_logits(teacher, K, tail_temperature=1.0).tail_logmass < -20).any())
 

@@ -77,6 +77,8 @@ ADAPTIVE_KL_EPS = 1e-12
 # On CPU a smaller, cache-sized chunk is faster (measured in bench/kd_loss.py's setting).
 CHUNK_BUDGET_BYTES = 256 * 2**20
 CPU_CHUNK_BUDGET_BYTES = 32 * 2**20
+# The teacher's top-k + tail pass: a few MiB of logits per chunk stay in cache (measured fastest at ~4 MiB).
+TOPK_TAIL_CHUNK_BYTES = 4 * 2**20
 
 Number = Union[int, float]
 
@@ -123,13 +125,54 @@ def topk_teacher_logits(teacher_logits: torch.Tensor, k: int, tail_temperature: 
     """
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
-    if k > teacher_logits.shape[-1]:
-        raise ValueError(f"k={k} is larger than the vocabulary size V={teacher_logits.shape[-1]} of teacher_logits")
-    with torch.no_grad():
-        values, indices = torch.topk(teacher_logits.detach(), k, dim=-1)
+    width = teacher_logits.shape[-1]
+    if k > width:
+        raise ValueError(f"k={k} is larger than the vocabulary size V={width} of teacher_logits")
+    logits = teacher_logits.detach()
     if tail_temperature is None:
+        with torch.no_grad():
+            values, indices = torch.topk(logits, k, dim=-1)
         return TopK(values=values, indices=indices)
-    return TopK(values, indices, tail_logmass(teacher_logits, indices, tail_temperature))
+    _check_temperatures(tail_temperature, 1.0)
+    # One pass per cache-sized chunk of rows: the top k + 1 (the extra one is the largest logit *outside* the
+    # top-k, the shift that keeps the tail's sum exact), then the tail's Σexp with the top-k columns zeroed.
+    # Measured (1 thread, 1,816 rows x V 8,192) 1.8x faster than top-k followed by ``tail_logmass``, which
+    # copies the logits four times to give each of its two log-sum-exps its own maximum.
+    flat = logits.reshape(-1, width)
+    values = torch.empty(flat.shape[0], k, dtype=flat.dtype, device=flat.device)
+    indices = torch.empty(flat.shape[0], k, dtype=torch.long, device=flat.device)
+    tail = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+    chunk = max(1, TOPK_TAIL_CHUNK_BYTES // (4 * width))
+    with torch.no_grad():
+        for start in range(0, flat.shape[0], chunk):
+            rows = slice(start, min(start + chunk, flat.shape[0]))
+            top_values, top_indices = torch.topk(flat[rows], min(k + 1, width), dim=-1)
+            values[rows], indices[rows] = top_values[:, :k], top_indices[:, :k]
+            tail[rows] = _tail_after_topk(flat[rows], top_values.float(), top_indices, k, tail_temperature)
+    shape = logits.shape[:-1]
+    return TopK(values.reshape(*shape, k), indices.reshape(*shape, k), tail.reshape(shape))
+
+
+def _tail_after_topk(rows: torch.Tensor, top_values: torch.Tensor, top_indices: torch.Tensor, k: int,
+                     temperature: float) -> torch.Tensor:
+    """log P_tail of ``rows`` [n, V] given their top ``k + 1`` (or all V when k = V) values and indices.
+
+    With m the largest logit outside the top-k (the (k+1)-th), every term of the tail's Σexp((z − m)/t) is ≤ 1
+    and one is 1, so the sum is exact however small the tail is (no 1 − Σp cancellation); the top-k's own
+    log-sum-exp comes from their k values; log P_tail = lse_tail − logaddexp(lse_topk, lse_tail). The top-k
+    columns may overflow to inf before they are zeroed; they never enter the sum.
+    """
+    head = torch.logsumexp(top_values[:, :k] / temperature, 1)
+    if top_values.shape[1] == k:  # k = V: nothing is outside
+        return torch.full_like(head, -math.inf)
+    rest_max = top_values[:, k]
+    shift = torch.where(torch.isfinite(rest_max), rest_max, torch.zeros_like(rest_max))
+    scaled = torch.sub(rows.float(), shift[:, None])  # a fresh float32 buffer, reused in place
+    if temperature != 1.0:
+        scaled.div_(temperature)
+    scaled.exp_().scatter_(1, top_indices[:, :k], 0.0)
+    rest = shift / temperature + scaled.sum(1).log()
+    return (rest - torch.logaddexp(head, rest)).clamp_(max=0.0)
 
 
 def tail_logmass(
