@@ -112,6 +112,31 @@ def test_fused_head_backward_scales_by_grad_output():
     torch.testing.assert_close(grads[1], 3.0 * grads[0])
 
 
+def test_default_chunk_on_cpu_is_cache_sized_but_never_under_64_rows_and_default_chunks_equal_explicit_ones():
+    from distill_trainer.fused_head import default_chunk_rows
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_chunk_rows(8192, cpu) == 64  # 64 rows x 8,192 float32 logits: 2 MiB, one core's L2
+    assert default_chunk_rows(151_936, cpu) == 64  # W is re-read per chunk: never fewer rows
+    assert default_chunk_rows(1024, cpu) == 512
+    assert default_chunk_rows(151_936, cuda) == 110  # 256 MiB of logits and their gradient
+    # 200 label rows at V = 50: one default chunk; the same rows in chunks of 7 give the same loss and gradients
+    cfg = LossConfig(distill_loss_weight=0.5, logits_topk=K)
+    g = torch.Generator().manual_seed(11)
+    hidden, weight = torch.randn(200, D, generator=g), torch.randn(V, D, generator=g) * 0.7
+    labels = torch.randint(0, V, (200,), generator=g)
+    top = topk_teacher_logits(torch.randn(200, V, generator=g) * 3, K, 1.0)
+    teacher = TeacherTargets(top.values, top.indices, top.tail_logmass)
+    results = []
+    for rows in (None, 7):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        terms = fused_head_distill_loss(h, w, None, labels, teacher, cfg, 200.0, rows)
+        terms.loss.backward()
+        results.append((terms.loss, h.grad, w.grad))
+    for default, explicit in zip(*results):
+        torch.testing.assert_close(default, explicit, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------ the torch strategies
 
 

@@ -42,8 +42,20 @@ class ChunkLoss(NamedTuple):
 ChunkFn = Callable[[torch.Tensor, slice, bool], ChunkLoss]
 
 
-def default_chunk_rows(vocab: int) -> int:
-    """Rows per chunk: the chunk's float32 logits and their gradient (plus the loss's own scratch) in budget."""
+# On CPU a chunk's float32 logits should stay in one core's L2 cache (2 MiB per core here) while the loss makes
+# its passes over them; but every chunk re-reads W for its three matmuls, so a chunk keeps at least 64 rows,
+# enough to keep those matmuls compute-bound for a large vocabulary. Measured (1 thread, N 1,400, d 128,
+# V 8,192, top-64 with the tail): 64 rows 120 ms a forward + backward, 128 rows 150 ms, all 1,400 rows at once
+# 188 ms.
+CPU_HEAD_CHUNK_BYTES = 2 * 2**20
+MIN_CPU_HEAD_CHUNK_ROWS = 64
+
+
+def default_chunk_rows(vocab: int, device: torch.device) -> int:
+    """Rows per chunk: on CPU cache-sized (above); elsewhere the chunk's float32 logits and their gradient
+    (plus the loss's own scratch) within ``CHUNK_BUDGET_BYTES``."""
+    if device.type == "cpu":
+        return max(MIN_CPU_HEAD_CHUNK_ROWS, CPU_HEAD_CHUNK_BYTES // (4 * max(vocab, 1)))
     return max(1, CHUNK_BUDGET_BYTES // (4 * 4 * max(vocab, 1)))
 
 
@@ -59,7 +71,7 @@ def fused_linear_loss(
     layer (``weight`` [V, d], ``bias``); the loss backpropagates into ``hidden``, ``weight`` and ``bias``."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden must be [N, d] and weight [V, d], got {tuple(hidden.shape)}, {tuple(weight.shape)}")
-    rows = chunk_rows or default_chunk_rows(weight.shape[0])
+    rows = chunk_rows or default_chunk_rows(weight.shape[0], hidden.device)
     return _FusedLinearLoss.apply(hidden, weight, bias, chunk_fn, n_metrics, rows)
 
 
