@@ -17,19 +17,24 @@ actors half each):
 - **kubedistill**: ``DistillPipeline`` (teacher and student Ray actors, the teacher's targets through shared
   memory, the overlapped teacher), ``distill_loss_weight: 1``, forward KL, full vocabulary (``logits_topk: 0``,
   the same math) and top-64 (``logits_topk: 64`` with the tail bucket, the default).
+- **kubedistill top-64, no tail** (``topk_tail: false``): both distributions renormalised over the teacher's 64,
+  the original pipeline's math. Not TRL's math, and with ``distill_loss_weight: 1`` the combination the trainer
+  warns about (the student's mass outside the 64 is never trained); shown for speed only: the KD gradient lives
+  at the 64 indices, so the student's output layer backward is ``[N, 64]``-sparse instead of ``[N, V]``.
 
 Each contender runs ``--warmup`` steps, then ``--steps`` timed steps; tokens/s = non-padding input tokens of the
 timed steps / their wall time (start-up, model loading and the warm-up are not counted). Rounds interleave the
-contenders (round r: TRL, loop, kubedistill full, kubedistill top-64), so load from other processes on a shared
-machine falls on all of them alike; the table gives each round, the median, the peak resident memory (the
-process's peak RSS; for kubedistill the sum of the teacher's and the student's actor processes) and the ratio of
-medians to TRL. Figures only; it never passes or fails on them.
+contenders (round r: TRL, loop, kubedistill full, top-64, top-64 without the tail), so load from other
+processes on a shared machine falls on all of them alike; the table gives each round, the median, the peak
+resident memory (the process's peak RSS; for kubedistill the sum of the teacher's and the student's actor
+processes) and the ratio of medians to TRL. Figures only; it never passes or fails on them.
 
 TRL is never a dependency of the trainer. It lives in its own environment, which this script runs as subprocesses:
 
   python -m venv .venv-bench
   .venv-bench/bin/pip install torch==2.13.0 transformers==5.24.0 trl      # (pip install -e '.[bench]' is the same set)
-  .venv/bin/python bench/vs_trl.py                      # 3 rounds x 4 contenders (~10 min on 2 cores)
+  .venv/bin/python bench/vs_trl.py                      # 3 rounds x 5 contenders (~5 min on 2 cores)
+  .venv/bin/python bench/vs_trl.py --only trl top64     # a subset (trl, loop, full, top64, top64_notail)
   .venv/bin/python bench/vs_trl.py --quick              # smoke run: tiny models, 1 round
 
 ``--trl-python`` names another interpreter that has trl. The PyTorch loop runs in this script's interpreter.
@@ -60,6 +65,8 @@ SIZES = {
                   student=dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)),
 }
 LR = 1e-3
+CONTENDERS = {"trl": "TRL GKDTrainer", "loop": "PyTorch loop", "full": "kubedistill full vocab",
+              "top64": "kubedistill top-64", "top64_notail": "kubedistill top-64, no tail"}
 
 
 # --- the single-process contenders (run as subprocesses; TRL's in its own environment) -------------------------
@@ -276,17 +283,18 @@ class _ActorMemory:
         self._thread.join()
 
 
-def run_kubedistill(spec: dict, topk: int, round_: int) -> dict:
+def run_kubedistill(spec: dict, topk: int, tail: bool, round_: int) -> dict:
     from distill_trainer.config import config_from_dict
     from distill_trainer.pipeline import DistillPipeline
 
-    run_dir = Path(spec["workdir"]) / "runs" / f"kubedistill_top{topk}_r{round_}"
+    run_dir = Path(spec["workdir"]) / "runs" / f"kubedistill_top{topk}{'' if tail else '_notail'}_r{round_}"
     steps = spec["warmup"] + spec["steps"]
     data = {
         "exp_name": f"vs_trl_top{topk}", "seed": 0, "output_dir": str(run_dir), "logging_dir": str(run_dir / "logs"),
         "max_steps": steps, "save_steps": 0, "logging_steps": 1, "eval_steps": 0, "overwrite_output_dir": True,
         "student_pretrain": spec["student"], "teacher_pretrain": spec["teacher"],
-        "distill_loss_weight": 1.0, "kd_objective": "forward_kl", "logits_topk": topk, "kd_temperature": 1.0,
+        "distill_loss_weight": 1.0, "kd_objective": "forward_kl", "logits_topk": topk, "topk_tail": tail,
+        "kd_temperature": 1.0,
         "sequence_length": spec["seq"],
         "student": {"training_args": {"learning_rate": LR, "lr_scheduler_type": "constant", "warmup_steps": 0,
                                       "per_device_train_batch_size": spec["batch"], "weight_decay": 0.0,
@@ -321,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trl-python", default=str(REPO / ".venv-bench" / "bin" / "python"))
     parser.add_argument("--workdir", default="/tmp/kubedistill-vs-trl")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny models, 1 round, 2 + 3 steps")
+    parser.add_argument("--only", nargs="+", choices=list(CONTENDERS), help="run only these contenders")
     parser.add_argument("--worker", choices=["trl", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -351,19 +360,19 @@ def main(argv: list[str] | None = None) -> int:
     batches = json.loads(Path(spec["batches"]).read_text())
     mean_len = statistics.mean(len(r["input_ids"]) for rows in batches for r in rows)
     labels = statistics.mean(sum(x != -100 for x in r["labels"]) for rows in batches for r in rows)
-    contenders = ["TRL GKDTrainer", "PyTorch loop", "kubedistill full vocab", "kubedistill top-64"]
+    contenders = [CONTENDERS[c] for c in (args.only or CONTENDERS)]
     results: dict[str, list[dict]] = {c: [] for c in contenders}
     started_ray = ensure_ray()
     try:
         for round_ in range(args.rounds):
             for name in contenders:
                 load = os.getloadavg()[0]
-                if name == "TRL GKDTrainer":
+                if name == CONTENDERS["trl"]:
                     r = _subprocess(args.trl_python, "trl", spec)
-                elif name == "PyTorch loop":
+                elif name == CONTENDERS["loop"]:
                     r = _subprocess(sys.executable, "torch", spec)
                 else:
-                    r = run_kubedistill(spec, 0 if "full" in name else 64, round_)
+                    r = run_kubedistill(spec, 0 if "full" in name else 64, "no tail" not in name, round_)
                 r["load"] = load
                 results[name].append(r)
                 print(f"[vs_trl] round {round_ + 1}: {name}: {r['tokens_per_second']:.0f} tok/s, peak RSS "
@@ -380,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{sizes['seq']}; forward KL; {args.warmup} warm-up + {args.steps} timed steps per run; {args.threads} "
           f"threads per contender (kubedistill: {max(1, args.threads // 2)} each for teacher and student); "
           f"{args.rounds} interleaved rounds")
-    trl_median = statistics.median(r["tokens_per_second"] for r in results["TRL GKDTrainer"])
+    trl = results.get(CONTENDERS["trl"])
+    trl_median = statistics.median(r["tokens_per_second"] for r in trl) if trl else None
     head = " | ".join(f"round {i + 1}" for i in range(args.rounds))
     print(f"| contender | {head} | median tok/s | peak RSS | vs TRL |")
     print("|---|" + "---|" * args.rounds + "---|---|---|")
@@ -388,8 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         median = statistics.median(r["tokens_per_second"] for r in runs)
         rounds = " | ".join(f"{r['tokens_per_second']:,.0f}" for r in runs)
         print(f"| {name} | {rounds} | {median:,.0f} | {max(r['peak_rss_mib'] for r in runs):,.0f} MiB | "
-              f"{median / trl_median:.2f}x |")
-    for name in contenders[2:]:
+              f"{f'{median / trl_median:.2f}x' if trl_median else '-'} |")
+    for name in (c for c in contenders if c.startswith("kubedistill")):
         runs = results[name]
         print(f"{name}: median step split: teacher forward {statistics.median(r['teacher_forward'] for r in runs):.3f} s"
               f" (overlapped with the student's previous step), student step "
