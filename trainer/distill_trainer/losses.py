@@ -276,9 +276,7 @@ def kd_loss(
     if tail is not None:  # top-k with the teacher's tail: k + 1 outcomes, the gradient is dense
         with torch.no_grad():
             student = student.detach()
-            grad = None
-            if need_grad and (rows is None or rows.numel() > 0):
-                grad = torch.empty_like(student) if rows is None else torch.zeros_like(student)
+            grad = grad_buffer(student, need_grad, rows)
             total = fused_tail_loss_and_grad(
                 student,
                 student.gather(1, teacher_indices).float(),
@@ -300,11 +298,8 @@ def kd_loss(
     with torch.no_grad():
         student = student.detach()
         scores = student if teacher_indices is None else student.gather(1, teacher_indices)
-        grad = None
-        if need_grad and (rows is None or rows.numel() > 0):
-            # top-k: the [N, k] gradient is kept in float32 and scattered into [N, V] in backward
-            dtype = student.dtype if teacher_indices is None else torch.float32
-            grad = torch.empty_like(scores, dtype=dtype) if rows is None else torch.zeros_like(scores, dtype=dtype)
+        # top-k: the [N, k] gradient is kept in float32 and scattered into [N, V] in backward
+        grad = grad_buffer(scores, need_grad, rows, student.dtype if teacher_indices is None else torch.float32)
         total = fused_loss_and_grad(
             scores,
             teacher_values.detach(),
@@ -325,6 +320,16 @@ def kd_loss(
 
 # ----------------------------------------------------------------------------------------------
 # The fused chunk loop (shared with the vocab-parallel form)
+
+
+def grad_buffer(like: torch.Tensor, need_grad: bool, rows: Optional[torch.Tensor],
+                dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+    """The buffer a fused loss writes ∂loss/∂``like`` into, or None when no gradient is needed or no row is
+    selected: uninitialised when every row is written (``rows`` None), zeros when only ``rows`` are."""
+    if not need_grad or (rows is not None and rows.numel() == 0):
+        return None
+    dtype = dtype or like.dtype
+    return torch.empty_like(like, dtype=dtype) if rows is None else torch.zeros_like(like, dtype=dtype)
 
 
 def fused_loss_and_grad(

@@ -49,6 +49,7 @@ from distill_trainer.losses import (
     attach_gradient,
     fused_loss_and_grad,
     fused_tail_loss_and_grad,
+    grad_buffer,
     tail_logmass,
 )
 
@@ -147,9 +148,7 @@ def vocab_parallel_kd_loss(
             student = student.detach()
             values = shipped.values.reshape(-1, shipped.values.shape[-1]).detach()
             index, owned, scores = _student_at(student, shipped.indices.reshape(values.shape).long(), vocab_start, group)
-            grad = None
-            if need_grad and (rows is None or rows.numel() > 0):
-                grad = torch.empty_like(student) if rows is None else torch.zeros_like(student)
+            grad = grad_buffer(student, need_grad, rows)
             total = fused_tail_loss_and_grad(
                 student, scores, index, owned, values, tail, rows, objective_, kd_temperature,
                 teacher_temperature, chunk_size, grad, _grad_scale(denominator), ShardedVocab(group),
@@ -170,10 +169,7 @@ def vocab_parallel_kd_loss(
         else:
             index = owned = None
             scores, vocab = student, ShardedVocab(group)
-        grad = None
-        if need_grad and (rows is None or rows.numel() > 0):
-            dtype = student.dtype if index is None else torch.float32
-            grad = torch.empty_like(scores, dtype=dtype) if rows is None else torch.zeros_like(scores, dtype=dtype)
+        grad = grad_buffer(scores, need_grad, rows, student.dtype if index is None else torch.float32)
         total = fused_loss_and_grad(
             scores,
             teacher,
