@@ -243,6 +243,15 @@ def _urlopen(url, context: Optional[ssl.SSLContext], timeout: float):
     return urllib.request.build_opener(*handlers).open(url, timeout=timeout)
 
 
+def http_get(url: str, timeout: float = 5) -> tuple[int, str]:
+    """(status, body) of a GET on 127.0.0.1, or (0, "") when nothing answers yet."""
+    try:
+        with _urlopen(url, None, timeout) as response:
+            return response.status, response.read().decode()
+    except OSError:
+        return 0, ""
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOCALHOST, 0))

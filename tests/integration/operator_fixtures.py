@@ -20,14 +20,16 @@ import base64  # noqa: E402
 import contextlib  # noqa: E402
 import functools  # noqa: E402
 import shlex  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Iterator  # noqa: E402
 
 import pytest  # noqa: E402
 from kopf.testing import KopfRunner  # noqa: E402
 
-from kube_cluster import wait_for  # noqa: E402
+from kube_cluster import free_port, http_get, wait_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / "distilljob.yaml"  # with CEL rules: Kubernetes >= 1.25
@@ -154,6 +156,34 @@ def running_operator(namespace: str, credentials: Path | None = None) -> Iterato
     assert runner.exception is None, runner.output
     assert runner.exit_code == 0, runner.output
     assert "Forbidden" not in runner.output, f"a call the chart's RBAC does not allow:\n{runner.output}"
+
+
+@contextlib.contextmanager
+def operator_process(kubeconfig: Path, namespace: str, workdir: Path) -> Iterator[int]:
+    """`python -m distill_operator` as a process, as the chart's Deployment runs it, with ``kubeconfig``'s
+    credentials, watching ``namespace``; yields its /metrics port once /healthz answers. On exit: SIGTERM, and
+    (when the body did not fail) a check that it stopped cleanly; its output is in ``workdir/operator.log``."""
+    metrics_port, liveness_port = free_port(), free_port()
+    log_path = workdir / "operator.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "distill_operator", "--namespace", namespace, "--metrics-port", str(metrics_port),
+             "--liveness-port", str(liveness_port), "--reconcile-interval", "0.5"],
+            env=dict(os.environ, KUBECONFIG=str(kubeconfig)), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_for(lambda: http_get(f"http://127.0.0.1:{liveness_port}/healthz")[0] == 200, timeout=30,
+                     message="operator liveness endpoint")
+            yield metrics_port
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    assert process.returncode in (0, -signal.SIGTERM), log_path.read_text()[-3000:]
 
 
 @pytest.fixture

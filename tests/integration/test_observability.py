@@ -10,21 +10,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.integration.operator_fixtures import distilljob_crd, jobs, operator_credentials  # noqa: F401  (fixtures)
+from kube_cluster import http_get
+from tests.integration.operator_fixtures import (  # noqa: F401  (fixtures)
+    distilljob_crd,
+    jobs,
+    operator_credentials,
+    operator_process,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES_DIR = ROOT / "charts" / "kubedistill" / "rules"
@@ -157,7 +160,7 @@ class Prometheus:
 
         def ready():
             assert self.process.poll() is None, self.log_path.read_text()[-3000:]
-            return _http_get(f"{self.url}/-/ready")[0] == 200
+            return http_get(f"{self.url}/-/ready")[0] == 200
 
         wait_for(ready, timeout=30, message="Prometheus /-/ready")
 
@@ -193,16 +196,6 @@ class Prometheus:
         return self.api("query_range", query=expr, start=start, end=end, step=step)["result"]
 
 
-def _http_get(url: str) -> tuple[int, str]:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except OSError:
-        return 0, ""
-
-
 def _finite_values(result: list[dict]) -> list[float]:
     import math
 
@@ -219,33 +212,6 @@ def _substitute(expr: str, variables: dict[str, str]) -> str:
     return expr
 
 
-@contextlib.contextmanager
-def _operator_process(kubeconfig: Path, namespace: str, workdir: Path):
-    """`python -m distill_operator` serving /metrics, as tests/integration/test_operator_main.py runs it."""
-    from kube_cluster import free_port, wait_for
-
-    metrics_port, liveness_port = free_port(), free_port()
-    log = open(workdir / "operator.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "distill_operator", "--namespace", namespace, "--metrics-port", str(metrics_port),
-         "--liveness-port", str(liveness_port), "--reconcile-interval", "0.5"],
-        env=dict(os.environ, KUBECONFIG=str(kubeconfig)), stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        wait_for(lambda: _http_get(f"http://127.0.0.1:{liveness_port}/healthz")[0] == 200, timeout=30,
-                 message="operator liveness endpoint")
-        yield metrics_port
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-
-
 @pytest.mark.k8s
 def test_every_dashboard_query_and_alert_expression_works_on_a_real_prometheus(
     kube_cluster, distilljob_crd, jobs, kube_namespace, tiny_setup, local_ray, tmp_path, monkeypatch
@@ -259,7 +225,7 @@ def test_every_dashboard_query_and_alert_expression_works_on_a_real_prometheus(
     job, trainer_port = "obs", free_port()
     t0 = time.time()
     # The operator with the chart's ServiceAccount token, as when installed (operator_fixtures.operator_credentials).
-    with _operator_process(operator_credentials(str(kube_cluster.kubeconfig)), kube_namespace, tmp_path) as operator_port:
+    with operator_process(operator_credentials(str(kube_cluster.kubeconfig)), kube_namespace, tmp_path) as operator_port:
         prometheus = Prometheus(tmp_path, {"kubedistill-operator": operator_port, "kubedistill-trainer": trainer_port},
                                 [RULES])
         try:
