@@ -36,6 +36,7 @@ TRL is never a dependency of the trainer. It lives in its own environment, which
   .venv/bin/python bench/vs_trl.py                      # 3 rounds x 5 contenders (~5 min on 2 cores)
   .venv/bin/python bench/vs_trl.py --only trl top64     # a subset (trl, loop, full, top64, top64_notail)
   .venv/bin/python bench/vs_trl.py --quick              # smoke run: tiny models, 1 round
+  .venv/bin/python bench/vs_trl.py --profile            # kubedistill's step in parts, each alone on one thread
 
 ``--trl-python`` names another interpreter that has trl. The PyTorch loop runs in this script's interpreter.
 """
@@ -177,6 +178,70 @@ def run_trl(spec: dict) -> dict:
                       processing_class=tokenizer, data_collator=collate, callbacks=[StepClock()])
     trainer.train()
     return _timed(step_ends, batches, spec["warmup"])
+
+
+def run_profile(spec: dict) -> dict:
+    """kubedistill's step, part by part, each alone on one thread (``--profile``): what bounds the overlapped step.
+
+    On the first timed batch, with the library's own functions (as the torch strategies call them): the teacher's
+    transformer body, its output layer at the label rows, its top-64 with and without the tail mass; the
+    student's step (body forward + fused head and loss + backward + clip + AdamW) with the tail and without.
+    Median of 5 after one warm-up call."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "trainer"))
+    from distill_trainer.distill_loss import LossConfig, TeacherTargets, fused_head_distill_loss
+    from distill_trainer.losses import topk_teacher_logits
+
+    torch.set_num_threads(1)
+    teacher, student = _models(spec)
+    batch = _load_batches(spec)[spec["warmup"]]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    labels = torch.cat([batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], -100)], 1)  # shifted
+    at = labels != -100
+    optimizer = torch.optim.AdamW(student.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.0)
+
+    def median_ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 1000 * statistics.median(times)
+
+    with torch.inference_mode():
+        hidden = teacher.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[at]
+        logits = teacher.lm_head(hidden).float()
+    top = topk_teacher_logits(logits, 64, 1.0)
+    targets = TeacherTargets(top.values, top.indices, top.tail_logmass)
+
+    def teacher_body():
+        with torch.inference_mode():
+            teacher.model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+    def teacher_head():
+        with torch.inference_mode():
+            teacher.lm_head(hidden)
+
+    def student_step(tail: bool):
+        out = student.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[at]
+        cfg = LossConfig(distill_loss_weight=1.0, logits_topk=64, topk_tail=tail)
+        fused_head_distill_loss(out, student.lm_head.weight, None, labels[at], targets, cfg, float(at.sum())).loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return {
+        "label_rows": int(at.sum()),
+        "tokens": int(mask.sum()),
+        "teacher body": median_ms(teacher_body),
+        "teacher output layer (label rows)": median_ms(teacher_head),
+        "teacher top-64": median_ms(lambda: topk_teacher_logits(logits, 64)),
+        "teacher top-64 + tail": median_ms(lambda: topk_teacher_logits(logits, 64, 1.0)),
+        "student step, top-64 + tail": median_ms(lambda: student_step(True)),
+        "student step, top-64 no tail": median_ms(lambda: student_step(False)),
+    }
 
 
 # --- the driver ------------------------------------------------------------------------------------------------
@@ -330,19 +395,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="/tmp/kubedistill-vs-trl")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny models, 1 round, 2 + 3 steps")
     parser.add_argument("--only", nargs="+", choices=list(CONTENDERS), help="run only these contenders")
-    parser.add_argument("--worker", choices=["trl", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of the contenders: kubedistill's step part by part, each alone on one thread")
+    parser.add_argument("--worker", choices=["trl", "torch", "profile"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:  # a contender's subprocess
         spec = json.loads(Path(args.spec).read_text())
-        result = (run_trl if args.worker == "trl" else run_torch_loop)(spec)
+        result = {"trl": run_trl, "torch": run_torch_loop, "profile": run_profile}[args.worker](spec)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 
     if args.quick:
         args.rounds, args.warmup, args.steps = 1, 2, 3
-    if not Path(args.trl_python).is_file():
+    if not Path(args.trl_python).is_file() and not args.profile:
         raise SystemExit(f"error: {args.trl_python} not found; create the benchmark's environment first (see the "
                          f"docstring: python -m venv .venv-bench && .venv-bench/bin/pip install torch==2.13.0 trl ...)")
     sizes = SIZES["quick" if args.quick else "full"]
@@ -351,6 +418,13 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     spec = _build(workdir, sizes, args.warmup + args.steps, args.threads)
     spec.update(warmup=args.warmup, steps=args.steps)
+    if args.profile:
+        parts = _subprocess(sys.executable, "profile", {**spec, "threads": 1})
+        print(f"kubedistill's step in parts, each alone on 1 thread, median of 5 (first timed batch: "
+              f"{parts.pop('tokens')} tokens, {parts.pop('label_rows')} label rows):")
+        for name, ms in parts.items():
+            print(f"  {name:<36} {ms:7.1f} ms")
+        return 0
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "trainer"), os.environ.get("PYTHONPATH")]))
 
     from distill_trainer.pipeline import ensure_ray
