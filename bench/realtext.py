@@ -35,9 +35,10 @@ reports, not the mixed training loss), perplexity its exp. Rows give the median 
   .venv/bin/python bench/realtext.py                     # the full table (~40 min on 2 shared cores)
   .venv/bin/python bench/realtext.py --quick --out /tmp/rt   # smoke run, tiny everything (~1 min)
 
-``KUBEDISTILL_NUM_THREADS`` is set from ``--threads`` (default 1: torch threads per Ray actor; teacher
-and student actors take turns within a step, so 1 keeps the run on one core and steady while the machine
-is shared). KD rows use the top-k "tail bucket" (``topk_tail: true``, the default: k tokens plus the
+``--threads`` (default 1) is the torch threads of each Ray actor of a KD run; with ``overlap_teacher``, the
+default, the teacher computes the next step's targets while the student trains, so a KD run keeps
+2 × threads cores busy, and SFT-only runs (the teacher's and the students') get 2 × threads for their one
+actor: the same hardware, which is what "equal wall time" compares. KD rows use the top-k "tail bucket" (``topk_tail: true``, the default: k tokens plus the
 teacher's mass outside them); ``--renorm OBJECTIVE...`` adds rows at ``distill_loss_weight`` 1 with
 ``topk_tail: false`` (both sides renormalized over the top-k, the original pipeline's math) for reference
 (default: forward_kl).
@@ -292,7 +293,10 @@ class Bench:
         log_path = Path(config.output_dir) / "console.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "w") as log, contextlib.redirect_stdout(log):  # a line per step: into the run's log
-            result = DistillPipeline(config, num_threads=self.args.threads, console=False).run()
+            # Equal hardware: an SFT-only run has one actor, a KD run two (teacher and student, overlapped),
+            # so SFT gets the threads of both.
+            threads = self.args.threads * (2 if config.distill_loss_weight == 0 else 1)
+            result = DistillPipeline(config, num_threads=threads, console=False).run()
         run.wall_s = time.perf_counter() - started
         run.step_s, run.curve = read_metrics(Path(config.logging_dir))
         if not run.curve:
@@ -427,8 +431,8 @@ class Bench:
         cpu = _cpu_model()
         load_end = os.getloadavg()
         lines.append(f"code: {_code_version()}")
-        lines.append(f"machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch threads per "
-                     f"actor {args.threads} (KUBEDISTILL_NUM_THREADS)")
+        lines.append(f"machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch threads: "
+                     f"{args.threads} per actor of a KD run (teacher and student), {2 * args.threads} for SFT-only runs")
         lines.append(f"other work: load average {load_start[0]:.1f} at start, {min(self.loads):.1f}-{max(self.loads):.1f} "
                      f"at run starts, {load_end[0]:.1f} at end (this benchmark alone adds about 1)")
         lines.append(f"teacher {n_teacher / 1e6:.2f}M params ({_shape(s.teacher)}), {s.teacher_steps} steps of batch "
