@@ -5,9 +5,9 @@ Per optimizer step: draw the global batch (``gradient_accumulation_steps`` micro
 loss terms), and hand each data-parallel rank its slice: teacher rank r computes its targets and the result goes
 straight to student rank r, which runs forward/backward and the optimizer step; the driver only adds up the
 ranks' sums. With ``overlap_teacher`` (the default) the driver hands the teacher step k+1's batches as soon as the
-student has step k's, so the teacher computes k+1's targets while the student trains on k: one step ahead at
-most (the channel's slots: ``workers.CHANNEL_SLOTS``), the same batches in the same order, hence the same
-losses and weights bit for bit as with the two taking turns. Evaluation every ``eval_steps``, an atomic checkpoint every ``save_steps``, and both at the last step.
+student has step k's, one call per micro-batch, so the teacher computes the next micro-batch's targets while the
+student trains on the current one (a bounded queue: ``workers.channel_slots``), the same batches in the same
+order, hence the same losses and weights bit for bit as with the two taking turns. Evaluation every ``eval_steps``, an atomic checkpoint every ``save_steps``, and both at the last step.
 The driver owns the trainer state (step, data position) and the checkpoint directory; each student rank writes
 its own model and optimizer state into it.
 
@@ -73,8 +73,8 @@ class Prepared:
 class StepWork:
     """One step's work as handed out: each data-parallel rank's slice of the global batch (in the object store),
     the label and input tokens of the global batch (and Σ tokens·width over its micro-batches, for the attention
-    FLOPs), each teacher rank's pending targets (ObjectRefs; none in SFT-only runs), and the data position after
-    this step's batches (what a checkpoint of this step records)."""
+    FLOPs), each teacher rank's pending targets (a list of ObjectRefs, one per micro-batch; none in SFT-only
+    runs), and the data position after this step's batches (what a checkpoint of this step records)."""
 
     slices: list[Any]
     label_tokens: int
@@ -328,8 +328,10 @@ class DistillPipeline:
         token_positions = sum(n * b["input_ids"].shape[1] for n, b in zip(input_tokens, micro_batches))
         slices = [ray.put(micro_batches[d * accumulation : (d + 1) * accumulation]) for d in range(layout.dp_size)]
         rank_slices = [slices[layout.of_rank(rank).dp_rank] for rank in range(len(workers.students))]
-        # The teacher's result goes to the student of the same rank as an ObjectRef, not through the driver.
-        teacher_outputs = [teacher.forward.remote(rank_slices[rank]) for rank, teacher in enumerate(workers.teachers)]
+        # The teacher's results go to the student of the same rank as ObjectRefs (one per micro-batch, in order),
+        # not through the driver; the student waits for each when it starts that micro-batch.
+        teacher_outputs = [[teacher.forward.remote(rank_slices[rank], i) for i in range(accumulation)]
+                           for rank, teacher in enumerate(workers.teachers)]
         return StepWork(rank_slices, label_tokens, sum(input_tokens), token_positions, teacher_outputs,
                         DataCursor(**vars(batches.cursor)))
 

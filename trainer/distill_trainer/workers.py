@@ -7,15 +7,20 @@ student rank i share bundle i, hence the device and host, so the teacher's targe
 port rank 0 picks; the strategy of each rank (``strategies.STRATEGIES[strategy_name]``) is built once the group
 is up.
 
-``TeacherWorker.forward`` runs its strategy over the micro-batches of one step and publishes their targets as
-one ``LogitsHandle``; the driver passes that result (an ObjectRef) straight to ``StudentWorker.train_step`` of
-the same rank, which opens it and runs ``forward_backward`` + ``optimizer_step`` of its strategy with the run's
-one loss (``distill_loss``). Both are plain classes (usable without Ray).
+``TeacherWorker.forward`` runs its strategy over one micro-batch of a step (the driver makes one call per
+micro-batch) and publishes its targets as a ``LogitsHandle``; the driver passes those results (ObjectRefs)
+straight to ``StudentWorker.train_step`` of the same rank, which opens them and runs ``forward_backward`` +
+``optimizer_step`` of its strategy with the run's one loss (``distill_loss``). Both are plain classes (usable
+without Ray).
 
-With ``overlap_teacher`` the driver gives a teacher rank step k+1's batches while its student rank trains on
-step k: Ray runs an actor's calls in order, so the teacher is at most ``TEACHER_STEPS_AHEAD`` step ahead, and its
-channel has ``CHANNEL_SLOTS`` slots, one per step in flight, so that it publishes k+1 into a slot the student
-released at the end of step k-1 and never waits for step k's.
+With ``overlap_teacher`` the driver gives a teacher rank step k+1's micro-batches while its student rank trains
+on step k (Ray runs an actor's calls in order: the teacher is at most one step ahead), and a student whose
+strategy streams its micro-batches (``TrainStrategy.streams_micro_batches``: the torch strategies) takes each
+micro-batch's targets only when it starts that micro-batch and frees its channel slot when it takes the next.
+The channel is then a bounded queue of ``channel_slots`` = 2 micro-batches: the teacher computes micro-batch
+k+1 while the student trains on k, and waits (in ``publish``) rather than run further ahead. A student that
+takes a step's micro-batches all at once (Megatron's schedule; or without the overlap, when the two take turns)
+holds a step's worth of slots, and its teacher gets another step's worth to work a step ahead in.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -43,8 +48,18 @@ from .strategies.base import MicroBatch, OptimizerStepResult, RankContext, StepS
 
 log = logging.getLogger(__name__)
 
-TEACHER_STEPS_AHEAD = 1  # steps whose targets the teacher computes before the student has finished the current one
-CHANNEL_SLOTS = TEACHER_STEPS_AHEAD + 1  # the step the student reads + the steps the teacher writes ahead
+def streams_teacher_targets(config: DistillConfig) -> bool:
+    """Whether the student takes each micro-batch's teacher targets as they arrive (see the module docstring)."""
+    return config.overlap_teacher and strategy_class(config.student.strategy_args.strategy_name).streams_micro_batches
+
+
+def channel_slots(config: DistillConfig) -> int:
+    """Slots of a teacher rank's channel, one per micro-batch whose targets may be in flight at once: streaming,
+    the one the student trains on + the one the teacher writes; otherwise the step the student holds + the
+    next step, which the teacher computes meanwhile."""
+    if streams_teacher_targets(config):
+        return 2
+    return 2 * config.student.training_args.gradient_accumulation_steps
 
 
 def _setup_process(seed: int, num_threads: int, on_gpu: bool) -> torch.device:
@@ -113,7 +128,7 @@ class _Rank:
 
 @dataclass(frozen=True)
 class TeacherOutput:
-    """One step's targets of one teacher rank: a handle to the concatenated rows of its micro-batches (None on
+    """Targets of one teacher rank for one or more micro-batches: a handle to their concatenated rows (None on
     ranks that have no logits), how many rows each micro-batch has, and how long it took."""
 
     handle: LogitsHandle | None
@@ -137,22 +152,26 @@ class TeacherWorker(_Rank):
     ):
         super().__init__(config, "teacher", rank, world_size, on_gpu, num_threads)
         self.vocab = vocab
-        self.publisher = make_transport(transport, CHANNEL_SLOTS)
+        self.publisher = make_transport(transport, channel_slots(config))
         self.strategy = None
 
     def use_transport(self, kind: TransportKind) -> None:
         """Publish through ``kind`` from now on (set once the student rank's place is known)."""
         if kind != self.publisher.kind:
             self.publisher.close()
-            self.publisher = make_transport(kind, CHANNEL_SLOTS)
+            self.publisher = make_transport(kind, channel_slots(self.config))
 
     def build(self) -> None:
         self.strategy = strategy_class(self.config.teacher.strategy_args.strategy_name)(
             self.config, self.rank_context(), self.vocab
         )
 
-    def forward(self, batches: Sequence[dict[str, torch.Tensor]]) -> TeacherOutput:
+    def forward(self, batches: Sequence[dict[str, torch.Tensor]], index: int | None = None) -> TeacherOutput:
+        """The targets of ``batches`` (or only of ``batches[index]``), published on this rank's channel; waits
+        for a free slot when the student still holds every one."""
         start = time.perf_counter()
+        if index is not None:
+            batches = [batches[index]]
         parts = [self.strategy.forward(_micro_batch(batch)) for batch in batches]
         forward_done = time.perf_counter()
         if any(part is None for part in parts):  # a rank without logits (not the last pipeline stage)
@@ -189,6 +208,74 @@ class EvalSums:
     counted: bool = True
 
 
+class _TeacherFeed:
+    """The teacher's targets of one step's micro-batches, as the student takes them: each fetched (its ObjectRef
+    resolved, its handle opened) on first use and released once; with the seconds spent on each part."""
+
+    def __init__(self, receiver: LogitsReceiver, outputs: Sequence | None, count: int, device: torch.device):
+        """``outputs``: one per micro-batch (a ``TeacherOutput`` or the ObjectRef of one), or None (no teacher)."""
+        self.receiver, self.device = receiver, device
+        self.outputs = [None] * count if outputs is None else outputs
+        if len(self.outputs) != count:
+            raise ValueError(f"{len(self.outputs)} teacher outputs for {count} micro-batches")
+        self._targets: dict[int, TeacherTargets | None] = {}
+        self._held: dict[int, LogitsHandle] = {}  # opened and not yet released, by micro-batch
+        self.forward_seconds = self.publish_seconds = self.open_seconds = self.wait_seconds = 0.0
+
+    def targets(self, index: int) -> TeacherTargets | None:
+        if index in self._targets:
+            return self._targets[index]
+        output = self.outputs[index]
+        if output is not None and not isinstance(output, TeacherOutput):  # an ObjectRef: wait for the teacher
+            import ray
+
+            start = time.perf_counter()
+            output = ray.get(output)
+            self.wait_seconds += time.perf_counter() - start
+        targets = None
+        if output is not None and output.handle is not None:  # None: a rank without logits (not the last stage)
+            self.forward_seconds += output.forward_seconds
+            self.publish_seconds += output.publish_seconds
+            start = time.perf_counter()
+            self._held[index] = output.handle
+            (targets,) = TeacherTargets.from_tensors(self.receiver.open(output.handle)).to(self.device).split(
+                list(output.rows))
+            self.open_seconds += time.perf_counter() - start
+        self._targets[index] = targets
+        return targets
+
+    def release(self, index: int) -> None:
+        handle = self._held.pop(index, None)
+        if handle is not None:
+            self.receiver.release(handle)
+
+    def release_all(self) -> None:
+        for key in list(self._held):
+            self.release(key)
+
+
+class _StreamedMicroBatches(Sequence[MicroBatch]):
+    """A step's micro-batches for a strategy that streams them (``TrainStrategy.streams_micro_batches``): each
+    waits for its teacher targets only when taken, and taking the next frees the previous one's channel slot."""
+
+    def __init__(self, batches: Sequence[dict[str, torch.Tensor]], feed: _TeacherFeed):
+        self.batches, self.feed = batches, feed
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index):
+        if not isinstance(index, int):
+            raise TypeError("streamed micro-batches are taken one at a time, in order")
+        return _micro_batch(self.batches[index], self.feed.targets(index))
+
+    def __iter__(self):
+        for index in range(len(self.batches)):
+            if index:
+                self.feed.release(index - 1)  # its forward, loss and backward are done
+            yield self[index]
+
+
 class StudentWorker(_Rank):
     """Student rank: its strategy's training step on ``distill_loss``, evaluation, and its part of checkpoints."""
 
@@ -220,35 +307,33 @@ class StudentWorker(_Rank):
         if resume_from:
             self.strategy.load(resume_from)
 
-    def _teacher_targets(self, teacher: TeacherOutput | None, count: int) -> list[TeacherTargets | None]:
-        if teacher is None or teacher.handle is None:
-            return [None] * count
-        tensors = self.receiver.open(teacher.handle)
-        targets = TeacherTargets.from_tensors(tensors).to(self.device)
-        return targets.split(list(teacher.rows))
-
     def train_step(
-        self, batches: Sequence[dict[str, torch.Tensor]], teacher: TeacherOutput | None, normalizer: float
+        self, batches: Sequence[dict[str, torch.Tensor]], teacher: Sequence | None, normalizer: float
     ) -> StudentStepResult:
-        """One optimizer step on this rank's micro-batches; ``normalizer`` = label tokens of the global batch."""
+        """One optimizer step on this rank's micro-batches; ``normalizer`` = label tokens of the global batch.
+
+        ``teacher``: None (SFT only), or one output per micro-batch, each a ``TeacherOutput`` or the ObjectRef of
+        one (what ``TeacherWorker.forward`` returns), taken when its micro-batch starts.
+        """
         start = time.perf_counter()
+        feed = _TeacherFeed(self.receiver, teacher, len(batches), self.device)
         try:
-            targets = self._teacher_targets(teacher, len(batches))
-            opened = time.perf_counter()
-            micro_batches = [_micro_batch(batch, target) for batch, target in zip(batches, targets)]
+            if teacher is not None and streams_teacher_targets(self.config):
+                micro_batches: Sequence[MicroBatch] = _StreamedMicroBatches(batches, feed)
+            else:
+                micro_batches = [_micro_batch(batch, feed.targets(i)) for i, batch in enumerate(batches)]
             stats = self.strategy.forward_backward(micro_batches, make_loss_fn(self.loss_config, normalizer))
-            update = self.strategy.optimizer_step()
         finally:
-            if teacher is not None and teacher.handle is not None:
-                self.receiver.release(teacher.handle)  # done reading: the teacher may rewrite that slot
+            feed.release_all()  # done reading: the teacher may rewrite those slots
+        update = self.strategy.optimizer_step()
         if not self.rank_context().counted:
             stats = StepStats(counted=False)
         return StudentStepResult(
             stats,
             update,
-            teacher.forward_seconds if teacher else 0.0,
-            (teacher.publish_seconds if teacher else 0.0) + opened - start,
-            time.perf_counter() - opened,
+            feed.forward_seconds,
+            feed.publish_seconds + feed.open_seconds,
+            time.perf_counter() - start - feed.open_seconds - feed.wait_seconds,
         )
 
     def evaluate(self) -> EvalSums:

@@ -168,6 +168,11 @@ class TrainStrategy(ABC):
     ``config.student_pretrain``; ``load`` then restores a checkpoint when resuming."""
 
     name: ClassVar[str]
+    # True when ``forward_backward`` takes its micro-batches one at a time, in order, each done with (forward,
+    # loss and backward) before it takes the next, and reads none again: then the worker may hand them over as
+    # the teacher's targets arrive and free a micro-batch's channel slot when the next one is taken. False:
+    # the worker gives it every micro-batch of the step up front.
+    streams_micro_batches: ClassVar[bool] = False
 
     @abstractmethod
     def __init__(self, config: "DistillConfig", rank: RankContext, vocab: "VocabInfo"): ...

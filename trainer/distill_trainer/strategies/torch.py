@@ -148,6 +148,7 @@ class TorchTrainStrategy(TrainStrategy):
     """Trainable model with AdamW, a warmup+decay schedule and gradient clipping (the student)."""
 
     name = "torch_train"
+    streams_micro_batches = True  # forward_backward: one pass over them, backward before the next
 
     def __init__(self, config, rank: RankContext, vocab):
         from transformers import get_scheduler
