@@ -30,9 +30,9 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 
 import torch
 
@@ -47,6 +47,7 @@ from .strategies import strategy_class
 from .strategies.base import MicroBatch, OptimizerStepResult, RankContext, StepStats
 
 log = logging.getLogger(__name__)
+
 
 def streams_teacher_targets(config: DistillConfig) -> bool:
     """Whether the student takes each micro-batch's teacher targets as they arrive (see the module docstring)."""
