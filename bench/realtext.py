@@ -36,10 +36,10 @@ reports, not the mixed training loss), perplexity its exp. Rows give the median 
   .venv/bin/python bench/realtext.py --quick --out /tmp/rt   # smoke run, tiny everything (~1 min)
 
 ``--threads`` (default 1) is the torch threads of each Ray actor of a KD run; with ``overlap_teacher``, the
-default, the teacher computes the next step's targets while the student trains, so a KD run keeps
+default, the teacher computes the next micro-batch's targets while the student trains, so a KD run keeps
 2 × threads cores busy, and SFT-only runs (the teacher's and the students') get 2 × threads for their one
-actor: the same hardware, which is what "equal wall time" compares. KD rows use the top-k "tail bucket" (``topk_tail: true``, the default: k tokens plus the
-teacher's mass outside them); ``--renorm OBJECTIVE...`` adds rows at ``distill_loss_weight`` 1 with
+actor: the same hardware, which is what "equal wall time" compares. KD rows use the top-k "tail bucket"
+(``topk_tail: true``, the default: k tokens plus the teacher's mass outside them); ``--renorm OBJECTIVE...`` adds rows at ``distill_loss_weight`` 1 with
 ``topk_tail: false`` (both sides renormalized over the top-k, the original pipeline's math) for reference
 (default: forward_kl).
 """

@@ -7,7 +7,8 @@ straight to student rank r, which runs forward/backward and the optimizer step; 
 ranks' sums. With ``overlap_teacher`` (the default) the driver hands the teacher step k+1's batches as soon as the
 student has step k's, one call per micro-batch, so the teacher computes the next micro-batch's targets while the
 student trains on the current one (a bounded queue: ``workers.channel_slots``), the same batches in the same
-order, hence the same losses and weights bit for bit as with the two taking turns. Evaluation every ``eval_steps``, an atomic checkpoint every ``save_steps``, and both at the last step.
+order, hence the same losses and weights bit for bit as with the two taking turns. Evaluation every
+``eval_steps``, an atomic checkpoint every ``save_steps``, and both at the last step.
 The driver owns the trainer state (step, data position) and the checkpoint directory; each student rank writes
 its own model and optimizer state into it.
 
