@@ -322,7 +322,9 @@ receiver.close()
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a CUDA device, and this machine has none")
 def test_cuda_ipc_handle_round_trips_to_another_process_without_copies():
-    publisher = make_transport("cuda_ipc", slots=1)
+    # release="stream": the reader process exits before the second publish, and an event of an ended process
+    # cannot be opened (the event path is checked by tests/gpu/gpu_check.py, with a live student).
+    publisher = make_transport("cuda_ipc", slots=1, release="stream")
     try:
         sent = {"values": torch.randn(16, 8, device="cuda"),
                 "indices": torch.randint(0, 100, (16, 8), device="cuda", dtype=torch.int32)}
@@ -338,4 +340,134 @@ def test_cuda_ipc_handle_round_trips_to_another_process_without_copies():
         again = publisher.publish(sent)  # the reader released the only slot: no wait, the same exported buffer
         assert again.cuda == handle.cuda and again.sequence == 2
     finally:
+        publisher.close()
+
+
+def test_cuda_ipc_refuses_the_cuda_malloc_async_backend(monkeypatch):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")
+    with pytest.raises(RuntimeError, match="PYTORCH_CUDA_ALLOC_CONF='backend:cudaMallocAsync' selects the "
+                                           "cudaMallocAsync backend, which cannot export"):
+        CudaIpc().publish({"logits": torch.zeros(2, 2)})
+
+
+def test_cuda_ipc_refuses_the_cuda_malloc_async_backend_in_use(monkeypatch):
+    # What torch reports once CUDA is up (the backend may come from a setting this process cannot read back).
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "cudaMallocAsync")
+    with pytest.raises(RuntimeError, match="backend in use is cudaMallocAsync"):
+        channel.check_allocator_for_ipc()
+
+
+ALLOCATOR_SET_FROM_CODE = """
+import sys, torch
+from distill_trainer.channel import CudaIpc
+torch._C._accelerator_setAllocatorSettings(sys.argv[1])  # what torch.cuda.memory._set_allocator_settings calls
+try:
+    CudaIpc().publish({"logits": torch.zeros(2, 2)})
+except RuntimeError as error:
+    print(error)
+"""
+
+
+@pytest.mark.parametrize("setting, reason", [("expandable_segments:True", "pidfd_getfd"),
+                                             ("backend:cudaMallocAsync", "cannot export")])
+def test_cuda_ipc_refuses_allocator_settings_made_from_code(setting, reason):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    done = subprocess.run([sys.executable, "-c", ALLOCATOR_SET_FROM_CODE, setting], capture_output=True, text=True,
+                          timeout=120, env=env, check=True)
+    assert f"settings made from code ('{setting}')" in done.stdout and reason in done.stdout, done.stdout + done.stderr
+
+
+class FakeEvent:
+    """torch.cuda.Event at the boundary: records what was done to it (CUDA calls mocked; no GPU here)."""
+
+    log: list = []
+    count = 0
+
+    def __init__(self, interprocess=False):
+        assert interprocess
+        FakeEvent.count += 1
+        self.handle = f"event-{FakeEvent.count}".encode().ljust(64, b"\0")
+
+    def record(self, stream):
+        FakeEvent.log.append(("record", self.handle[:7], stream))
+
+    def ipc_handle(self):
+        return self.handle
+
+    @classmethod
+    def from_ipc_handle(cls, device, handle):
+        opened = cls.__new__(cls)
+        opened.handle = handle
+        FakeEvent.log.append(("open", handle[:7], device))
+        return opened
+
+
+class FakeStream:
+    def __init__(self, name):
+        self.name = name
+
+    def wait_event(self, event):
+        FakeEvent.log.append(("wait", event.handle[:7], self.name))
+
+    def synchronize(self):
+        FakeEvent.log.append(("synchronize", self.name))
+
+
+def test_a_cuda_ipc_release_records_an_event_that_the_teachers_stream_waits_on(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    FakeEvent.log = []
+    teacher, student = CudaIpc(slots=2), CudaIpc()
+    try:
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream("student"))
+        slot, sequence = teacher._next_slot()  # the ring's first publish in slot 0 (the control segment appears)
+        export = channel.CudaExport("tk_0_1", "GPU-0", (), "event")
+        handle = teacher._handle((), slot, sequence, cuda=export)
+        student._opened[export.key] = torch.zeros(8, dtype=torch.uint8)  # as if opened: a stand-in for the buffer
+        teacher._wait_for_student_reads(slot, "cuda:0")
+        assert FakeEvent.log == []  # a slot's first use waits for nothing
+        student.release(handle)
+        assert FakeEvent.log == [("record", b"event-1", student_stream := FakeEvent.log[0][2])]
+        assert student_stream.name == "student" and int(teacher._released[slot]) == sequence
+        # The ring comes back to slot 0: the teacher's stream waits on the student's event, opened from its handle.
+        teacher._next_slot()
+        slot_again, _ = teacher._next_slot()
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream("teacher"))
+        teacher._wait_for_student_reads(slot_again, "cuda:0")
+        assert slot_again == slot and FakeEvent.log[1:] == [("open", b"event-1", "cuda:0"),
+                                                            ("wait", b"event-1", "teacher")]
+        # "stream": the student synchronizes instead, and records nothing.
+        FakeEvent.log = []
+        student.release(channel.LogitsHandle("cuda_ipc", (), cuda=channel.CudaExport("tk_0_1", "GPU-0", (), "stream"),
+                                             slot=0, sequence=3, control=handle.control))
+        assert FakeEvent.log == [("synchronize", "teacher")]
+    finally:
+        student.close()
+        teacher.close()
+
+
+def test_event_handles_round_trip_through_a_control_entry():
+    control = memoryview(bytearray(3 * (8 + CudaIpc.entry_extra_bytes)))
+    assert channel.read_event_handle(control, 3, 1) == b""
+    channel.write_event_handle(control, 3, 1, b"x" * 64)
+    channel.write_event_handle(control, 3, 2, b"y" * 64)
+    assert channel.read_event_handle(control, 3, 1) == b"x" * 64 and channel.read_event_handle(control, 3, 2) == b"y" * 64
+    assert bytes(control[: 8 * 3]) == bytes(24)  # the released sequence numbers are untouched
+    with pytest.raises(ValueError, match="does not fit"):
+        channel.write_event_handle(control, 3, 0, b"z" * 65)
+
+
+def test_a_publish_says_how_long_it_waited_for_its_slot():
+    publisher, receiver = make_transport("shared_memory", slots=1), LogitsReceiver()
+    try:
+        handle = publisher.publish({"logits": torch.zeros(4, 4)})
+        assert publisher.last_wait_seconds < 0.5
+        receiver.open(handle)
+        import threading
+
+        threading.Timer(0.3, receiver.release, args=(handle,)).start()
+        publisher.publish({"logits": torch.ones(4, 4)})  # waits until the timer releases the only slot
+        assert publisher.last_wait_seconds >= 0.25
+    finally:
+        receiver.close()
         publisher.close()

@@ -14,9 +14,11 @@ Transports (``Transport``: ``publish`` on the teacher; ``open`` and ``release`` 
   GPU by UUID and the student maps it to its own index. The teacher copies its targets into the slot and
   synchronizes its stream before it returns the handle (torch makes a consumer wait on the producer's event
   only the first time it opens a storage, so a reused buffer needs this each time).
-  ``expandable_segments`` must stay off in the teacher (``PYTORCH_CUDA_ALLOC_CONF``): with it torch exports
-  memory as a file descriptor that the consumer fetches with ``pidfd_getfd``, which unprivileged
-  containers (Kubernetes pods without CAP_SYS_PTRACE) refuse; ``CudaIpc`` refuses to start with it on.
+  The allocator must export plain device allocations (``check_allocator_for_ipc``, at the first publish): with
+  ``expandable_segments`` torch exports memory as a file descriptor that the consumer fetches with
+  ``pidfd_getfd``, which unprivileged containers (Kubernetes pods without CAP_SYS_PTRACE) refuse; the
+  ``cudaMallocAsync`` backend cannot export at all. Both are refused, whether set in the environment
+  (``PYTORCH_CUDA_ALLOC_CONF`` / ``PYTORCH_ALLOC_CONF``) or from code.
 - ``SharedMemory`` (same host): the teacher copies into named POSIX shared-memory segments it owns (a ring
   of slots); the student maps the same pages, so what crosses Ray is a name, shapes and offsets.
 - ``ObjectStore`` (other hosts, or ``logits_transfer_backend: ray``): the tensors go as numpy arrays, which
@@ -25,12 +27,24 @@ Transports (``Transport``: ``publish`` on the teacher; ``open`` and ``release`` 
 Slot protocol (the two same-host transports). A publisher has ``slots`` buffers used in turn, and a small
 control segment in shared memory holding, per slot, the sequence number the reader has released. Each
 handle carries its slot and sequence number (1, 2, ... per publisher). The student calls ``release(handle)``
-when its step is done with the tensors (after synchronizing its CUDA stream), which writes that sequence
+when its step is done with the tensors, which writes that sequence
 number into the slot's entry. Before the teacher rewrites a slot it waits until the entry holds the sequence
-number it last published there (``SlotBusyError`` after ``wait_seconds``): a slot is never rewritten while a
-reader holds it, whatever the order in which the driver calls the two sides. Segments and CUDA buffers are
-reused, so steady state allocates nothing; a slot grows (new segment or buffer, new export) when a step's
-tensors do not fit.
+number it last published there (``SlotBusyError`` after ``wait_seconds``; ``last_wait_seconds`` says how long
+the last publish waited): a slot is never rewritten while a reader holds it, whatever the order in which the
+driver calls the two sides. Segments and CUDA buffers are reused, so steady state allocates nothing; a slot
+grows (new segment or buffer, new export) when a step's tensors do not fit.
+
+On a GPU the student's kernels that read a slot may still be queued when its step calls ``release``. Two ways
+to make the release safe, chosen by the teacher (``CudaIpc(release=...)``; the handle tells the student):
+
+- ``"event"`` (default): the student records an interprocess CUDA event of its own on its current stream and
+  puts the event's IPC handle in the slot's control entry before the sequence number; the teacher's stream
+  waits on that event (``wait_event``: a wait on the GPU, the teacher's host does not stall) before it copies
+  into the slot. The student's record precedes its sequence number, and its next record on that slot comes
+  only after the teacher's next publish there, so the teacher waits on exactly the reads it is about to
+  overwrite.
+- ``"stream"``: the student synchronizes its current stream before it releases (its CPU stops launching ahead
+  on every micro-batch).
 
 Leftover segments: a teacher killed with SIGKILL (with its whole process group, as Ray does when the driver
 dies) never unlinks its segments, and each can be tokens x vocabulary x 4 bytes of /dev/shm. A segment's name
@@ -68,8 +82,11 @@ _ALIGN = 64  # bytes; keeps every tensor in a segment cache-line aligned
 SHM_DIR = Path("/dev/shm")  # where Linux keeps POSIX shared-memory segments, one file each
 _SEGMENT_NAME = re.compile(r"^kd_([0-9a-z]+)_([0-9a-z]+)_([0-9a-z]+)_[0-9a-f]+_(?:\d+|c)_[0-9a-f]+$")
 DEFAULT_WAIT_SECONDS = 600.0  # how long a publisher waits for the reader to release a slot
-# A PyTorch allocator setting that breaks CUDA IPC in unprivileged containers (see the module docstring).
+# Where PyTorch reads its allocator settings from the environment (see check_allocator_for_ipc).
 _ALLOC_CONF_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+# A CUDA IPC event handle (cudaIpcEventHandle_t) is 64 bytes; a control entry holds its length, then the handle.
+_EVENT_HANDLE_BYTES = 64
+ReleaseWait = Literal["event", "stream"]
 
 
 class SlotBusyError(RuntimeError):
@@ -151,6 +168,7 @@ class CudaExport:
     key: str  # publisher, slot and generation: the student rebuilds each key once
     gpu: str  # the buffer's GPU UUID
     args: tuple
+    release: ReleaseWait = "event"  # how the student makes its release safe (module docstring)
 
 
 @dataclass(frozen=True)
@@ -286,6 +304,7 @@ class Transport(ABC):
     """
 
     kind: ClassVar[TransportKind]
+    last_wait_seconds: float = 0.0  # teacher: how long the last publish waited for the reader to free its slot
 
     @abstractmethod
     def publish(self, tensors: dict[str, torch.Tensor]) -> LogitsHandle:
@@ -334,6 +353,9 @@ class _SlotRing(Transport):
     """The slot protocol of the same-host transports (module docstring): which slot the teacher writes next,
     waiting until the student has released it, and the student's release."""
 
+    # Bytes per slot after the released sequence numbers in the control segment (CudaIpc: the student's event).
+    entry_extra_bytes: ClassVar[int] = 0
+
     def __init__(self, slots: int, wait_seconds: float):
         if slots < 1:
             raise ValueError(f"slots must be at least 1, not {slots}")
@@ -350,12 +372,14 @@ class _SlotRing(Transport):
         """The slot to write next and its sequence number, once the reader has released that slot."""
         if self._control is None:
             self._control = shared_memory.SharedMemory(
-                name=f"{_owner_prefix()}_{self._token}_c_{uuid.uuid4().hex[:6]}", create=True, size=8 * self.slots
+                name=f"{_owner_prefix()}_{self._token}_c_{uuid.uuid4().hex[:6]}", create=True,
+                size=(8 + self.entry_extra_bytes) * self.slots,
             )
             self._released = np.ndarray((self.slots,), dtype=np.int64, buffer=self._control.buf)
             self._released[:] = 0
         slot = self._sequence % self.slots
-        deadline = time.monotonic() + self.wait_seconds
+        started = time.monotonic()
+        deadline = started + self.wait_seconds
         while int(self._released[slot]) < self._published[slot]:
             if time.monotonic() >= deadline:
                 raise SlotBusyError(
@@ -364,6 +388,7 @@ class _SlotRing(Transport):
                     f"call release(handle) when it is done with the tensors"
                 )
             time.sleep(0.0005)
+        self.last_wait_seconds = time.monotonic() - started
         self._sequence += 1
         self._published[slot] = self._sequence
         return slot, self._sequence
@@ -372,14 +397,20 @@ class _SlotRing(Transport):
         assert self._control is not None
         return LogitsHandle(self.kind, specs, slot=slot, sequence=sequence, control=self._control.name, **where)
 
+    def _control_of(self, name: str) -> tuple[shared_memory.SharedMemory, np.ndarray]:
+        """Student: the control segment ``name`` and its released sequence numbers, attached once."""
+        entry = self._controls.get(name)
+        if entry is None:
+            segment = _attach_segment(name)
+            slots = segment.size // (8 + self.entry_extra_bytes)
+            entry = self._controls[name] = (segment, np.ndarray((slots,), np.int64, segment.buf))
+        return entry
+
     def release(self, handle: LogitsHandle) -> None:
         if handle.control is None:
             return
-        entry = self._controls.get(handle.control)
-        if entry is None:
-            segment = _attach_segment(handle.control)
-            entry = self._controls[handle.control] = (segment, np.ndarray((segment.size // 8,), np.int64, segment.buf))
-        entry[1][handle.slot] = handle.sequence  # one aligned 8-byte store: the teacher sees old or new, never half
+        _, released = self._control_of(handle.control)
+        released[handle.slot] = handle.sequence  # one aligned 8-byte store: the teacher sees old or new, never half
 
     def close(self) -> None:
         self._released = None  # the array holds an export of the segment's buffer
@@ -461,15 +492,59 @@ class SharedMemory(_SlotRing):
         super().close()
 
 
-def refuse_expandable_segments() -> None:
-    """CUDA IPC of memory from expandable segments needs ``pidfd_getfd``, which unprivileged containers refuse."""
+_EXPANDABLE = re.compile(r"expandable_segments\s*:\s*true", re.IGNORECASE)
+_ASYNC_BACKEND = re.compile(r"backend\s*:\s*cudamallocasync", re.IGNORECASE)
+
+
+def _allocator_problem(settings: str) -> Optional[str]:
+    """Why allocator settings ``settings`` break CUDA IPC, or None when they do not."""
+    if _EXPANDABLE.search(settings):
+        return ("enables expandable_segments: its CUDA IPC exports would need pidfd_getfd, which unprivileged "
+                "containers refuse")
+    if _ASYNC_BACKEND.search(settings):
+        return "selects the cudaMallocAsync backend, which cannot export its memory through CUDA IPC"
+    return None
+
+
+def check_allocator_for_ipc() -> None:
+    """Refuse allocator settings under which the teacher's CUDA IPC exports fail (module docstring): from the
+    environment (named), from code (``torch._C._accelerator_setAllocatorSettings``, which is what
+    ``torch.cuda.memory._set_allocator_settings`` calls), and the allocator backend actually in use."""
+    fix = ("Leave it out of the teacher's environment (system_envs / teacher.system_envs) and code, or use "
+           "logits_transfer_backend: ray")
     for var in _ALLOC_CONF_VARS:
-        if re.search(r"expandable_segments\s*:\s*true", os.environ.get(var, ""), re.IGNORECASE):
-            raise RuntimeError(
-                f"{var}={os.environ[var]!r} enables expandable_segments in the teacher: its CUDA IPC exports would "
-                f"need pidfd_getfd, which unprivileged containers refuse. Leave it off in the teacher's environment "
-                f"(system_envs / teacher.system_envs), or use logits_transfer_backend: ray"
-            )
+        problem = _allocator_problem(os.environ.get(var, ""))
+        if problem:
+            raise RuntimeError(f"{var}={os.environ[var]!r} {problem}. {fix}")
+    live = getattr(torch._C, "_accelerator_getAllocatorSettings", None)  # absent in older torch
+    settings = live() if live is not None else ""
+    problem = _allocator_problem(settings)
+    if problem:
+        raise RuntimeError(f"the CUDA allocator's settings made from code ({settings!r}) {problem}. {fix}")
+    if torch.cuda.is_initialized() and torch.cuda.get_allocator_backend() == "cudaMallocAsync":
+        raise RuntimeError(f"the CUDA allocator backend in use is cudaMallocAsync, which cannot export its memory "
+                           f"through CUDA IPC. {fix}")
+
+
+def _event_entry(control: memoryview, slots: int, slot: int) -> memoryview:
+    """The bytes of ``slot``'s event entry in a CudaIpc control segment: after the ``slots`` released sequence
+    numbers, per slot an int64 length and the student's event IPC handle."""
+    start = 8 * slots + slot * CudaIpc.entry_extra_bytes
+    return control[start : start + CudaIpc.entry_extra_bytes]
+
+
+def write_event_handle(control: memoryview, slots: int, slot: int, handle: bytes) -> None:
+    if len(handle) > _EVENT_HANDLE_BYTES:
+        raise ValueError(f"a CUDA IPC event handle of {len(handle)} bytes does not fit in {_EVENT_HANDLE_BYTES}")
+    entry = _event_entry(control, slots, slot)
+    entry[8 : 8 + len(handle)] = handle
+    entry[:8] = len(handle).to_bytes(8, "little")  # the length last: a handle is complete once it is non-zero
+
+
+def read_event_handle(control: memoryview, slots: int, slot: int) -> bytes:
+    """The student's event handle of ``slot`` (empty before its first release there)."""
+    entry = _event_entry(control, slots, slot)
+    return bytes(entry[8 : 8 + int.from_bytes(entry[:8], "little")])
 
 
 def rebuild_cuda_export(export: CudaExport) -> torch.Tensor:
@@ -486,27 +561,40 @@ def rebuild_cuda_export(export: CudaExport) -> torch.Tensor:
 
 
 class CudaIpc(_SlotRing):
-    """A ring of CUDA buffers on the teacher, each exported once; the student rebuilds each once and keeps it."""
+    """A ring of CUDA buffers on the teacher, each exported once; the student rebuilds each once and keeps it.
+
+    ``release``: how a student's release protects the slot from the teacher's next write (module docstring).
+    """
 
     kind = "cuda_ipc"
+    entry_extra_bytes = 8 + _EVENT_HANDLE_BYTES  # the student's release event, per slot
 
     def __init__(self, slots: int = 2, wait_seconds: float = DEFAULT_WAIT_SECONDS,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, release: ReleaseWait = "event"):
         super().__init__(slots, wait_seconds)
+        if release not in ("event", "stream"):
+            raise ValueError(f"release must be 'event' or 'stream', not {release!r}")
         self.device = device
+        self.release_wait = release
+        self._allocator_checked = False
         self._buffers: list[Optional[torch.Tensor]] = [None] * slots  # teacher: flat uint8 buffers
         self._exports: list[Optional[CudaExport]] = [None] * slots
         self._generation = 0
+        self._student_events: dict[bytes, torch.cuda.Event] = {}  # teacher: the student's events, by IPC handle
         self._opened: dict[str, torch.Tensor] = {}  # student: rebuilt buffers by export key
+        self._events: dict[tuple[str, int], torch.cuda.Event] = {}  # student: its release event per (control, slot)
 
     def publish(self, tensors: dict[str, torch.Tensor]) -> LogitsHandle:
         from torch.multiprocessing.reductions import reduce_tensor
 
-        refuse_expandable_segments()
+        if not self._allocator_checked:
+            check_allocator_for_ipc()
+            self._allocator_checked = True
         device = self.device or next((t.device for t in tensors.values() if t.is_cuda),
                                      torch.device("cuda", torch.cuda.current_device()))
         specs, nbytes = _layout(tensors)
         slot, sequence = self._next_slot()
+        self._wait_for_student_reads(slot, device)
         buffer = self._buffers[slot]
         if buffer is None or buffer.numel() < nbytes:
             # The old buffer goes back to torch, which keeps it allocated while the student still maps it.
@@ -516,13 +604,26 @@ class CudaIpc(_SlotRing):
             self._buffers[slot] = buffer
             _, args = reduce_tensor(buffer)
             self._exports[slot] = CudaExport(f"{self._token}_{slot}_{self._generation}",
-                                             gpu_uuid(buffer.device.index), tuple(args))
+                                             gpu_uuid(buffer.device.index), tuple(args), self.release_wait)
         for spec in specs:
             _byte_view(buffer, spec).copy_(tensors[spec.name].detach(), non_blocking=True)
         # The student reads on its own stream in another process: the data must be complete before the handle
         # leaves (torch syncs on the producer's event only the first time a storage is opened).
         torch.cuda.current_stream(buffer.device).synchronize()
         return self._handle(specs, slot, sequence, cuda=self._exports[slot])
+
+    def _wait_for_student_reads(self, slot: int, device: torch.device) -> None:
+        """Teacher, event mode: order this stream's next writes after the student's reads of ``slot`` (the
+        student recorded its event before it released the slot, which ``_next_slot`` has seen)."""
+        if self.release_wait != "event" or self._control is None:
+            return
+        handle = read_event_handle(self._control.buf, self.slots, slot)
+        if not handle:  # the slot's first use: nothing to wait for
+            return
+        event = self._student_events.get(handle)
+        if event is None:
+            event = self._student_events[handle] = torch.cuda.Event.from_ipc_handle(device, handle)
+        torch.cuda.current_stream(device).wait_event(event)
 
     def open(self, handle: LogitsHandle) -> dict[str, torch.Tensor]:
         export = handle.cuda
@@ -536,15 +637,40 @@ class CudaIpc(_SlotRing):
             buffer = self._opened[export.key] = rebuild_cuda_export(export)
         return {spec.name: _byte_view(buffer, spec) for spec in handle.tensors}
 
+    def buffer_of(self, handle: LogitsHandle) -> Optional[torch.Tensor]:
+        """Student: the rebuilt buffer that ``handle``'s opened tensors are views of (None if not opened)."""
+        return self._opened.get(handle.cuda.key) if handle.cuda is not None else None
+
     def release(self, handle: LogitsHandle) -> None:
-        buffer = self._opened.get(handle.cuda.key) if handle.cuda is not None else None
-        if buffer is not None:
-            torch.cuda.current_stream(buffer.device).synchronize()  # our kernels that read the slot are done
+        buffer = self.buffer_of(handle)
+        if buffer is not None and handle.control is not None:
+            stream = torch.cuda.current_stream(buffer.device)
+            if handle.cuda.release == "event":
+                self._record_release_event(handle, stream)
+            else:
+                stream.synchronize()  # our kernels that read the slot are done
         super().release(handle)
+
+    def _record_release_event(self, handle: LogitsHandle, stream) -> None:
+        """Student: mark the end of this stream's reads of the slot with our event; the first time, put the
+        event's IPC handle in the slot's control entry (before ``release`` writes the sequence number)."""
+        key = (handle.control, handle.slot)
+        event = self._events.get(key)
+        if event is None:
+            # Interprocess events must have timing off (the default); recorded first, so it is created on
+            # the buffer's device.
+            event = self._events[key] = torch.cuda.Event(interprocess=True)
+            event.record(stream)
+            segment, released = self._control_of(handle.control)
+            write_event_handle(segment.buf, len(released), handle.slot, event.ipc_handle())
+        else:
+            event.record(stream)
 
     def close(self) -> None:
         self._buffers = [None] * self.slots
         self._exports = [None] * self.slots
+        self._student_events.clear()
+        self._events.clear()
         self._opened.clear()
         if torch.cuda.is_initialized():
             torch.cuda.ipc_collect()  # free exported blocks whose consumers are gone
@@ -554,10 +680,12 @@ class CudaIpc(_SlotRing):
 TRANSPORTS: dict[str, type[Transport]] = {t.kind: t for t in (CudaIpc, SharedMemory, ObjectStore)}
 
 
-def make_transport(kind: TransportKind, slots: int = 2) -> Transport:
-    """The teacher's side of transport ``kind``."""
+def make_transport(kind: TransportKind, slots: int = 2, *, release: ReleaseWait = "event") -> Transport:
+    """The teacher's side of transport ``kind`` (``release`` applies to CUDA IPC only)."""
     if kind == "object_store":
         return ObjectStore()
+    if kind == "cuda_ipc":
+        return CudaIpc(slots, release=release)
     return TRANSPORTS[kind](slots)
 
 
@@ -580,6 +708,12 @@ class LogitsReceiver:
 
     def release(self, handle: LogitsHandle) -> None:
         self._reader(handle.transport).release(handle)
+
+    def buffer_of(self, handle: LogitsHandle) -> Optional[torch.Tensor]:
+        """The rebuilt CUDA buffer an opened CUDA IPC handle's tensors are views of; None for other transports
+        (for checks that the hand-off is zero-copy)."""
+        reader = self._readers.get(handle.transport)
+        return reader.buffer_of(handle) if isinstance(reader, CudaIpc) else None
 
     def close(self) -> None:
         for reader in self._readers.values():
