@@ -104,3 +104,37 @@ def test_full_disk_at_a_save_names_the_disk_and_the_intact_checkpoint(tiny_setup
     assert str(error.value).startswith(
         f"no space left on {small_tmpfs}: checkpoint-2 not written; the previous checkpoint-1 is intact")
     assert checkpoints(small_tmpfs) == ["checkpoint-1"]
+
+
+def test_a_teacher_channel_over_its_memory_limit_is_refused_before_ray_with_its_size(tiny_setup, tmp_path):
+    # Full-vocabulary targets of 4 x 32 rows: 2 slots (the streaming torch student), 4 without the overlap (the
+    # student then holds a step's 2 micro-batches while the teacher computes the next step's).
+    from distill_trainer.models import check_shared_vocab
+
+    vocab = check_shared_vocab(str(tiny_setup.student), str(tiny_setup.teacher)).size
+    slot = (4 * 32 * vocab * 4 + 63) // 64 * 64 * 1.25  # one micro-batch's fp32 logits, 64-byte aligned, headroom
+    limit = 3 * slot / 2**30  # room for 3 slots
+    for overlap, slots in ((True, 2), (False, 4)):
+        config = config_from_dict(tiny_config_dict(tiny_setup, tmp_path, logits_topk=0, channel_memory_limit_gb=limit,
+                                                   overlap_teacher=overlap))
+        if slots <= 3:
+            prepare(config)
+            continue
+        with pytest.raises(ConfigError) as error:
+            prepare(config)
+        message = str(error.value)
+        assert f"needs {4 * slot / 2**30:.1f} GiB per teacher rank, over channel_memory_limit_gb={limit:g}" in message
+        assert "4 slots (2 x gradient_accumulation_steps" in message and f"128 rows of fp32 full-vocabulary logits "\
+            f"({vocab:,} columns)" in message and "Set logits_topk" in message
+
+
+def test_the_channel_limit_counts_top_k_targets_not_the_vocabulary(tiny_setup, tmp_path):
+    tiny = 1e-4  # GiB: ~107 KB, under what 4 slots of full-vocabulary targets take
+    full = config_from_dict(tiny_config_dict(tiny_setup, tmp_path, logits_topk=0, overlap_teacher=False,
+                                             channel_memory_limit_gb=tiny))
+    with pytest.raises(ConfigError, match="full-vocabulary logits"):
+        prepare(full)
+    assert not (tmp_path / "output").exists()  # refused before anything was written
+    top = config_from_dict(tiny_config_dict(tiny_setup, tmp_path, logits_topk=16, overlap_teacher=False,
+                                            channel_memory_limit_gb=tiny))
+    prepare(top)  # 4 slots x 128 rows x (16 values + 16 indices + the tail): about 90 KB

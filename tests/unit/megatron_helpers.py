@@ -54,18 +54,20 @@ def write_tiny_model(directory: str, family: str, *, tied: bool, seed: int, laye
     return directory
 
 
-def fake_config(student: str, teacher: str | None = None, *, topk: int = 0, max_steps: int = 5, lr: float = 1e-2):
+def fake_config(student: str, teacher: str | None = None, *, topk: int = 0, max_steps: int = 5, lr: float = 1e-2,
+                dtype: str = "fp32", warmup_steps: int = 1):
     """The fields of DistillConfig the Megatron strategies read (a duck-typed stand-in)."""
     training_args = SimpleNamespace(
         learning_rate=lr,
         lr_scheduler_type="linear",
-        warmup_steps=1,
+        warmup_steps=warmup_steps,
         weight_decay=0.01,
         max_grad_norm=1.0,
         adam_beta1=0.9,
         adam_beta2=0.999,
     )
-    model_args = SimpleNamespace(dtype="fp32")
+    model_args = SimpleNamespace(dtype=dtype)
+    strategy_args = SimpleNamespace(sequence_parallel=False)
     return SimpleNamespace(
         student_pretrain=student,
         teacher_pretrain=teacher or student,
@@ -75,8 +77,8 @@ def fake_config(student: str, teacher: str | None = None, *, topk: int = 0, max_
         kd_temperature=1.0,
         teacher_temperature=1.0,
         max_steps=max_steps,
-        student=SimpleNamespace(model_args=model_args, training_args=training_args),
-        teacher=SimpleNamespace(model_args=model_args),
+        student=SimpleNamespace(model_args=model_args, training_args=training_args, strategy_args=strategy_args),
+        teacher=SimpleNamespace(model_args=model_args, strategy_args=strategy_args),
     )
 
 

@@ -261,3 +261,35 @@ def test_pure_topk_kd_without_the_tail_warns_at_startup_naming_the_fields():
         with_changes(distill_loss_weight=1.0, logits_topk=0, topk_tail=False),  # full vocabulary
     ):
         assert startup_warnings(config_from_dict(safe), has_chat_template=True) == []
+
+
+@pytest.mark.parametrize(
+    "student, teacher, weight, expected",
+    [
+        (None, None, 0.5, (0.45, 0.45)),  # unset: half of 0.9 each
+        (None, None, 0.0, (0.9, None)),  # no teacher: the student has the GPU
+        (0.6, None, 0.5, (0.6, 0.3)),  # one side set: the other gets 0.9 minus it
+        (None, 0.25, 0.5, (0.65, 0.25)),
+        (0.5, 0.5, 0.5, (0.5, 0.5)),
+    ],
+)
+def test_each_side_gets_a_documented_share_of_the_gpu(student, teacher, weight, expected):
+    from distill_trainer.config import gpu_memory_fraction
+
+    data = with_changes(distill_loss_weight=weight,
+                        student={**BASE["student"], "gpu_memory_fraction": student},
+                        teacher={"gpu_memory_fraction": teacher})
+    config = config_from_dict(data)
+    assert gpu_memory_fraction(config, "student") == pytest.approx(expected[0])
+    if expected[1] is not None:
+        assert gpu_memory_fraction(config, "teacher") == pytest.approx(expected[1])
+
+
+def test_shares_of_one_gpu_over_the_whole_are_refused_naming_the_field():
+    with pytest.raises(ConfigError) as error:
+        config_from_dict(with_changes(student={**BASE["student"], "gpu_memory_fraction": 0.6},
+                                      teacher={"gpu_memory_fraction": 0.5}), source="my.yaml")
+    assert str(error.value).splitlines()[1] == ("  teacher.gpu_memory_fraction: teacher 0.5 + student 0.6 is more than "
+                                               "the whole GPU they share; lower it (got 0.5)")
+    with pytest.raises(ConfigError, match="student.gpu_memory_fraction"):
+        config_from_dict(with_changes(student={**BASE["student"], "gpu_memory_fraction": 1.0}))

@@ -82,6 +82,7 @@ _ALIGN = 64  # bytes; keeps every tensor in a segment cache-line aligned
 SHM_DIR = Path("/dev/shm")  # where Linux keeps POSIX shared-memory segments, one file each
 _SEGMENT_NAME = re.compile(r"^kd_([0-9a-z]+)_([0-9a-z]+)_([0-9a-z]+)_[0-9a-f]+_(?:\d+|c)_[0-9a-f]+$")
 DEFAULT_WAIT_SECONDS = 600.0  # how long a publisher waits for the reader to release a slot
+SLOT_HEADROOM = 1.25  # a slot grows to this times what a publish needs, so that varying widths rarely regrow it
 # Where PyTorch reads its allocator settings from the environment (see check_allocator_for_ipc).
 _ALLOC_CONF_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 # A CUDA IPC event handle (cudaIpcEventHandle_t) is 64 bytes; a control entry holds its length, then the handle.
@@ -192,6 +193,13 @@ def _layout(tensors: dict[str, torch.Tensor]) -> tuple[tuple[TensorSpec, ...], i
         nbytes = tensor.numel() * tensor.element_size()
         offset += (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
     return tuple(specs), max(offset, _ALIGN)
+
+
+def ring_bytes(tensors: dict[str, torch.Tensor], slots: int) -> int:
+    """What a ring of ``slots`` slots takes once every slot has held ``tensors`` (meta tensors will do): the
+    same-host transports' shared-memory segments or CUDA buffers."""
+    _, nbytes = _layout(tensors)
+    return slots * int(nbytes * SLOT_HEADROOM)
 
 
 def _view(buffer, spec: TensorSpec) -> torch.Tensor:
@@ -453,7 +461,7 @@ class SharedMemory(_SlotRing):
             # Grow with headroom so that varying batch widths do not reallocate every step.
             segment = shared_memory.SharedMemory(
                 name=f"{_owner_prefix()}_{self._token}_{slot}_{uuid.uuid4().hex[:6]}", create=True,
-                size=int(nbytes * 1.25),
+                size=int(nbytes * SLOT_HEADROOM),
             )
             self._segments[slot] = segment
         for spec in specs:
@@ -599,7 +607,7 @@ class CudaIpc(_SlotRing):
         if buffer is None or buffer.numel() < nbytes:
             # The old buffer goes back to torch, which keeps it allocated while the student still maps it.
             self._buffers[slot] = None
-            buffer = torch.empty(int(nbytes * 1.25), dtype=torch.uint8, device=device)
+            buffer = torch.empty(int(nbytes * SLOT_HEADROOM), dtype=torch.uint8, device=device)
             self._generation += 1
             self._buffers[slot] = buffer
             _, args = reduce_tensor(buffer)

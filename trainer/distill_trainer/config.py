@@ -69,6 +69,9 @@ MEGATRON_OPTIONS_NOT_YET_HONOURED: dict[str, Any] = {
 }
 # Set by Ray from device_mapping; a worker environment must not move a rank to another device.
 RESERVED_ENV = ("CUDA_VISIBLE_DEVICES",)
+# Of each GPU, what teacher and student together may reserve when neither sets gpu_memory_fraction: the rest is
+# for what no caching allocator counts (two CUDA contexts, NCCL's buffers).
+GPU_MEMORY_FOR_BOTH = 0.9
 
 
 def _data_files_schema(description: str) -> Any:
@@ -349,6 +352,16 @@ class WorkerConfig(_Strict):
         default_factory=dict,
         description="Environment variables of this side's worker processes, over the top-level system_envs.",
     )
+    gpu_memory_fraction: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Of each GPU, the share this side's rank may reserve (torch.cuda.set_per_process_memory_fraction; "
+        "a caching allocator keeps what it freed, which the other side of the GPU could not use). Unset: "
+        f"{GPU_MEMORY_FOR_BOTH / 2:g} each when a teacher runs, {GPU_MEMORY_FOR_BOTH:g} for a student alone; "
+        f"set on one side only, the other gets {GPU_MEMORY_FOR_BOTH:g} minus it. Teacher and student together "
+        "at most 1.",
+    )
 
     @field_validator("system_envs", mode="before")
     @classmethod
@@ -564,6 +577,14 @@ class DistillConfig(_Strict):
         "step ahead at most, the same batches in the same order: the same losses and weights bit for bit); "
         "false: the two take turns.",
     )
+    channel_memory_limit_gb: float = Field(
+        16.0,
+        gt=0,
+        description="Most memory (GiB) one teacher rank's channel ring may take: GPU memory for CUDA IPC, /dev/shm "
+        "for shared memory. Its size (slots x per_device_train_batch_size x sequence_length rows of top-k or full-"
+        "vocabulary fp32 targets, 1.25x headroom) is computed before the run starts, and a run that needs more is "
+        "refused with the figures.",
+    )
     device_peak_tflops: float | None = Field(
         None,
         gt=0,
@@ -680,6 +701,14 @@ class DistillConfig(_Strict):
             )
         for side in ("student", "teacher"):
             _check_strategy_options(side, getattr(self, side))
+        if self.distill_loss_weight > 0 and sum(gpu_memory_fraction(self, side) for side in ("student", "teacher")) > 1:
+            side = "teacher" if teacher.gpu_memory_fraction is not None else "student"
+            raise _field_error(
+                f"{side}.gpu_memory_fraction",
+                f"teacher {gpu_memory_fraction(self, 'teacher'):g} + student {gpu_memory_fraction(self, 'student'):g} "
+                "is more than the whole GPU they share; lower it",
+                getattr(self, side).gpu_memory_fraction,
+            )
         if self.max_steps is None and student.training_args.num_train_epochs is None:
             raise _field_error("max_steps", "required, or student.training_args.num_train_epochs (the original's way)")
         if student.data_args.file_name is None:
@@ -886,6 +915,19 @@ def worker_env(config: DistillConfig, role: Literal["student", "teacher"] | None
     if role is not None:
         env.update(getattr(config, role).system_envs)
     return env
+
+
+def gpu_memory_fraction(config: DistillConfig, side: Literal["student", "teacher"]) -> float:
+    """The share of each GPU ``side``'s rank may reserve (``WorkerConfig.gpu_memory_fraction``'s rules)."""
+    own = getattr(config, side).gpu_memory_fraction
+    if own is not None:
+        return own
+    if config.distill_loss_weight == 0:  # no teacher: the student has the GPU to itself
+        return GPU_MEMORY_FOR_BOTH
+    other = (config.teacher if side == "student" else config.student).gpu_memory_fraction
+    if other is not None:
+        return max(GPU_MEMORY_FOR_BOTH - other, 0.05)
+    return GPU_MEMORY_FOR_BOTH / 2
 
 
 def logits_transport(config: DistillConfig) -> Literal["same_device", "object_store"]:

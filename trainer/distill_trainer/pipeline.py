@@ -15,7 +15,9 @@ its own model and optimizer state into it.
 Everything the user can get wrong (config, model paths, vocabularies, data, writable output directories,
 another run's checkpoints in ``output_dir``) is checked before Ray starts and before anything is written.
 A step whose loss or gradient norm is NaN/inf is never applied: the run stops there (or skips the step,
-if configured), so no checkpoint is written from a non-finite state.
+if configured), so no checkpoint is written from a non-finite state. An fp16 student's loss-scale overflow
+(finite loss, gradients too large for the current scale) is skipped with a warning and the run goes on: the
+optimizer has lowered its scale, as mixed-precision training does.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint
+from .channel import SLOT_HEADROOM, ring_bytes
 from .config import (
     ConfigError,
     DistillConfig,
@@ -42,7 +45,7 @@ from .flops import ModelFlops, peak_flops_per_second
 from .models import VocabInfo, check_shared_vocab, load_tokenizer
 from .run_identity import RunIdentity, identity_of
 from .tracking import Tracker
-from .workers import StudentStepResult, Workers, create_workers, default_num_threads
+from .workers import StudentStepResult, Workers, channel_slots, create_workers, default_num_threads
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +119,7 @@ def prepare(config: DistillConfig) -> Prepared:
     if config.logits_topk > vocab.size:
         raise ConfigError(f"logits_topk={config.logits_topk} exceeds the vocabulary size {vocab.size}; use 0 for all")
     check_runtime_support(config)
+    check_channel_memory(config, vocab)
     tokenizer = load_tokenizer(config.student_pretrain, "student_pretrain")
     for warning in startup_warnings(config, has_chat_template=bool(getattr(tokenizer, "chat_template", None))):
         log.warning(warning)
@@ -143,6 +147,48 @@ def prepare(config: DistillConfig) -> Prepared:
     if resume is True:
         resume_from = checkpoint.resolve_resume_checkpoint(True, config.output_dir, identity)
     return Prepared(vocab, train, eval_examples, resume_from, identity)
+
+
+def check_channel_memory(config: DistillConfig, vocab: VocabInfo) -> None:
+    """Refuse (ConfigError, before Ray starts) a teacher channel larger than ``channel_memory_limit_gb``: its
+    slots each hold one micro-batch's targets, at most per_device_train_batch_size x sequence_length rows."""
+    if config.distill_loss_weight == 0:
+        return
+    import torch
+
+    from .distill_loss import TeacherTargets
+    from .models import model_vocab_size
+    from .strategies.megatron_bridge import padded_vocab_size
+
+    args = config.train_args
+    rows = args.per_device_train_batch_size * config.sequence_length
+    tp = config.teacher.strategy_args.tp_size
+    if config.logits_topk:
+        k, what = config.logits_topk, f"top-{config.logits_topk} values and indices"
+    elif tp == 1:
+        k, what = vocab.size, f"full-vocabulary logits ({vocab.size:,} columns)"
+    else:  # each TP rank ships its slice of the padded vocabulary
+        sizes = [model_vocab_size(config.student_pretrain), model_vocab_size(config.teacher_pretrain)]
+        k = padded_vocab_size(sizes, tp) // tp
+        what = f"full-vocabulary logits ({k:,} columns of each of {tp} TP ranks)"
+    indices = torch.empty(rows, k, dtype=torch.int32, device="meta") if config.logits_topk else None
+    tail = torch.empty(rows, device="meta") if config.logits_topk and config.topk_tail else None
+    targets = TeacherTargets(torch.empty(rows, k, device="meta"), indices, tail)
+    slots = channel_slots(config)
+    why_slots = ("the micro-batch the student trains on and the one the teacher writes" if slots == 2 else
+                 f"2 x gradient_accumulation_steps: the student holds a step's micro-batches at once")
+    needed = ring_bytes(targets.tensors(), slots)
+    limit = config.channel_memory_limit_gb * 2**30
+    if needed > limit:
+        raise ConfigError(
+            f"the teacher's channel needs {needed / 2**30:.1f} GiB per teacher rank, over channel_memory_limit_gb="
+            f"{config.channel_memory_limit_gb:g}: {slots} slots ({why_slots}) x {needed / slots / 2**30:.2f} GiB "
+            f"(one micro-batch each: per_device_train_batch_size {args.per_device_train_batch_size} x sequence_length "
+            f"{config.sequence_length} = {rows:,} rows of fp32 {what}, {SLOT_HEADROOM:g}x headroom). Set "
+            f"logits_topk (e.g. 64), lower per_device_train_batch_size or sequence_length, or raise "
+            f"channel_memory_limit_gb if the GPU (CUDA IPC) or /dev/shm (shared memory) has room for it beside both "
+            f"models."
+        )
 
 
 def ensure_ray() -> bool:
@@ -255,10 +301,16 @@ class DistillPipeline:
                 if config.overlap_teacher and workers.teachers and step < config.max_steps:
                     # The teacher starts on step k+1 now, while the students train on step k.
                     ahead = self._hand_out(workers, batches, pad)
-                metrics, applied = self._step_metrics(_get(calls), work, time.perf_counter() - started, flops)
+                results = _get(calls)
+                metrics, applied = self._step_metrics(results, work, time.perf_counter() - started, flops)
                 result.final_step, result.last_train_metrics = step, metrics
                 tracker.advance(step)
-                skipped_in_a_row = 0 if applied else skipped_in_a_row + 1
+                overflowed = not applied and all(r.update.loss_scale_overflow for r in results)
+                skipped_in_a_row = 0 if applied or overflowed else skipped_in_a_row + 1
+                if overflowed:
+                    tracker.log(step, metrics)
+                    log.warning("step %d: the fp16 gradients overflowed at the current loss scale; the update was "
+                                "skipped and the scale lowered", step)
                 if skipped_in_a_row:
                     tracker.log(step, metrics)  # the bad step is always on record
                     self._on_nonfinite(step, metrics, skipped_in_a_row, result.last_checkpoint)

@@ -161,6 +161,9 @@ class OptimizerStepResult:
     grad_norm: float  # global norm before clipping (all ranks); NaN/inf when the gradients were not finite
     lr: float  # the learning rate this step used
     applied: bool  # False: the loss or gradient norm was NaN/inf and the weights were left unchanged
+    # fp16 only: the gradients overflowed at the current loss scale (the loss was finite). The step was skipped
+    # and the scale lowered, as mixed-precision training does routinely; not an error of the run.
+    loss_scale_overflow: bool = False
 
 
 class TrainStrategy(ABC):

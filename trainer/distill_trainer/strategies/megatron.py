@@ -29,7 +29,9 @@ count, so the schedule is told not to rescale (``calculate_per_token_loss`` with
 tied-embedding gradients between first and last stage), the global gradient norm over TP/PP without
 duplicates, clipping and the inner AdamW step. The learning-rate schedule is transformers' (same as
 ``torch_train``) on the inner optimizer. A step whose loss on any rank, or whose gradient norm, is
-NaN/inf is not applied.
+NaN/inf is not applied. With fp16 the schedule scales each loss by the optimizer's dynamic loss scale
+(``grad_scale_func``, as Megatron's own loop sets it) and ``prepare_grads`` divides it out again; a step
+whose scaled gradients overflow is skipped and the scale lowered (``OptimizerStepResult.loss_scale_overflow``).
 
 Checkpoints: the student is exported in HF format (merged across TP and PP, padding rows dropped) to
 ``<dir>/student/`` by global rank 0; each rank writes its optimizer and scheduler state and RNG states to
@@ -118,7 +120,8 @@ def shared_padded_vocab(config, tp_size: int) -> int:
 class _MegatronModel:
     """What both strategies share: the parallel setup, the model stage of this rank and its logits view."""
 
-    def _setup(self, config, rank: RankContext, vocab, model_path: str, model_args, *, train: bool) -> None:
+    def _setup(self, config, rank: RankContext, vocab, model_path: str, worker, *, train: bool) -> None:
+        """``worker``: this side's section of the config (``config.student`` or ``config.teacher``)."""
         from transformers import AutoConfig
 
         self.config, self.rank, self.vocab = config, rank, vocab
@@ -133,8 +136,9 @@ class _MegatronModel:
         with cpu_device_mode():
             self.bridge = mb.make_bridge(
                 self.hf_config,
-                dtype=_DTYPES[model_args.dtype],
+                dtype=_DTYPES[worker.model_args.dtype],
                 padded_vocab=self.padded_vocab,
+                sequence_parallel=worker.strategy_args.sequence_parallel,
                 config_overrides=overrides,
             )
             self.module = mb.build_gpt_model(self.bridge)
@@ -195,7 +199,7 @@ class MegatronInferStrategy(_MegatronModel, InferStrategy):
     name = "megatron_infer"
 
     def __init__(self, config, rank: RankContext, vocab):
-        self._setup(config, rank, vocab, config.teacher_pretrain, config.teacher.model_args, train=False)
+        self._setup(config, rank, vocab, config.teacher_pretrain, config.teacher, train=False)
         self.module.eval()
         self.module.requires_grad_(False)
         self.topk = config.logits_topk
@@ -260,7 +264,7 @@ class MegatronTrainStrategy(_MegatronModel, TrainStrategy):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from transformers import get_scheduler
 
-        self._setup(config, rank, vocab, config.student_pretrain, config.student.model_args, train=True)
+        self._setup(config, rank, vocab, config.student_pretrain, config.student, train=True)
         args = config.student.training_args
         self.args = args
         with cpu_device_mode():
@@ -283,11 +287,18 @@ class MegatronTrainStrategy(_MegatronModel, TrainStrategy):
                     clip_grad=0.0,  # clipping is done in optimizer_step, after the NaN/inf check
                     bf16=dtype is torch.bfloat16,
                     fp16=dtype is torch.float16,
+                    # fp16's dynamic loss scale starts where torch.amp.GradScaler does; Megatron's 2^32 would skip
+                    # the first ~17 steps while it halves its way down.
+                    initial_loss_scale=2.0**16,
                     params_dtype=dtype,
                     use_distributed_optimizer=False,
                 ),
                 [self.model],
             )
+        # The schedule multiplies each loss by this before its backward (Megatron's own training loop sets it
+        # too): with fp16 the optimizer's dynamic loss scale, which prepare_grads divides out again; with bf16
+        # and fp32 a scale of 1. Without it fp16 gradients arrive divided by the scale (2^32 at first).
+        self.bridge.config.grad_scale_func = self.optimizer.scale_loss
         self._inner = [opt.optimizer for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
         self.schedulers = [
             get_scheduler(
@@ -356,9 +367,11 @@ class MegatronTrainStrategy(_MegatronModel, TrainStrategy):
             finalize_model_grads([self.model])  # DP all-reduce (a sum) and tied-embedding grads across PP
             finite = torch.tensor([1.0 if self._loss_finite else 0.0], device=self.device)
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank applies or skips the same step
-            self.optimizer.prepare_grads()
+            # Unscales the gradients; with fp16's loss scale also reports overflow and lowers the scale.
+            overflow = self.optimizer.prepare_grads()
             grad_norm = float(self.optimizer.get_grad_norm())
-            applied = bool(finite.item()) and math.isfinite(grad_norm)
+            loss_finite = bool(finite.item())
+            applied = loss_finite and not overflow and math.isfinite(grad_norm)
             if applied:
                 if self.args.max_grad_norm > 0:
                     self.optimizer.clip_grad_norm(self.args.max_grad_norm)
@@ -368,7 +381,8 @@ class MegatronTrainStrategy(_MegatronModel, TrainStrategy):
             self.optimizer.zero_grad(set_to_none=True)
             self.model.zero_grad_buffer()
         self._loss_finite = True
-        return OptimizerStepResult(grad_norm=grad_norm, lr=lr, applied=applied)
+        return OptimizerStepResult(grad_norm=grad_norm, lr=lr, applied=applied,
+                                   loss_scale_overflow=loss_finite and overflow)
 
     # -- evaluation by generation
 

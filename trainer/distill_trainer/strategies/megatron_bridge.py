@@ -13,8 +13,11 @@ Megatron's process groups. Three small adaptations make it usable here; each is 
 2. **RoPE base.** transformers 5 moved ``rope_theta`` into ``config.rope_parameters``; read it from
    there (or from ``rope_theta`` on older transformers). RoPE scaling (Llama 3's ``llama3``, YaRN) is
    refused rather than mis-converted: mbridge maps any scaling to a linear interpolation factor.
-3. **CPU.** Sequence parallel (mbridge turns it on whenever TP > 1) and the fused kernels are off on
-   CPU (``megatron_cpu.cpu_transformer_config_overrides``); ``use_cpu_initialization`` is on.
+3. **Sequence parallel as configured.** mbridge turns it on whenever TP > 1; here it is the configured
+   value on every path (``make_bridge(sequence_parallel=...)``). Megatron's local spec (torch norms, used
+   without TransformerEngine) asserts it off, so it is refused there with the reason.
+4. **CPU.** The fused kernels are off on CPU (``megatron_cpu.cpu_transformer_config_overrides``);
+   ``use_cpu_initialization`` is on.
 
 The model is built here, not by mbridge's ``get_model`` (which moves modules to CUDA and wraps them for
 its own trainer): ``build_gpt_model`` returns the bare ``GPTModel`` stage of this pipeline rank, and
@@ -78,11 +81,13 @@ def have_fused_softmax_kernel() -> bool:
     return True
 
 
-def make_bridge(hf_config, *, dtype: torch.dtype, padded_vocab: int, config_overrides: dict | None = None):
+def make_bridge(hf_config, *, dtype: torch.dtype, padded_vocab: int, sequence_parallel: bool = False,
+                config_overrides: dict | None = None):
     """The mbridge bridge for ``hf_config`` with the adaptations of the module docstring.
 
     Megatron's parallel state must be initialized (the bridge reads TP/PP sizes, ranks and groups from it).
-    ``config_overrides`` are extra TransformerConfig fields (e.g. recompute settings).
+    ``sequence_parallel`` is the configured value (``strategy_args.sequence_parallel``); ``config_overrides``
+    are extra TransformerConfig fields (e.g. recompute settings).
     """
     import mbridge  # noqa: F401  (registers the model types)
     from mbridge.core.bridge import _MODEL_REGISTRY
@@ -96,6 +101,13 @@ def make_bridge(hf_config, *, dtype: torch.dtype, padded_vocab: int, config_over
     if padded_vocab < hf_config.vocab_size:
         raise ValueError(f"padded_vocab={padded_vocab} is smaller than the model's vocab_size {hf_config.vocab_size}")
     rope_base(hf_config)  # refuse unsupported RoPE before building anything
+    use_te = have_transformer_engine() and not needs_cpu_shims()
+    if sequence_parallel and not use_te:
+        raise ValueError(
+            "sequence_parallel needs TransformerEngine: without it Megatron's local layer spec uses torch norms, "
+            "which do not support sequence parallelism; set sequence_parallel: false"
+            + (" (CPU ranks never have TransformerEngine)" if needs_cpu_shims() else "")
+        )
     overrides = dict(config_overrides or {})
     if needs_cpu_shims():
         overrides.update(cpu_transformer_config_overrides())
@@ -103,7 +115,8 @@ def make_bridge(hf_config, *, dtype: torch.dtype, padded_vocab: int, config_over
         # mbridge turns masked_softmax_fusion on; its kernel is Megatron's compiled extension, which a pip install
         # of megatron-core lacks: Megatron would import it on the first bf16 attention and fail.
         overrides.setdefault("masked_softmax_fusion", False)
-    use_te = have_transformer_engine() and not needs_cpu_shims()
+    # mbridge sets sequence_parallel = (tp > 1); the configured value wins on every path.
+    overrides["sequence_parallel"] = sequence_parallel
     adapted = type(f"Adapted{_MODEL_REGISTRY[model_type].__name__}", (_Adapted, _MODEL_REGISTRY[model_type]), {})
     adapted._overrides = overrides
     adapted._use_te = use_te

@@ -14,9 +14,11 @@ without CUDA, ``apply_cpu_shims()`` (idempotent, a no-op when CUDA is available)
   ``torch.cuda.FloatTensor``: the same math (scale by max_norm / (total_norm + 1e-6) when below 1) without it.
 
 and ``cpu_device_mode()`` is a ``TorchFunctionMode`` that turns ``device="cuda"`` (and ``cuda:N``) into
-CPU in factory calls and ``Tensor.cuda()`` into a no-op: ``get_default_causal_mask`` and
-``pipeline_parallel/schedules.py`` create tensors with a hard-coded ``device="cuda"``, and the tied
-output layer of the last PP stage is moved with ``.cuda()``. The strategy enters it around every Megatron call on CPU.
+CPU in factory calls, ``Tensor.cuda()`` into a no-op and ``Tensor.type()`` of a CPU tensor into its CUDA
+name: ``get_default_causal_mask`` and ``pipeline_parallel/schedules.py`` create tensors with a hard-coded
+``device="cuda"``, the tied output layer of the last PP stage is moved with ``.cuda()``, and the
+fp16/bf16 optimizer (``Float16OptimizerWithFloat16Params``) accepts only parameters whose ``type()`` is
+``torch.cuda.HalfTensor`` / ``BFloat16Tensor`` / ``FloatTensor``. The strategy enters it around every Megatron call on CPU.
 
 What is *not* shimmed, but configured (``cpu_transformer_config_overrides``): fused kernels are off
 (masked softmax, bias-dropout, RoPE and gradient-accumulation fusions), the model is built from the
@@ -114,12 +116,16 @@ def _is_cuda(device) -> bool:
 
 
 class _CudaToCpu(TorchFunctionMode):
-    """``device="cuda"`` in any torch call becomes ``"cpu"``."""
+    """``device="cuda"`` in any torch call becomes ``"cpu"``; a CPU tensor's ``type()`` names its CUDA type."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:  # e.g. the tied output layer's copy on the last PP stage
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # The fp16/bf16 optimizer sorts parameters by their type name and accepts only torch.cuda.* ones.
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs = dict(kwargs, device="cpu")
         return func(*args, **kwargs)
