@@ -910,10 +910,16 @@ def dump_config(config: DistillConfig) -> dict[str, Any]:
 
 
 def worker_env(config: DistillConfig, role: Literal["student", "teacher"] | None = None) -> dict[str, str]:
-    """Environment variables of a worker process: the top-level ``system_envs``, under ``role``'s own."""
+    """Environment variables of a worker process: the top-level ``system_envs``, under ``role``'s own; with
+    sequence parallel also ``CUDA_DEVICE_MAX_CONNECTIONS=1`` unless set there (Megatron's sequence-parallel
+    layers rely on the GPU running their communication and compute kernels in the order they were issued,
+    and the variable must be in the environment before CUDA starts)."""
     env = dict(config.system_envs)
     if role is not None:
-        env.update(getattr(config, role).system_envs)
+        worker = getattr(config, role)
+        env.update(worker.system_envs)
+        if worker.strategy_args.sequence_parallel:
+            env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     return env
 
 
