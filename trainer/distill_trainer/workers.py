@@ -3,9 +3,14 @@
 ``create_workers`` makes one placement-group bundle per entry of ``device_mapping`` (one CPU bundle when it is
 empty; CPU bundles too when the Ray cluster has no GPU, so the indices then name CPU ranks). Teacher rank i and
 student rank i share bundle i, hence the device and host, so the teacher's targets reach the student by CUDA IPC
-(same GPU) or shared memory (CPU ranks): ``channel.choose_transport`` decides from where the two actors really are. Each side's ranks form a torch.distributed group (gloo on CPU, nccl on GPU) whose address and
-port rank 0 picks; the strategy of each rank (``strategies.STRATEGIES[strategy_name]``) is built once the group
-is up.
+(same GPU) or shared memory (CPU ranks): ``channel.choose_transport`` decides from where the two actors really are.
+A GPU rank works on the GPU Ray assigned it, made its current CUDA device (``local_cuda_index`` finds its index,
+also when Ray leaves ``CUDA_VISIBLE_DEVICES`` alone), and may reserve only its side's share of that GPU
+(``config.gpu_memory_fraction``; it empties its allocator's cache once its model is built). Each side's ranks form a torch.distributed group (gloo on
+CPU, nccl on GPU, bound to the rank's device) through a TCPStore that rank 0 serves on a port it binds and keeps;
+the strategy of each rank (``strategies.STRATEGIES[strategy_name]``) is built once the group is up.
+``Workers.shutdown`` closes and kills the students before it closes the teachers, whose close frees the buffers
+the students map.
 
 ``TeacherWorker.forward`` runs its strategy over one micro-batch of a step (the driver makes one call per
 micro-batch) and publishes its targets as a ``LogitsHandle``; the driver passes those results (ObjectRefs)
@@ -28,7 +33,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,7 +42,7 @@ import torch
 
 from . import checkpoint
 from .channel import DeviceIdentity, LogitsHandle, LogitsReceiver, TransportKind, choose_transport, make_transport
-from .config import DistillConfig, logits_transport, worker_env
+from .config import DistillConfig, gpu_memory_fraction, logits_transport, worker_env
 from .data import Example, collate, eval_batches
 from .distill_loss import LossConfig, TeacherTargets, make_loss_fn
 from .models import VocabInfo
@@ -63,14 +67,64 @@ def channel_slots(config: DistillConfig) -> int:
     return 2 * config.student.training_args.gradient_accumulation_steps
 
 
-def _setup_process(seed: int, num_threads: int, on_gpu: bool) -> torch.device:
+# How long a rank waits for the others: to join the group (rank 0's store, the group's first handshake) and then in
+# each collective. Ranks build models of several GB in between; a too-short wait kills a healthy run.
+GROUP_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+def _setup_process(seed: int, num_threads: int) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     torch.manual_seed(seed)
-    return torch.device("cuda", 0) if on_gpu and torch.cuda.is_available() else torch.device("cpu")
+
+
+def local_cuda_index(gpu_ids: Sequence[int | str], visible_devices: str | None) -> int:
+    """The CUDA index, in this process, of the one GPU Ray assigned to it.
+
+    ``gpu_ids``: ``ray.get_gpu_ids()``, the GPU's id as the node's ``CUDA_VISIBLE_DEVICES`` names it (its physical
+    index when the node sets none). ``visible_devices``: this process's ``CUDA_VISIBLE_DEVICES`` (None: unset).
+    Ray usually narrows that to the actor's GPU, which is then index 0; but with
+    ``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1``, or an actor that sees several GPUs, assuming index 0 puts
+    every rank on GPU 0 (NCCL: "Duplicate GPU detected"). CUDA numbers the visible GPUs in the order listed.
+    """
+    ids = [str(gpu_id).strip() for gpu_id in gpu_ids]
+    found = f"Ray GPU ids {ids}, CUDA_VISIBLE_DEVICES={visible_devices!r}"
+    if len(ids) != 1:  # none: the actor asked for no GPU; several: which one would this rank's be?
+        raise RuntimeError(f"a rank needs exactly one GPU of its own; this actor has {found}")
+    (gpu,) = ids
+    not_visible = RuntimeError(f"GPU {gpu}, assigned by Ray, is not visible to this process ({found})")
+    if visible_devices is None:  # unset: CUDA sees every GPU of the node, numbered as Ray numbers them
+        if not gpu.isdigit():
+            raise not_visible
+        return int(gpu)
+    visible = [device.strip() for device in visible_devices.split(",")]
+    if gpu not in visible:
+        raise not_visible
+    return visible.index(gpu)
+
+
+def _assigned_cuda_device() -> torch.device:
+    """The GPU Ray assigned to this actor, made the current CUDA device (where allocations without an explicit
+    index, CUDA IPC buffers among them, land)."""
+    import ray
+
+    gpu_ids, visible_devices = ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES")
+    index = local_cuda_index(gpu_ids, visible_devices)
+    if index >= torch.cuda.device_count():  # e.g. the node has more GPUs than this container sees
+        raise RuntimeError(f"Ray GPU ids {gpu_ids} make CUDA device {index}, but this process sees only "
+                           f"{torch.cuda.device_count()} GPU(s) (CUDA_VISIBLE_DEVICES={visible_devices!r})")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def _rank_device(on_gpu: bool) -> torch.device:
+    """The device of a rank; on CPU without asking Ray anything, so that the plain classes work without Ray."""
+    if on_gpu and torch.cuda.is_available():
+        return _assigned_cuda_device()
+    return torch.device("cpu")
 
 
 def _micro_batch(batch: dict[str, torch.Tensor], teacher: TeacherTargets | None = None) -> MicroBatch:
@@ -86,34 +140,55 @@ class _Rank:
         self.rank = rank
         self.world_size = world_size
         self.on_gpu = on_gpu
-        self.device = _setup_process(config.seed, num_threads, on_gpu)
+        _setup_process(config.seed, num_threads)
+        self.device = _rank_device(on_gpu)
+        if self.device.type == "cuda":
+            # Teacher and student share the GPU, and each caching allocator keeps the blocks it freed: cap each.
+            torch.cuda.set_per_process_memory_fraction(gpu_memory_fraction(config, side), self.device)
         self.group = None
+        self._store = None  # the group's TCPStore (rank 0: the server), from rendezvous / init_group to close
 
     def device_identity(self) -> DeviceIdentity:
         """This rank's host and GPU, from which the channel's transport is chosen."""
         return DeviceIdentity.of(self.device)
 
     def rendezvous(self) -> tuple[str, int]:
-        """Rank 0: an address and a free port of this host for the side's group."""
+        """Rank 0: the address of this host and the port of the side's group store, which this rank now serves.
+
+        The store binds a free port and keeps it: a port found free and then closed could be taken by another
+        process before the group binds it.
+        """
         import ray
-
-        address = ray.util.get_node_ip_address()
-        with socket.socket() as sock:
-            sock.bind((address, 0))
-            return address, sock.getsockname()[1]
-
-    def init_group(self, address: str, port: int) -> None:
-        """Join the side's process group (every rank of the side calls this at the same time)."""
         import torch.distributed as dist
 
-        dist.init_process_group(
-            "nccl" if self.device.type == "cuda" else "gloo",
-            init_method=f"tcp://{address}:{port}",
-            rank=self.rank,
-            world_size=self.world_size,
-            timeout=datetime.timedelta(minutes=10),
-        )
+        address = ray.util.get_node_ip_address()
+        # wait_for_workers=False: the other ranks connect only in init_group, after this call has returned.
+        self._store = dist.TCPStore(address, 0, self.world_size, is_master=True, timeout=GROUP_TIMEOUT,
+                                    wait_for_workers=False)
+        return address, self._store.port
+
+    def init_group(self, address: str, port: int) -> None:
+        """Join the side's process group through rank 0's store (every rank of the side calls this at the same
+        time; rank 0 after its ``rendezvous``)."""
+        import torch.distributed as dist
+
+        if self.rank != 0:
+            self._store = dist.TCPStore(address, port, self.world_size, is_master=False, timeout=GROUP_TIMEOUT)
+        elif self._store is None:
+            raise RuntimeError("rank 0 serves the group's store: call rendezvous before init_group")
+        nccl = self.device.type == "cuda"
+        # device_id binds the NCCL communicator to this rank's GPU, rather than to whichever device is current.
+        bound = {"device_id": self.device} if nccl else {}
+        dist.init_process_group("nccl" if nccl else "gloo", store=self._store, rank=self.rank,
+                                world_size=self.world_size, timeout=GROUP_TIMEOUT, **bound)
         self.group = dist.group.WORLD
+
+    def _release_cached_memory(self) -> None:
+        """Give the blocks this rank's allocator cached while it built its model (weight loading, conversion)
+        back to the GPU the other side shares. Only then: in steady state the cap bounds the cache, and emptying
+        it on every micro-batch would stall this rank each time (freeing device memory synchronizes)."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def rank_context(self) -> RankContext:
         args = getattr(self.config, self.side).strategy_args
@@ -125,6 +200,7 @@ class _Rank:
         if self.group is not None and dist.is_initialized():
             dist.destroy_process_group()
             self.group = None
+        self._store = None  # rank 0: the last reference, once the group is gone; the store's server stops with it
 
 
 @dataclass(frozen=True)
@@ -166,6 +242,7 @@ class TeacherWorker(_Rank):
         self.strategy = strategy_class(self.config.teacher.strategy_args.strategy_name)(
             self.config, self.rank_context(), self.vocab
         )
+        self._release_cached_memory()
 
     def forward(self, batches: Sequence[dict[str, torch.Tensor]], index: int | None = None) -> TeacherOutput:
         """The targets of ``batches`` (or only of ``batches[index]``), published on this rank's channel; waits
@@ -307,6 +384,7 @@ class StudentWorker(_Rank):
         )
         if resume_from:
             self.strategy.load(resume_from)
+        self._release_cached_memory()
 
     def train_step(
         self, batches: Sequence[dict[str, torch.Tensor]], teacher: Sequence | None, normalizer: float
@@ -389,21 +467,42 @@ class Workers:
     layout: RankContext = field(default_factory=RankContext)  # world size and parallel sizes (rank 0's view)
 
     def shutdown(self) -> None:
+        """Close and kill the students, then the teachers; then free the bundles.
+
+        Students go first: a teacher's close frees the CUDA IPC buffers its student maps (torch warns that the
+        producer terminated, or a student still mid-step after a timeout reads freed memory). A student is killed
+        even when its close failed or timed out, so that none holds a mapping when the teachers close.
+        """
         import ray
 
-        actors = [*self.teachers, *self.students]
-        for actor in actors:
-            try:
-                ray.get(actor.close.remote(), timeout=30)
-            except Exception:  # the actor may already be dead; we are tearing down anyway
-                pass
-        for actor in actors:
-            ray.kill(actor)
+        for actors in (self.students, self.teachers):
+            _close_all(actors, timeout_s=30)
+            for actor in actors:
+                ray.kill(actor)
         ray.util.remove_placement_group(self.placement_group)
 
 
+def _close_all(actors: list, timeout_s: float) -> None:
+    """Ask every actor to close at once, then wait up to ``timeout_s`` in all; failures are ignored (an actor may
+    already be dead, and we are tearing down anyway: ray.kill follows)."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    closing = []
+    for actor in actors:
+        try:
+            closing.append(actor.close.remote())
+        except Exception:
+            pass
+    for done in closing:
+        try:
+            ray.get(done, timeout=max(0.0, deadline - time.monotonic()))
+        except Exception:
+            pass
+
+
 def _form_group(actors: list) -> None:
-    """Rank 0 picks the rendezvous address; every rank joins at once."""
+    """Rank 0 starts the group's store and names its address; every rank joins at once."""
     import ray
 
     if len(actors) > 1:
