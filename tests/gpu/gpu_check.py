@@ -338,13 +338,6 @@ def teacher_credit(forwards: list[tuple[float, float]], start: float, end: float
     return credited, busy
 
 
-def slot_bytes(tensor_bytes: list[int], align: int = 64) -> int:
-    """What a ring slot holds for tensors of these sizes: each aligned to ``align`` bytes, and 1.25 x that
-    (the channel grows a slot with headroom)."""
-    total = sum((n + align - 1) // align * align for n in tensor_bytes)
-    return int(max(total, align) * 1.25)
-
-
 # ------------------------------------------------------------------------------------------------ helpers
 
 
@@ -455,7 +448,7 @@ def _make_transport(kind: str, slots: int, release: str | None = None):
     """The teacher's side of ``kind``; ``release`` (CUDA IPC only) as the channel takes it; waits capped."""
     from distill_trainer.channel import make_transport
 
-    transport = make_transport(kind, slots, **({"release": release} if kind == "cuda_ipc" and release else {}))
+    transport = make_transport(kind, slots, release=release or "event")
     if hasattr(transport, "wait_seconds"):
         transport.wait_seconds = min(transport.wait_seconds, SLOT_WAIT_S)
     return transport
@@ -475,12 +468,10 @@ def _tensor_bytes(tensors: dict) -> list[int]:
 
 
 def _ring_bytes(tensors: dict, slots: int) -> int:
-    """What the channel's ring of ``slots`` takes for ``tensors`` (``channel.ring_bytes`` where it exists)."""
-    from distill_trainer import channel
+    """What the channel's ring of ``slots`` takes for ``tensors``."""
+    from distill_trainer.channel import ring_bytes
 
-    if hasattr(channel, "ring_bytes"):
-        return channel.ring_bytes(tensors, slots)
-    return slots * slot_bytes(_tensor_bytes(tensors))
+    return ring_bytes(tensors, slots)
 
 
 # ------------------------------------------------------------------------------------------------ processes
@@ -622,7 +613,7 @@ def _ipc_teacher(link: _Link, runs: list[dict], cases: list[tuple]) -> None:
             start = time.monotonic()
             handle = transport.publish(tensors)
             publish.append(time.monotonic() - start)
-            waits.append(float(getattr(transport, "last_wait_seconds", 0.0)))
+            waits.append(transport.last_wait_seconds)
             link.handles.put((handle, checksum))
             if step == 0:
                 link.to_teacher.get()  # the student has measured its first open while nothing else allocated
@@ -921,7 +912,7 @@ def _megatron_teacher(link: _Link, settings: dict) -> None:
                 start = time.monotonic()
                 handle = transport.publish(tensors)
                 publish.append(time.monotonic() - start)
-                waits.append(float(getattr(transport, "last_wait_seconds", 0.0)))
+                waits.append(transport.last_wait_seconds)
                 memory.append(_memory(device))
                 link.handles.put((handle, target.rows))
                 del target, tensors

@@ -584,7 +584,6 @@ class CudaIpc(_SlotRing):
             raise ValueError(f"release must be 'event' or 'stream', not {release!r}")
         self.device = device
         self.release_wait = release
-        self._allocator_checked = False
         self._buffers: list[Optional[torch.Tensor]] = [None] * slots  # teacher: flat uint8 buffers
         self._exports: list[Optional[CudaExport]] = [None] * slots
         self._generation = 0
@@ -595,9 +594,8 @@ class CudaIpc(_SlotRing):
     def publish(self, tensors: dict[str, torch.Tensor]) -> LogitsHandle:
         from torch.multiprocessing.reductions import reduce_tensor
 
-        if not self._allocator_checked:
+        if self._sequence == 0:  # the first publish
             check_allocator_for_ipc()
-            self._allocator_checked = True
         device = self.device or next((t.device for t in tensors.values() if t.is_cuda),
                                      torch.device("cuda", torch.cuda.current_device()))
         specs, nbytes = _layout(tensors)

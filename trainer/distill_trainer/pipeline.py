@@ -157,8 +157,6 @@ def check_channel_memory(config: DistillConfig, vocab: VocabInfo) -> None:
     import torch
 
     from .distill_loss import TeacherTargets
-    from .models import model_vocab_size
-    from .strategies.megatron_bridge import padded_vocab_size
 
     args = config.train_args
     rows = args.per_device_train_batch_size * config.sequence_length
@@ -168,8 +166,9 @@ def check_channel_memory(config: DistillConfig, vocab: VocabInfo) -> None:
     elif tp == 1:
         k, what = vocab.size, f"full-vocabulary logits ({vocab.size:,} columns)"
     else:  # each TP rank ships its slice of the padded vocabulary
-        sizes = [model_vocab_size(config.student_pretrain), model_vocab_size(config.teacher_pretrain)]
-        k = padded_vocab_size(sizes, tp) // tp
+        from .strategies.megatron import shared_padded_vocab
+
+        k = shared_padded_vocab(config, tp) // tp
         what = f"full-vocabulary logits ({k:,} columns of each of {tp} TP ranks)"
     indices = torch.empty(rows, k, dtype=torch.int32, device="meta") if config.logits_topk else None
     tail = torch.empty(rows, device="meta") if config.logits_topk and config.topk_tail else None
@@ -307,12 +306,12 @@ class DistillPipeline:
                 tracker.advance(step)
                 overflowed = not applied and all(r.update.loss_scale_overflow for r in results)
                 skipped_in_a_row = 0 if applied or overflowed else skipped_in_a_row + 1
+                if not applied:
+                    tracker.log(step, metrics)  # a step not applied is always on record
                 if overflowed:
-                    tracker.log(step, metrics)
                     log.warning("step %d: the fp16 gradients overflowed at the current loss scale; the update was "
                                 "skipped and the scale lowered", step)
-                if skipped_in_a_row:
-                    tracker.log(step, metrics)  # the bad step is always on record
+                elif skipped_in_a_row:
                     self._on_nonfinite(step, metrics, skipped_in_a_row, result.last_checkpoint)
                 logged = dict(metrics) if _is_due(step, config.logging_steps, config.max_steps) and applied else {}
                 if prepared.eval and _is_due(step, config.eval_steps, config.max_steps):
