@@ -15,9 +15,10 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, DistillConfig, compose_config, load_config
 from .data import DataError
 from .pipeline import NonFiniteLossError
+from .rank_failures import RankLostError
 
 # Mistakes in the user's config, data, output or resume paths, another run's checkpoints in output_dir, a
-# full disk, a diverged run: one message and exit status 2, no traceback.
+# full disk, a diverged run: one message and exit status 2, no traceback. A lost node or rank: its message, status 3.
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointError, NonFiniteLossError)
 
 
@@ -32,6 +33,9 @@ def launch(load: Callable[[], DistillConfig]) -> int:
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except RankLostError as error:  # not the user's mistake: the cluster lost a node or a rank's process
+        print(f"error: {error}", file=sys.stderr)
+        return 3
     print(f"finished at step {result.final_step}; checkpoint: {result.last_checkpoint}")
     for name, value in sorted(result.eval_metrics.items()):
         print(f"  {name} = {value:.4f}")

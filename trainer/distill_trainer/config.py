@@ -338,7 +338,8 @@ class WorkerConfig(_Strict):
     device_mapping: list[int] = Field(
         default_factory=list,
         description="Accelerator indices this worker's ranks occupy, e.g. [0,1] or 'list(range(0,8))'; "
-        "empty runs one rank on CPU. Without GPUs the indices name CPU ranks.",
+        "empty runs one rank on CPU. Without GPUs the indices name CPU ranks. The teacher's list has the "
+        "student's length (teacher rank i feeds student rank i); the same list keeps each pair on one device.",
     )
     use_sequence_packing: bool = Field(
         False, description="Only false: sequence packing is not supported (batches are padded per micro-batch)."
@@ -358,7 +359,8 @@ class WorkerConfig(_Strict):
         lt=1,
         description="Of each GPU, the share this side's rank may reserve (torch.cuda.set_per_process_memory_fraction; "
         "a caching allocator keeps what it freed, which the other side of the GPU could not use). Unset: "
-        f"{GPU_MEMORY_FOR_BOTH / 2:g} each when a teacher runs, {GPU_MEMORY_FOR_BOTH:g} for a student alone; "
+        f"{GPU_MEMORY_FOR_BOTH / 2:g} each when a teacher shares the GPU, {GPU_MEMORY_FOR_BOTH:g} for a side alone on "
+        "its GPUs (no teacher, or teacher.device_mapping apart from the student's); "
         f"set on one side only, the other gets {GPU_MEMORY_FOR_BOTH:g} minus it. Teacher and student together "
         "at most 1.",
     )
@@ -676,11 +678,14 @@ class DistillConfig(_Strict):
                     "parallel layout",
                     getattr(t, name),
                 )
-        if student.device_mapping != teacher.device_mapping:
+        if len(student.device_mapping) != len(teacher.device_mapping):
+            # Teacher rank i feeds student rank i. The same list puts each pair on one device (the hand-off stays
+            # there: CUDA IPC or shared memory); another list of the same length places the teacher elsewhere, and
+            # a pair on two hosts goes through the Ray object store (channel.choose_transport).
             raise _field_error(
                 "teacher.device_mapping",
-                f"must equal student.device_mapping {student.device_mapping}: each student rank reads the logits "
-                "of the teacher rank on its device",
+                f"must name as many devices as student.device_mapping {student.device_mapping} (teacher rank i "
+                "feeds student rank i); the same list keeps each pair on one device",
                 teacher.device_mapping,
             )
         if t.strategy_name.split("_")[0] != s.strategy_name.split("_")[0]:
@@ -701,7 +706,8 @@ class DistillConfig(_Strict):
             )
         for side in ("student", "teacher"):
             _check_strategy_options(side, getattr(self, side))
-        if self.distill_loss_weight > 0 and sum(gpu_memory_fraction(self, side) for side in ("student", "teacher")) > 1:
+        both = self.distill_loss_weight > 0 and shares_devices(self)
+        if both and sum(gpu_memory_fraction(self, side) for side in ("student", "teacher")) > 1:
             side = "teacher" if teacher.gpu_memory_fraction is not None else "student"
             raise _field_error(
                 f"{side}.gpu_memory_fraction",
@@ -928,12 +934,18 @@ def gpu_memory_fraction(config: DistillConfig, side: Literal["student", "teacher
     own = getattr(config, side).gpu_memory_fraction
     if own is not None:
         return own
-    if config.distill_loss_weight == 0:  # no teacher: the student has the GPU to itself
+    if config.distill_loss_weight == 0 or not shares_devices(config):  # the side has its GPUs to itself
         return GPU_MEMORY_FOR_BOTH
     other = (config.teacher if side == "student" else config.student).gpu_memory_fraction
     if other is not None:
         return max(GPU_MEMORY_FOR_BOTH - other, 0.05)
     return GPU_MEMORY_FOR_BOTH / 2
+
+
+def shares_devices(config: DistillConfig) -> bool:
+    """Whether some device holds a teacher rank and a student rank (always on CPU: an empty device_mapping)."""
+    student, teacher = config.student.device_mapping, config.teacher.device_mapping
+    return not student or bool(set(student) & set(teacher))
 
 
 def logits_transport(config: DistillConfig) -> Literal["same_device", "object_store"]:

@@ -43,6 +43,7 @@ from .config import (
 from .data import IGNORE_INDEX, DataCursor, Example, ShuffledBatches, collate, load_examples
 from .flops import ModelFlops, peak_flops_per_second
 from .models import VocabInfo, check_shared_vocab, load_tokenizer
+from .rank_failures import RankLostError, dead_nodes_of, get_all, lost_rank_cause, lost_rank_message
 from .run_identity import RunIdentity, identity_of
 from .tracking import Tracker
 from .workers import StudentStepResult, Workers, channel_slots, create_workers, default_num_threads
@@ -231,6 +232,7 @@ class DistillPipeline:
         actors_per_device = 2 if config.distill_loss_weight > 0 else 1
         self.num_threads = default_num_threads(actors_per_device) if num_threads is None else num_threads
         self.console = console
+        self._step = 0  # the step in progress (for the message of a lost rank)
 
     def run(self) -> RunResult:
         import ray
@@ -238,6 +240,7 @@ class DistillPipeline:
         prepared = prepare(self.config)
         started_ray = ensure_ray()
         workers = None
+        lost = False
         try:
             workers = create_workers(
                 self.config,
@@ -247,11 +250,44 @@ class DistillPipeline:
                 self.num_threads,
             )
             return self._train(workers, prepared)
+        except Exception as error:
+            cause = lost_rank_cause(error)
+            if cause is None or workers is None:
+                raise
+            lost = True
+            raise self._rank_lost(workers, cause) from error
         finally:
             if workers is not None:
-                workers.shutdown()
+                # After a lost rank the others may wait in a collective for it: do not wait long for their close.
+                workers.shutdown(timeout_s=5 if lost else 30)
             if started_ray:
                 ray.shutdown()
+
+    def _rank_lost(self, workers: Workers, cause: BaseException) -> RankLostError:
+        """The error that stops a run whose rank died: the lost node (or rank), the step, the newest checkpoint."""
+        import ray
+
+        failed = workers.ranks.get(getattr(cause, "actor_id", None) or "")
+        ours = {info.place.node_id for info in workers.ranks.values()}
+        dead = dead_nodes_of(ray.nodes(), ours)
+        deadline = time.monotonic() + 3
+        # The GCS marks the node dead before it fails the node's actors; allow a moment for the view to agree.
+        while failed is not None and failed.place.node_id not in {n.node_id for n in dead} \
+                and "node" in str(cause).lower() and time.monotonic() < deadline:
+            time.sleep(0.2)
+            dead = dead_nodes_of(ray.nodes(), ours)
+        ranks_on: dict[str, list[str]] = {}
+        for info in workers.ranks.values():
+            ranks_on.setdefault(info.place.node_id, []).append(str(info))
+        newest = checkpoint.find_latest_checkpoint(self.config.output_dir)
+        return RankLostError(lost_rank_message(
+            failed=f"{failed} on {failed.place}" if failed else None,
+            error_text=str(cause),
+            dead_nodes=dead,
+            ranks_on=ranks_on,
+            step=self._step,
+            newest_checkpoint=str(newest) if newest else None,
+        ))
 
     def _sinks(self):
         from . import k8s_progress
@@ -294,6 +330,7 @@ class DistillPipeline:
             sinks=self._sinks(),
         ) as tracker:
             for step in range(start_step + 1, config.max_steps + 1):
+                self._step = step
                 started = time.perf_counter()
                 work, ahead = ahead or self._hand_out(workers, batches, pad), None
                 calls = self._student_steps(workers, work)
@@ -342,7 +379,7 @@ class DistillPipeline:
         """Held-out cross-entropy per answer token over every data-parallel rank's share, and exact match."""
         import ray
 
-        sums = [s for s in ray.get([student.evaluate.remote() for student in workers.students]) if s.counted]
+        sums = [s for s in _get([student.evaluate.remote() for student in workers.students]) if s.counted]
         metrics = {"val/loss": sum(s.ce_sum for s in sums) / max(sum(s.label_tokens for s in sums), 1)}
         if self.config.eval_exact_match:
             metrics["val/exact_match"] = sum(s.correct for s in sums) / max(sum(s.examples for s in sums), 1)
@@ -401,7 +438,7 @@ class DistillPipeline:
         if peak is None:
             return None
         teacher = self.config.teacher_pretrain if self.config.distill_loss_weight > 0 else None
-        devices = max(1, len(self.config.student.device_mapping))
+        devices = max(1, len(set(self.config.student.device_mapping) | set(self.config.teacher.device_mapping)))
         return ModelFlops.of(self.config.student_pretrain, teacher, peak * devices)
 
     def _step_metrics(
@@ -430,13 +467,14 @@ class DistillPipeline:
         return metrics, applied
 
 
-def _get(ref):
-    """``ray.get``, but a user-facing error raised in an actor (e.g. refusing NaN weights at save) comes out as
-    itself, not wrapped in a RayTaskError whose text is a remote traceback."""
+def _get(refs: list) -> list:
+    """``ray.get`` of every rank's call, the first failure raised as soon as it happens (``get_all``); a
+    user-facing error raised in an actor (e.g. refusing NaN weights at save) comes out as itself, not wrapped in a
+    RayTaskError whose text is a remote traceback."""
     import ray
 
     try:
-        return ray.get(ref)
+        return get_all(refs)
     except ray.exceptions.RayTaskError as error:
         if isinstance(error.cause, checkpoint.CheckpointError):
             raise error.cause from None

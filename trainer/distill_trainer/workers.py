@@ -33,6 +33,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from .config import DistillConfig, gpu_memory_fraction, logits_transport, worker
 from .data import Example, collate, eval_batches
 from .distill_loss import LossConfig, TeacherTargets, make_loss_fn
 from .models import VocabInfo
+from .node_network import bind_gloo_to
 from .shared_names import ENV_NUM_THREADS
 from .strategies import strategy_class
 from .strategies.base import MicroBatch, OptimizerStepResult, RankContext, StepStats
@@ -152,6 +154,13 @@ class _Rank:
         """This rank's host and GPU, from which the channel's transport is chosen."""
         return DeviceIdentity.of(self.device)
 
+    def place(self) -> "RankPlace":
+        """Where this rank runs: its Ray node and its device."""
+        import ray
+
+        return RankPlace(self.device_identity(), ray.get_runtime_context().get_node_id(),
+                         ray.util.get_node_ip_address(), socket.gethostname())
+
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0: the address of this host and the port of the side's group store, which this rank now serves.
 
@@ -170,8 +179,11 @@ class _Rank:
     def init_group(self, address: str, port: int) -> None:
         """Join the side's process group through rank 0's store (every rank of the side calls this at the same
         time; rank 0 after its ``rendezvous``)."""
+        import ray
         import torch.distributed as dist
 
+        # Gloo groups (the CPU ranks', and Megatron's helper groups) on the interface other nodes reach us at.
+        bind_gloo_to(ray.util.get_node_ip_address())
         if self.rank != 0:
             self._store = dist.TCPStore(address, port, self.world_size, is_master=False, timeout=GROUP_TIMEOUT)
         elif self._store is None:
@@ -201,6 +213,32 @@ class _Rank:
             dist.destroy_process_group()
             self.group = None
         self._store = None  # rank 0: the last reference, once the group is gone; the store's server stops with it
+
+
+@dataclass(frozen=True)
+class RankPlace:
+    """Where one rank's actor runs: its Ray node (id, address, host name) and its device."""
+
+    device: DeviceIdentity
+    node_id: str
+    node_ip: str
+    hostname: str
+
+    def __str__(self) -> str:
+        gpu = f", GPU {self.device.gpu}" if self.device.gpu else ""
+        return f"{self.hostname} ({self.node_ip}{gpu})"
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """A rank of a run, as messages name it: its side, its rank and where it runs."""
+
+    side: str
+    rank: int
+    place: RankPlace
+
+    def __str__(self) -> str:
+        return f"{self.side} rank {self.rank}"
 
 
 @dataclass(frozen=True)
@@ -465,18 +503,21 @@ class Workers:
     teachers: list
     placement_group: object
     layout: RankContext = field(default_factory=RankContext)  # world size and parallel sizes (rank 0's view)
+    ranks: dict[str, RankInfo] = field(default_factory=dict)  # by actor id (hex)
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 30) -> None:
         """Close and kill the students, then the teachers; then free the bundles.
 
         Students go first: a teacher's close frees the CUDA IPC buffers its student maps (torch warns that the
         producer terminated, or a student still mid-step after a timeout reads freed memory). A student is killed
         even when its close failed or timed out, so that none holds a mapping when the teachers close.
+        ``timeout_s`` per side: after a lost rank, the others may be stuck in a collective with it, and a close
+        queued behind that call would only time out.
         """
         import ray
 
         for actors in (self.students, self.teachers):
-            _close_all(actors, timeout_s=30)
+            _close_all(actors, timeout_s=timeout_s)
             for actor in actors:
                 ray.kill(actor)
         ray.util.remove_placement_group(self.placement_group)
@@ -501,6 +542,31 @@ def _close_all(actors: list, timeout_s: float) -> None:
             pass
 
 
+def device_bundles(config: DistillConfig) -> dict[str, list[int]]:
+    """Each side's ranks -> the index of their device's placement-group bundle: one bundle per device named by
+    either side's device_mapping, in the order of the device indices (one bundle when the lists are empty)."""
+    student, teacher = config.student.device_mapping, config.teacher.device_mapping
+    if not student:
+        return {"student": [0], "teacher": [0]}
+    index = {device: i for i, device in enumerate(sorted(set(student) | set(teacher)))}
+    return {"student": [index[d] for d in student], "teacher": [index[d] for d in teacher]}
+
+
+def _actors_by_rank(students: list, teachers: list) -> list[tuple[str, int, object]]:
+    return [("student", r, a) for r, a in enumerate(students)] + [("teacher", r, a) for r, a in enumerate(teachers)]
+
+
+def log_pairing(rank: int, teacher: RankPlace, student: RankPlace, kind: TransportKind, requested: str) -> None:
+    """Say where each pair runs and how the teacher's targets reach the student; warn when they cross hosts."""
+    if kind == "object_store" and requested != "object_store":
+        log.warning("rank %d: teacher on %s, student on %s: different hosts, so the teacher's targets go through "
+                    "the Ray object store (over the network) rather than shared memory or CUDA IPC. Give "
+                    "teacher.device_mapping the student's devices to keep each pair on one device.",
+                    rank, teacher, student)
+    else:
+        log.info("rank %d: teacher on %s, student on %s: targets by %s", rank, teacher, student, kind)
+
+
 def _form_group(actors: list) -> None:
     """Rank 0 starts the group's store and names its address; every rank joins at once."""
     import ray
@@ -517,26 +583,30 @@ def create_workers(
     resume_from: str | None,
     num_threads: int,
 ) -> Workers:
-    """One bundle per rank; teacher rank i and student rank i co-located in bundle i (same device and host)."""
+    """One bundle per device of ``device_mapping``; teacher rank i and student rank i in the bundles of their
+    devices (the same bundle, so the same device and host, when the two sides' lists are the same)."""
     import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     mapping = config.student.device_mapping
     world_size = max(1, len(mapping))
+    bundle_of = device_bundles(config)
     on_gpu = bool(mapping) and ray.cluster_resources().get("GPU", 0) >= 1
     if mapping and not on_gpu:
         log.warning("device_mapping %s: the Ray cluster has no GPU; running %d CPU rank(s) per side", mapping, world_size)
     bundle = {"CPU": 1, "GPU": 1} if on_gpu else {"CPU": 1}
-    group = placement_group([dict(bundle) for _ in range(world_size)], strategy="PACK")
+    bundles = max(1, len(set(bundle_of["student"]) | set(bundle_of["teacher"])))
+    group = placement_group([dict(bundle) for _ in range(bundles)], strategy="PACK")
     ray.get(group.ready(), timeout=300)
 
     def options(rank: int, role: str) -> dict:
-        # Half of bundle `rank` each: the two actors share the device, as the hand-off requires.
+        # Half of the device's bundle each: a teacher and a student rank may share the device.
         chosen = dict(
             num_cpus=0.5,
             num_gpus=0.5 if on_gpu else 0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                group, placement_group_bundle_index=bundle_of[role][rank]),
         )
         env = worker_env(config, role)  # system_envs
         if env:
@@ -558,17 +628,22 @@ def create_workers(
             )
             for r in range(world_size)
         ]
+    places = ray.get([actor.place.remote() for actor in [*students, *teachers]])
+    ranks = {actor._actor_id.hex(): RankInfo(side, r, place)
+             for (side, r, actor), place in zip(_actors_by_rank(students, teachers), places)}
+    if teachers:
         # Same GPU -> CUDA IPC, same host -> shared memory, else the object store (logits_transfer_backend: ray
-        # asks for the object store always). Within one bundle it is the same device; a custom cluster setup
-        # might split them, and this stays correct.
+        # asks for the object store always). Within one bundle it is the same device; a teacher placed apart
+        # (its own device_mapping) may be on another GPU or host, and this stays correct.
         requested = logits_transport(config)
-        places = ray.get([a.device_identity.remote() for a in [*teachers, *students]])
-        ray.get([
-            teacher.use_transport.remote(choose_transport(places[r], places[world_size + r], requested))
-            for r, teacher in enumerate(teachers)
-        ])
+        student_places, teacher_places = places[:world_size], places[world_size:]
+        kinds = [choose_transport(teacher_places[r].device, student_places[r].device, requested)
+                 for r in range(world_size)]
+        ray.get([teacher.use_transport.remote(kind) for teacher, kind in zip(teachers, kinds)])
+        for r, kind in enumerate(kinds):
+            log_pairing(r, teacher_places[r], student_places[r], kind, requested)
     args = config.student.strategy_args
-    workers = Workers(students, teachers, group, RankContext(0, world_size, args.tp_size, args.pp_size))
+    workers = Workers(students, teachers, group, RankContext(0, world_size, args.tp_size, args.pp_size), ranks)
     try:
         for actors in (students, teachers):
             _form_group(actors)
