@@ -124,3 +124,47 @@ def test_a_teacher_placed_on_the_other_host_uses_the_object_store_and_says_so(ho
     train_one_host(same)
     # The object store carries the same float32 targets: the same student, bit for bit.
     assert_same_weights(tmp_path / "crossed", tmp_path / "same", 4)
+
+
+def newest_checkpoint_step(out: Path) -> int:
+    steps = [int(p.name.split("-")[1]) for p in (out / "output").glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    return max(steps, default=0)
+
+
+@pytest.mark.slow
+def test_a_host_lost_mid_run_stops_the_driver_and_a_resumed_run_is_bit_identical(tiny_setup, tmp_path):
+    steps = 24
+    with multihost.TwoHosts(tmp_path / "hosts") as hosts:
+        hosts.start_ray(num_cpus=1)
+        path = config(tiny_setup, tmp_path / "run", ranks=2, max_steps=steps, save_steps=3)
+        driver, log = start_on_a(hosts, path)
+        multihost.wait_until(lambda: newest_checkpoint_step(tmp_path / "run") >= 6 or driver.poll() is not None, 300,
+                             "checkpoint-6", lambda: log.read_text(errors="replace")[-3000:])
+        assert driver.poll() is None, log.read_text(errors="replace")[-4000:]
+        hosts.cut_link()
+        cut = time.monotonic()
+        returncode = driver.wait(120)
+        stopped_after = time.monotonic() - cut
+        text = log.read_text(errors="replace")
+        # A clear message naming the lost node and the newest checkpoint, well within Ray's default ~65 s.
+        assert returncode == 3, text[-5000:]
+        (error,) = [line for line in text.splitlines() if line.startswith("error: ")]
+        newest = newest_checkpoint_step(tmp_path / "run")
+        assert error.startswith(f"error: lost Ray node {hosts.b.ip} (host-b, node "), error
+        assert "where student rank 1, teacher rank 1 ran" in error or "where teacher rank 1, student rank 1" in error
+        assert f"newest checkpoint is {tmp_path / 'run' / 'output' / f'checkpoint-{newest}'}" in error, error
+        assert 6 <= newest < steps
+        assert stopped_after < 40, stopped_after
+        print(f"driver stopped {stopped_after:.1f} s after the link was cut; newest checkpoint-{newest}")
+
+        # B comes back as a new node (its raylet exits once it learns the GCS declared it dead), then the rerun.
+        hosts.kill_host("b")
+        hosts.restore_link()
+        hosts.wait_for_nodes(1)
+        hosts.start_ray_worker(num_cpus=1)
+        resumed = train_on_a(hosts, path, "resume_from_checkpoint=true")
+        assert f"resuming from {tmp_path / 'run' / 'output' / f'checkpoint-{newest}'} at step {newest}" in resumed
+
+    straight = config(tiny_setup, tmp_path / "straight", ranks=2, max_steps=steps, save_steps=3)
+    train_one_host(straight)
+    assert_same_weights(tmp_path / "run", tmp_path / "straight", steps)

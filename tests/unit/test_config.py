@@ -63,10 +63,29 @@ def test_missing_required_fields_are_named():
     assert "teacher_pretrain: Field required" in str(error.value)
 
 
-def test_teacher_and_student_must_share_device_layout():
+def test_teacher_and_student_must_have_as_many_ranks():
     data = with_changes(teacher={"strategy_args": {"strategy_name": "torch_infer"}, "device_mapping": [0]})
     with pytest.raises(ConfigError, match="teacher.device_mapping"):
         config_from_dict(data)
+
+
+def test_a_teacher_on_devices_of_its_own_gets_them_whole():
+    from distill_trainer.config import gpu_memory_fraction
+    from distill_trainer.workers import device_bundles
+
+    apart = config_from_dict(with_changes(student={"data_args": {"file_name": "x"}, "device_mapping": [0, 1]},
+                                          teacher={"device_mapping": [2, 3]}))
+    assert [gpu_memory_fraction(apart, side) for side in ("student", "teacher")] == [0.9, 0.9]
+    # One placement-group bundle per device; teacher rank i in the bundle of its own device.
+    assert device_bundles(apart) == {"student": [0, 1], "teacher": [2, 3]}
+    shared = config_from_dict(with_changes(student={"data_args": {"file_name": "x"}, "device_mapping": [0, 1]},
+                                           teacher={"device_mapping": [0, 1]}))
+    assert [gpu_memory_fraction(shared, side) for side in ("student", "teacher")] == [0.45, 0.45]
+    assert device_bundles(shared) == {"student": [0, 1], "teacher": [0, 1]}
+    crossed = config_from_dict(with_changes(student={"data_args": {"file_name": "x"}, "device_mapping": [0, 1]},
+                                            teacher={"device_mapping": [1, 0]}))
+    assert device_bundles(crossed) == {"student": [0, 1], "teacher": [1, 0]}
+    assert gpu_memory_fraction(crossed, "teacher") == 0.45  # each GPU holds a teacher and a student rank
 
 
 def test_student_must_use_a_train_strategy():
@@ -101,8 +120,8 @@ def test_teacher_set_to_a_train_strategy_is_still_rejected():
          "  teacher.strategy_args.tp_size: must equal student.strategy_args.tp_size (1): teacher and student share "
          "a parallel layout (got 2)"),
         ({"teacher": {"device_mapping": [0]}},
-         "  teacher.device_mapping: must equal student.device_mapping []: each student rank reads the logits of the "
-         "teacher rank on its device (got [0])"),
+         "  teacher.device_mapping: must name as many devices as student.device_mapping [] (teacher rank i feeds "
+         "student rank i); the same list keeps each pair on one device (got [0])"),
         ({"student": {"data_args": {"file_name": "x"}, "strategy_args": {"pp_size": 2}},
           "teacher": {"strategy_args": {"pp_size": 2}}},
          "  student.device_mapping: 1 rank(s) (an empty list is one CPU rank) is not a multiple of tp_size*pp_size=2"
