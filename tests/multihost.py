@@ -9,9 +9,8 @@ namespace): what two Kubernetes pods on two nodes see of each other, minus the G
         hosts.kill_host("b")                     # every process of B dies (kill -9), as a node that went away
 
 Needs root (``ip netns``, ``unshare``, ``nsenter``); ``available()`` says why not where it cannot run. Nothing
-outside the namespaces it makes is changed: no route, address or firewall rule of the machine itself, except the
-optional ``client`` link (a veth from the machine to host A, for a client outside the cluster such as the operator),
-which adds one address on that link only.
+outside the namespaces it makes is changed: no route, address or firewall rule of the machine itself. The hosts share
+the machine's filesystem (as pods share a ReadWriteMany volume) except /dev/shm and /tmp/ray.
 """
 
 from __future__ import annotations
@@ -27,15 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from distill_operator.render import RAY_HEALTH_CHECK_ENV
+
 VENV_BIN = Path(sys.executable).parent
-# Ray's failure detection, fast (the default marks a node dead only after ~65 s): the GCS probes each raylet every
-# period; a node is dead after `threshold` probes that failed or took longer than the timeout.
-FAST_HEALTH_CHECK = {
-    "RAY_health_check_initial_delay_ms": "1000",
-    "RAY_health_check_period_ms": "1000",
-    "RAY_health_check_timeout_ms": "1000",
-    "RAY_health_check_failure_threshold": "3",
-}
 _counter = itertools.count()
 
 
@@ -138,16 +131,15 @@ class Host:
 class TwoHosts:
     """Hosts A and B on one veth link; ``start_ray`` makes them one Ray cluster, head on A."""
 
-    def __init__(self, root: Path, *, client: bool = False, health_check: dict[str, str] | None = None):
+    def __init__(self, root: Path, *, health_check: dict[str, str] | None = None):
         n = (os.getpid() + next(_counter)) % 200 + 20
         self.tag = f"kd{os.getpid() % 10000}x{n}"
         self.subnet = f"10.200.{n}"
         self.root = Path(root)
         self.a = Host("host-a", f"{self.tag}a", f"{self.subnet}.1", self.root / "host-a")
         self.b = Host("host-b", f"{self.tag}b", f"{self.subnet}.2", self.root / "host-b")
-        self.client = client
-        self.client_ip = f"10.201.{n}.2"  # host A's address on the client link
-        self.health_check = dict(FAST_HEALTH_CHECK if health_check is None else health_check)
+        # Ray's failure detection as the operator renders it for Ray pods (Ray's default takes ~65 s).
+        self.health_check = dict(RAY_HEALTH_CHECK_ENV if health_check is None else health_check)
         self.ray_port = 6379
         self.dashboard_port = 8265
         self._made: list[str] = []
@@ -179,17 +171,6 @@ class TwoHosts:
         for host, dev in ((a, self.veth_a), (b, self.veth_b)):
             _sh("ip", "-n", host.netns, "addr", "add", f"{host.ip}/24", "dev", dev)
             _sh("ip", "-n", host.netns, "link", "set", dev, "up")
-        if self.client:
-            # The machine itself <-> host A, on a /30 of its own: a client outside the cluster (the operator).
-            self.client_dev = f"{self.tag}C"
-            base = self.client_ip.rsplit(".", 1)[0]
-            _sh("ip", "link", "add", self.client_dev, "type", "veth", "peer", "name", f"{self.tag}c", "netns",
-                a.netns)
-            self._made.append(f"link:{self.client_dev}")
-            _sh("ip", "addr", "add", f"{base}.1/30", "dev", self.client_dev)
-            _sh("ip", "link", "set", self.client_dev, "up")
-            _sh("ip", "-n", a.netns, "addr", "add", f"{self.client_ip}/30", "dev", f"{self.tag}c")
-            _sh("ip", "-n", a.netns, "link", "set", f"{self.tag}c", "up")
 
     def cut_link(self) -> None:
         """B loses its network (its processes live on, unreachable)."""
@@ -201,11 +182,8 @@ class TwoHosts:
     def close(self) -> None:
         for host in (self.b, self.a):
             host.kill()
-        for made in reversed(self._made):
-            if made.startswith("link:"):
-                subprocess.run(["ip", "link", "del", made[5:]], capture_output=True)
-            else:
-                subprocess.run(["ip", "netns", "del", made], capture_output=True)
+        for netns in reversed(self._made):
+            subprocess.run(["ip", "netns", "del", netns], capture_output=True)
         self._made.clear()
 
     # ---------------------------------------------------------------------------------------------------- Ray
@@ -223,11 +201,6 @@ class TwoHosts:
     @property
     def ray_address(self) -> str:
         return f"{self.a.ip}:{self.ray_port}"
-
-    @property
-    def dashboard_url(self) -> str:
-        """The Jobs API, from the machine itself (needs ``client=True``)."""
-        return f"http://{self.client_ip}:{self.dashboard_port}"
 
     def start_ray(self, *, num_cpus: int = 1, dashboard: bool = False, worker_env: dict[str, str] | None = None):
         """Head on A, worker on B, ``num_cpus`` each; waits until both nodes are alive."""

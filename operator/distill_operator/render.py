@@ -52,6 +52,17 @@ TRAINER_METRICS_LINGER_SECONDS = 30.0
 TMP_DIR = "/tmp"
 HOME_DIR = "/home/kubedistill"
 ENV_POD_IP = "KUBEDISTILL_POD_IP"
+# Ray's failure detection: the GCS (on the head) probes every raylet once per period and declares a node dead
+# after `failure_threshold` probes in a row failed or took longer than the timeout; only then do the actors there
+# fail and the driver stop (distill_trainer.rank_failures). A probe that times out is followed by the next one a
+# period later, so a lost node is declared dead after about threshold x (timeout + period): with Ray's defaults
+# (10 s, 3 s, 5) about 65 s, with these about 15 s, still 5 missed probes in a row, so one slow answer of a busy
+# raylet never takes a node down. Set on every Ray pod (the GCS on the head reads them; one environment for all).
+RAY_HEALTH_CHECK_ENV = {
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "2000",
+    "RAY_health_check_failure_threshold": "5",
+}
 # Before this Ray version KubeRay's head probes call the dashboard on localhost:8265, so it cannot be bound to
 # the pod IP alone; from it on the probes are HTTP GETs of the dashboard agent through the pod IP.
 RAY_VERSION_UNIFIED_HEALTH_CHECK = (2, 53)
@@ -279,6 +290,7 @@ def _pod_template(
     volumes += scratch_volumes
     mounts += scratch_mounts
     env = [{"name": key, "value": value} for key, value in trainer_env(job).items()]
+    env += [{"name": key, "value": value} for key, value in RAY_HEALTH_CHECK_ENV.items()]
     env += _writable_env()
     env.append({"name": ENV_POD_IP, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
     container: dict[str, Any] = {

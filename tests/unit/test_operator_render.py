@@ -266,3 +266,16 @@ def test_ray_pods_run_as_the_per_job_trainer_account_unless_the_spec_names_one()
         cluster = render.render_rayjob(parse_spec(spec), JOB, attempt=0, resume=False)["spec"]["rayClusterSpec"]
         pods = [cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]]
         assert {pod["spec"]["serviceAccountName"] for pod in pods} == {account}
+
+
+def test_ray_pods_detect_a_lost_node_well_within_rays_default_65_seconds():
+    rayjob = render.render_rayjob(parse_spec(spec_dict()), JOB, attempt=1, resume=False)
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        env = {e["name"]: e.get("value") for e in group["template"]["spec"]["containers"][0]["env"]}
+        period = int(env["RAY_health_check_period_ms"]) / 1000
+        timeout = int(env["RAY_health_check_timeout_ms"]) / 1000
+        threshold = int(env["RAY_health_check_failure_threshold"])
+        assert threshold >= 3  # one slow answer never declares a node dead
+        assert threshold * (period + timeout) <= 20  # Ray's defaults: 5 x (10 s timeout + 3 s period), ~65 s

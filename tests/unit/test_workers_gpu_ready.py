@@ -76,6 +76,17 @@ def test_a_student_whose_close_times_out_is_killed_before_any_teacher_is_closed(
     assert ("waited", "s1") in order and ("kill", "t1") in order and order[-1] == ("remove", "pg")
 
 
+def test_after_a_lost_rank_students_are_killed_without_waiting_and_teachers_get_a_short_close(ray_boundary):
+    events, _ = ray_boundary
+    workers_of(events).shutdown(rank_lost=True)
+    assert [event[:2] for event in events] == [
+        ("kill", "s0"), ("kill", "s1"),
+        ("close", "t0"), ("close", "t1"), ("waited", "t0"), ("waited", "t1"), ("kill", "t0"), ("kill", "t1"),
+        ("remove", "pg"),
+    ]
+    assert all(timeout <= 5 for kind, _, timeout in (e for e in events if e[0] == "waited"))
+
+
 # --- each rank on its own GPU ---------------------------------------------------------------------------------------
 
 

@@ -258,8 +258,7 @@ class DistillPipeline:
             raise self._rank_lost(workers, cause) from error
         finally:
             if workers is not None:
-                # After a lost rank the others may wait in a collective for it: do not wait long for their close.
-                workers.shutdown(timeout_s=5 if lost else 30)
+                workers.shutdown(rank_lost=lost)
             if started_ray:
                 ray.shutdown()
 

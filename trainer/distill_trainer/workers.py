@@ -505,19 +505,21 @@ class Workers:
     layout: RankContext = field(default_factory=RankContext)  # world size and parallel sizes (rank 0's view)
     ranks: dict[str, RankInfo] = field(default_factory=dict)  # by actor id (hex)
 
-    def shutdown(self, timeout_s: float = 30) -> None:
+    def shutdown(self, rank_lost: bool = False) -> None:
         """Close and kill the students, then the teachers; then free the bundles.
 
         Students go first: a teacher's close frees the CUDA IPC buffers its student maps (torch warns that the
         producer terminated, or a student still mid-step after a timeout reads freed memory). A student is killed
         even when its close failed or timed out, so that none holds a mapping when the teachers close.
-        ``timeout_s`` per side: after a lost rank, the others may be stuck in a collective with it, and a close
-        queued behind that call would only time out.
+        After a lost rank (``rank_lost``) the surviving students wait in a collective for it, and a close queued
+        behind that call could only time out: they are killed at once, and the teachers get a short close (it
+        unlinks their shared-memory segments).
         """
         import ray
 
-        for actors in (self.students, self.teachers):
-            _close_all(actors, timeout_s=timeout_s)
+        for actors, timeout_s in ((self.students, 0 if rank_lost else 30), (self.teachers, 5 if rank_lost else 30)):
+            if timeout_s:
+                _close_all(actors, timeout_s=timeout_s)
             for actor in actors:
                 ray.kill(actor)
         ray.util.remove_placement_group(self.placement_group)
