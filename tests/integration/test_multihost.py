@@ -56,9 +56,10 @@ def train_one_host(path: Path, *overrides: str) -> subprocess.CompletedProcess:
     return done
 
 
-def start_on_a(hosts: multihost.TwoHosts, path: Path, *overrides: str) -> tuple[subprocess.Popen, Path]:
+def start_on_a(hosts: multihost.TwoHosts, path: Path, *overrides: str, **env: str) -> tuple[subprocess.Popen, Path]:
     log = path.parent / f"driver-{time.monotonic_ns()}.log"
-    proc = hosts.a.popen([*TRAIN, str(path), *overrides], env=driver_env(RAY_ADDRESS=hosts.ray_address), log=log)
+    proc = hosts.a.popen([*TRAIN, str(path), *overrides], env=driver_env(RAY_ADDRESS=hosts.ray_address, **env),
+                         log=log)
     return proc, log
 
 
@@ -151,11 +152,24 @@ def test_a_host_lost_mid_run_stops_the_driver_and_a_resumed_run_is_bit_identical
         (error,) = [line for line in text.splitlines() if line.startswith("error: ")]
         newest = newest_checkpoint_step(tmp_path / "run")
         assert error.startswith(f"error: lost Ray node {hosts.b.ip} (host-b, node "), error
-        assert "where student rank 1, teacher rank 1 ran" in error or "where teacher rank 1, student rank 1" in error
+        # Ray places the bundles: the ranks of host B are whichever pair the log put there.
+        (on_b,) = [line.split(":")[0] for line in pairing_lines(text) if f"student on host-b ({hosts.b.ip})" in line]
+        assert f"where student {on_b}, teacher {on_b} ran" in error, error
         assert f"newest checkpoint is {tmp_path / 'run' / 'output' / f'checkpoint-{newest}'}" in error, error
         assert 6 <= newest < steps
         assert stopped_after < 40, stopped_after
         print(f"driver stopped {stopped_after:.1f} s after the link was cut; newest checkpoint-{newest}")
+
+        # A rerun before B is back: no room for rank 1; it says what is missing, trains nothing, exits 3.
+        early, early_log = start_on_a(hosts, path, "resume_from_checkpoint=true",
+                                      KUBEDISTILL_PLACEMENT_TIMEOUT_SECONDS="5")
+        assert early.wait(120) == 3, early_log.read_text(errors="replace")[-4000:]
+        early_error = [line for line in early_log.read_text().splitlines() if line.startswith("error: ")]
+        assert early_error and early_error[0].startswith(
+            "error: the Ray cluster found no room for the run's ranks within 5 s: they need 2 bundle(s) of {CPU 1}"
+        ), early_error
+        assert "the cluster has 1 live node(s) with CPU 1 in all" in early_error[0]
+        assert newest_checkpoint_step(tmp_path / "run") == newest  # nothing trained, nothing written
 
         # B comes back as a new node (its raylet exits once it learns the GCS declared it dead), then the rerun.
         hosts.kill_host("b")

@@ -71,3 +71,13 @@ def test_gloo_is_bound_to_the_interface_of_the_nodes_address_unless_the_user_cho
     monkeypatch.setenv(node_network.GLOO_INTERFACE_ENV, "eth7")
     node_network.bind_gloo_to("127.0.0.1")
     assert node_network.os.environ[node_network.GLOO_INTERFACE_ENV] == "eth7"
+
+
+def test_no_room_names_what_the_ranks_need_and_what_the_cluster_has():
+    from distill_trainer.rank_failures import no_room_message
+
+    text = no_room_message(4, {"CPU": 1, "GPU": 1}, 300, {"CPU": 32.0, "GPU": 2.0, "memory": 1e11},
+                           {"CPU": 30.0, "GPU": 0.0}, alive_nodes=1)
+    assert text.startswith("the Ray cluster found no room for the run's ranks within 300 s: they need 4 bundle(s) "
+                           "of {CPU 1, GPU 1}")
+    assert "the cluster has 1 live node(s) with CPU 32, GPU 2 in all, CPU 30, GPU 0 free" in text

@@ -15,10 +15,11 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, DistillConfig, compose_config, load_config
 from .data import DataError
 from .pipeline import NonFiniteLossError
-from .rank_failures import RankLostError
+from .rank_failures import ClusterError
 
 # Mistakes in the user's config, data, output or resume paths, another run's checkpoints in output_dir, a
-# full disk, a diverged run: one message and exit status 2, no traceback. A lost node or rank: its message, status 3.
+# full disk, a diverged run: one message and exit status 2, no traceback. The cluster (a lost node or
+# rank, no room for the ranks): its message, status 3.
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointError, NonFiniteLossError)
 
 
@@ -33,7 +34,7 @@ def launch(load: Callable[[], DistillConfig]) -> int:
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except RankLostError as error:  # not the user's mistake: the cluster lost a node or a rank's process
+    except ClusterError as error:  # not the user's mistake: a node or rank lost, or no room for the ranks
         print(f"error: {error}", file=sys.stderr)
         return 3
     print(f"finished at step {result.final_step}; checkpoint: {result.last_checkpoint}")

@@ -16,8 +16,29 @@ from dataclasses import dataclass
 from typing import Any
 
 
-class RankLostError(RuntimeError):
+class ClusterError(RuntimeError):
+    """The Ray cluster, not the config, stopped the run (``kubedistill train`` exits 3): a rerun may succeed."""
+
+
+class RankLostError(ClusterError):
     """A rank of the run died; the message names it, its node, and the checkpoint to resume from."""
+
+
+class NoRoomError(ClusterError):
+    """The cluster cannot place every rank (a node is missing, or too small)."""
+
+
+def no_room_message(bundles: int, bundle: Mapping[str, float], waited_s: float, total: Mapping[str, float],
+                    available: Mapping[str, float], alive_nodes: int) -> str:
+    """Why the ranks could not be placed: what they need, what the cluster has."""
+    def amounts(resources: Mapping[str, float]) -> str:
+        return ", ".join(f"{key} {value:g}" for key, value in sorted(resources.items()) if key in bundle) or "none"
+
+    need = ", ".join(f"{key} {value:g}" for key, value in bundle.items())
+    return (f"the Ray cluster found no room for the run's ranks within {waited_s:g} s: they need {bundles} bundle(s) "
+            f"of {{{need}}} (one per device of device_mapping, each holding teacher rank i and student rank i); "
+            f"the cluster has {alive_nodes} live node(s) with {amounts(total)} in all, {amounts(available)} free. "
+            "Start the missing nodes (or free them), or lower device_mapping; nothing was trained.")
 
 
 @dataclass(frozen=True)

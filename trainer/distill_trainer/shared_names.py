@@ -28,6 +28,7 @@ ENV_JOB_UID = "KUBEDISTILL_DISTILLJOB_UID"  # metadata.uid of the DistillJob: pa
 ENV_PROGRESS_CONFIGMAP = "KUBEDISTILL_PROGRESS_CONFIGMAP"
 ENV_PROGRESS_INTERVAL = "KUBEDISTILL_PROGRESS_INTERVAL_SECONDS"  # seconds between progress reports
 ENV_NUM_THREADS = "KUBEDISTILL_NUM_THREADS"  # torch threads per worker actor
+ENV_PLACEMENT_TIMEOUT = "KUBEDISTILL_PLACEMENT_TIMEOUT_SECONDS"  # wait for room for every rank (default 300 s)
 ENV_PEAK_TFLOPS = "KUBEDISTILL_PEAK_TFLOPS"  # peak dense TFLOP/s of one device, for train/mfu (config: device_peak_tflops)
 
 # --- Progress reports: the trainer patches this key of its ConfigMap; the operator copies it to status.progress ----

@@ -48,7 +48,8 @@ from .data import Example, collate, eval_batches
 from .distill_loss import LossConfig, TeacherTargets, make_loss_fn
 from .models import VocabInfo
 from .node_network import bind_gloo_to
-from .shared_names import ENV_NUM_THREADS
+from .rank_failures import NoRoomError, no_room_message
+from .shared_names import ENV_NUM_THREADS, ENV_PLACEMENT_TIMEOUT
 from .strategies import strategy_class
 from .strategies.base import MicroBatch, OptimizerStepResult, RankContext, StepStats
 
@@ -68,6 +69,14 @@ def channel_slots(config: DistillConfig) -> int:
         return 2
     return 2 * config.student.training_args.gradient_accumulation_steps
 
+
+# How long the run waits for the cluster to have room for every rank (a node restarting after a loss, an autoscaler
+# adding one) before it gives up with what is missing; KUBEDISTILL_PLACEMENT_TIMEOUT_SECONDS overrides.
+PLACEMENT_TIMEOUT_S = 300.0
+
+
+def placement_timeout_s() -> float:
+    return float(os.environ.get(ENV_PLACEMENT_TIMEOUT, "") or PLACEMENT_TIMEOUT_S)
 
 # How long a rank waits for the others: to join the group (rank 0's store, the group's first handshake) and then in
 # each collective. Ranks build models of several GB in between; a too-short wait kills a healthy run.
@@ -600,7 +609,13 @@ def create_workers(
     bundle = {"CPU": 1, "GPU": 1} if on_gpu else {"CPU": 1}
     bundles = max(1, len(set(bundle_of["student"]) | set(bundle_of["teacher"])))
     group = placement_group([dict(bundle) for _ in range(bundles)], strategy="PACK")
-    ray.get(group.ready(), timeout=300)
+    waited_s = placement_timeout_s()
+    try:
+        ray.get(group.ready(), timeout=waited_s)
+    except ray.exceptions.GetTimeoutError:
+        ray.util.remove_placement_group(group)
+        raise NoRoomError(no_room_message(bundles, bundle, waited_s, ray.cluster_resources(),
+                                          ray.available_resources(), sum(n["Alive"] for n in ray.nodes()))) from None
 
     def options(rank: int, role: str) -> dict:
         # Half of the device's bundle each: a teacher and a student rank may share the device.
