@@ -14,6 +14,7 @@ stays deletable when the operator is not running.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import kopf
@@ -39,10 +40,19 @@ async def stop_timer(memo: kopf.Memo, **_: Any) -> None:
         memo.runtime.stop_timer()
 
 
+SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+
+
 @kopf.on.login()
 def login(**kwargs: Any) -> Any:
-    """In-cluster service account, else KUBECONFIG (read at login time, not at import)."""
-    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    """In-cluster service account, else KUBECONFIG (read at login time, not at import).
+
+    In a pod: the kubernetes package's in-cluster config, which connects where the kubelet says the API server is
+    (KUBERNETES_SERVICE_HOST/PORT), as runtime.api_client does; kopf.login_with_service_account would always use
+    https://kubernetes.default.svc (tests/images/test_images.py, in-cluster)."""
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and os.path.exists(SERVICE_ACCOUNT_TOKEN):
+        return kopf.login_via_client(**kwargs)
+    return kopf.login_with_kubeconfig(**kwargs)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

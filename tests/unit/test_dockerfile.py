@@ -220,3 +220,19 @@ def test_operator_extra_resolves_to_the_pinned_closure_without_torch(tmp_path):
     installed.pop("kubedistill")
     assert not GPU_STACK & installed.keys()
     assert installed == _pins(REPO / "docker" / "requirements-operator.txt")
+
+
+def test_image_build_script_passes_the_dockerfiles_base_arguments():
+    """scripts/images/build.sh builds both targets FROM local stand-ins for the bases, through the Dockerfile's own
+    build arguments (the Dockerfile runs unchanged): they must stay global ARGs that the stages' FROM use."""
+    script = (REPO / "scripts" / "images" / "build.sh").read_text()
+    passed = set(re.findall(r"--build-arg ([A-Z_]+)=", script))
+    args = _global_args()
+    froms = {rest.split()[0] for instruction, rest in _instructions() if instruction == "FROM"}
+    assert {"PYTHON_IMAGE", "TORCH_IMAGE"} <= passed
+    for name in ("PYTHON_IMAGE", "TORCH_IMAGE"):
+        assert name in args, f"ARG {name} is no longer a global build argument of the Dockerfile"
+        assert "${" + name + "}" in froms, f"no stage is FROM ${{{name}}}"
+    defaults = script.split("[ ${#TARGETS[@]} -eq 0 ]")[1]
+    default_targets = re.search(r"TARGETS=\(([^)]*)\)", defaults).group(1).split()
+    assert set(default_targets) == {"operator", "trainer"} <= set(_stages())
