@@ -42,6 +42,7 @@ from .config import (
 )
 from .data import IGNORE_INDEX, DataCursor, Example, ShuffledBatches, collate, load_examples
 from .flops import ModelFlops, peak_flops_per_second
+from .layout import check_parallel_layout
 from .models import VocabInfo, check_shared_vocab, load_tokenizer
 from .rank_failures import RankLostError, dead_nodes_of, get_all, lost_rank_cause, lost_rank_message
 from .run_identity import RunIdentity, identity_of
@@ -120,6 +121,7 @@ def prepare(config: DistillConfig) -> Prepared:
     if config.logits_topk > vocab.size:
         raise ConfigError(f"logits_topk={config.logits_topk} exceeds the vocabulary size {vocab.size}; use 0 for all")
     check_runtime_support(config)
+    check_parallel_layout(config)
     check_channel_memory(config, vocab)
     tokenizer = load_tokenizer(config.student_pretrain, "student_pretrain")
     for warning in startup_warnings(config, has_chat_template=bool(getattr(tokenizer, "chat_template", None))):

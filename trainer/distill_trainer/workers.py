@@ -78,6 +78,7 @@ PLACEMENT_TIMEOUT_S = 300.0
 def placement_timeout_s() -> float:
     return float(os.environ.get(ENV_PLACEMENT_TIMEOUT, "") or PLACEMENT_TIMEOUT_S)
 
+
 # How long a rank waits for the others: to join the group (rank 0's store, the group's first handshake) and then in
 # each collective. Ranks build models of several GB in between; a too-short wait kills a healthy run.
 GROUP_TIMEOUT = datetime.timedelta(minutes=10)
@@ -645,23 +646,23 @@ def create_workers(
             )
             for r in range(world_size)
         ]
-    places = ray.get([actor.place.remote() for actor in [*students, *teachers]])
-    ranks = {actor._actor_id.hex(): RankInfo(side, r, place)
-             for (side, r, actor), place in zip(_actors_by_rank(students, teachers), places)}
-    if teachers:
-        # Same GPU -> CUDA IPC, same host -> shared memory, else the object store (logits_transfer_backend: ray
-        # asks for the object store always). Within one bundle it is the same device; a teacher placed apart
-        # (its own device_mapping) may be on another GPU or host, and this stays correct.
-        requested = logits_transport(config)
-        student_places, teacher_places = places[:world_size], places[world_size:]
-        kinds = [choose_transport(teacher_places[r].device, student_places[r].device, requested)
-                 for r in range(world_size)]
-        ray.get([teacher.use_transport.remote(kind) for teacher, kind in zip(teachers, kinds)])
-        for r, kind in enumerate(kinds):
-            log_pairing(r, teacher_places[r], student_places[r], kind, requested)
     args = config.student.strategy_args
-    workers = Workers(students, teachers, group, RankContext(0, world_size, args.tp_size, args.pp_size), ranks)
+    workers = Workers(students, teachers, group, RankContext(0, world_size, args.tp_size, args.pp_size))
     try:
+        places = ray.get([actor.place.remote() for actor in [*students, *teachers]])
+        workers.ranks.update({actor._actor_id.hex(): RankInfo(side, r, place)
+                              for (side, r, actor), place in zip(_actors_by_rank(students, teachers), places)})
+        if teachers:
+            # Same GPU -> CUDA IPC, same host -> shared memory, else the object store (logits_transfer_backend: ray
+            # asks for the object store always). Within one bundle it is the same device; a teacher placed apart
+            # (its own device_mapping) may be on another GPU or host, and this stays correct.
+            requested = logits_transport(config)
+            student_places, teacher_places = places[:world_size], places[world_size:]
+            kinds = [choose_transport(teacher_places[r].device, student_places[r].device, requested)
+                     for r in range(world_size)]
+            ray.get([teacher.use_transport.remote(kind) for teacher, kind in zip(teachers, kinds)])
+            for r, kind in enumerate(kinds):
+                log_pairing(r, teacher_places[r], student_places[r], kind, requested)
         for actors in (students, teachers):
             _form_group(actors)
         # Surfaces construction errors (bad checkpoint, OOM) here.
