@@ -61,12 +61,14 @@ def _targets(rows: torch.Tensor, tp: int, tp_rank: int, padded: int) -> TeacherT
     return TeacherTargets(top.values, top.indices, tail.tail_logmass)
 
 
-def _train(rank, world, tp, pp, root, out):
+def _train(rank, world, tp, pp, root, out, recompute=None):
     from distill_trainer.strategies.base import MicroBatch
     from distill_trainer.strategies.megatron import MegatronTrainStrategy
 
     ctx = rank_context(rank, world, tp, pp)
-    strategy = MegatronTrainStrategy(fake_config(f"{root}/student", f"{root}/teacher"), ctx, VOCAB)
+    strategy = MegatronTrainStrategy(fake_config(f"{root}/student", f"{root}/teacher", recompute=recompute), ctx,
+                                     VOCAB)
+    assert strategy.bridge.config.recompute_granularity == recompute  # what Megatron runs with
     per_rank = GLOBAL_BATCH // ctx.dp_size
     losses, norms = [], []
     for step in range(STEPS):
@@ -142,10 +144,10 @@ def models(tmp_path_factory):
     return root
 
 
-def _run(models, world, tp, pp) -> dict:
-    out = models / f"losses_w{world}_tp{tp}_pp{pp}.json"
+def _run(models, world, tp, pp, recompute=None) -> dict:
+    out = models / f"losses_w{world}_tp{tp}_pp{pp}_{recompute}.json"
     if not out.exists():
-        spawn(_train, world, tp, pp, str(models), str(out))
+        spawn(_train, world, tp, pp, str(models), str(out), recompute)
     return json.loads(out.read_text())
 
 
@@ -181,3 +183,14 @@ def test_pp2_and_dp2_training_match_one_rank(models, tp, pp):
     print(f"max |this - tp1| = {_max_diff(other['losses'], single['losses']):.3g}")
     assert _max_diff(other["losses"], single["losses"]) <= 1e-5
     assert _max_diff(other["grad_norms"], single["grad_norms"]) <= 1e-4
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("recompute", ["full", "selective"])
+def test_activation_recompute_gives_the_same_losses_and_gradients(models, recompute):
+    # Megatron recomputes in the backward what it did not keep: the same ops on the same inputs.
+    plain = _run(models, 1, 1, 1)
+    again = _run(models, 1, 1, 1, recompute)
+    print(f"recompute={recompute}: max loss diff {_max_diff(again['losses'], plain['losses']):.3g}")
+    assert again["losses"] == plain["losses"]
+    assert again["grad_norms"] == plain["grad_norms"]

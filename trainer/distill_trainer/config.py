@@ -65,7 +65,6 @@ LOGITS_TRANSPORTS = {"ipc+nccl": "same_device", "nccl-only": "same_device", "ray
 MEGATRON_OPTIONS_NOT_YET_HONOURED: dict[str, Any] = {
     "sequence_parallel": False,
     "use_distributed_optimizer": False,
-    "recompute_granularity": None,
 }
 # Set by Ray from device_mapping; a worker environment must not move a rank to another device.
 RESERVED_ENV = ("CUDA_VISIBLE_DEVICES",)

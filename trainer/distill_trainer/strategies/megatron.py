@@ -117,6 +117,18 @@ def shared_padded_vocab(config, tp_size: int) -> int:
     return mb.padded_vocab_size(sizes, tp_size)
 
 
+def recompute_settings(granularity: str | None) -> dict:
+    """Megatron's activation recompute for ``strategy_args.recompute_granularity``: ``selective`` recomputes the
+    core attention of every layer (Megatron's default recompute_modules), ``full`` every transformer layer as a
+    whole (uniform method, one layer per unit: what Megatron-LM users write as --recompute-method uniform
+    --recompute-num-layers 1). Same gradients, activations of a layer kept only at its input."""
+    if granularity is None:
+        return {}
+    if granularity == "selective":
+        return {"recompute_granularity": "selective"}
+    return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+
+
 class _MegatronModel:
     """What both strategies share: the parallel setup, the model stage of this rank and its logits view."""
 
@@ -132,7 +144,9 @@ class _MegatronModel:
         self.device = torch.device("cpu") if needs_cpu_shims() else torch.device("cuda", torch.cuda.current_device())
         self.hf_config = AutoConfig.from_pretrained(model_path)
         self.padded_vocab = shared_padded_vocab(config, rank.tp_size)
-        overrides = {"calculate_per_token_loss": True} if train else {}
+        # Recompute only matters where there is a backward pass: the student's.
+        overrides = {"calculate_per_token_loss": True, **recompute_settings(worker.strategy_args.recompute_granularity)} \
+            if train else {}
         with cpu_device_mode():
             self.bridge = mb.make_bridge(
                 self.hf_config,

@@ -82,6 +82,15 @@ def apply_cpu_shims() -> None:
     torch.cuda.current_stream = lambda device=None: _NoStream()
     mrandom._get_cuda_rng_state = get_rng_state
     mrandom._set_cuda_rng_state = set_rng_state
+    # Activation recompute reruns a layer's forward inside the autograd engine's backward, where the
+    # TorchFunctionMode of cpu_device_mode (thread-local, not carried into backward) is not active.
+    recompute = mrandom.CheckpointFunction.backward
+
+    def backward_on_cpu(ctx, *grads):
+        with _CudaToCpu():
+            return recompute(ctx, *grads)
+
+    mrandom.CheckpointFunction.backward = staticmethod(backward_on_cpu)
 
     from megatron.core.optimizer import optimizer as moptimizer
 
