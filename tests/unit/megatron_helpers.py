@@ -55,7 +55,8 @@ def write_tiny_model(directory: str, family: str, *, tied: bool, seed: int, laye
 
 
 def fake_config(student: str, teacher: str | None = None, *, topk: int = 0, max_steps: int = 5, lr: float = 1e-2,
-                dtype: str = "fp32", warmup_steps: int = 1, recompute: str | None = None):
+                dtype: str = "fp32", warmup_steps: int = 1, recompute: str | None = None,
+                distributed_optimizer: bool = False):
     """The fields of DistillConfig the Megatron strategies read (a duck-typed stand-in)."""
     training_args = SimpleNamespace(
         learning_rate=lr,
@@ -67,7 +68,8 @@ def fake_config(student: str, teacher: str | None = None, *, topk: int = 0, max_
         adam_beta2=0.999,
     )
     model_args = SimpleNamespace(dtype=dtype)
-    strategy_args = SimpleNamespace(sequence_parallel=False, recompute_granularity=recompute)
+    strategy_args = SimpleNamespace(sequence_parallel=False, recompute_granularity=recompute,
+                                    use_distributed_optimizer=distributed_optimizer)
     return SimpleNamespace(
         student_pretrain=student,
         teacher_pretrain=teacher or student,

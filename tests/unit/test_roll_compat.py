@@ -29,7 +29,6 @@ SUPPORTED_VALUES = [
     "teacher.use_sequence_packing=false",
     "student.strategy_args.strategy_config.sequence_parallel=false",
     "teacher.strategy_args.strategy_config.sequence_parallel=false",
-    "student.strategy_args.strategy_config.use_distributed_optimizer=false",
 ]
 BASE = {
     "max_steps": 10,
@@ -73,6 +72,7 @@ def test_original_megatron_example_loads_with_its_keys_and_nesting():
         "megatron_train", "megatron_infer")
     assert student.strategy_args.sequence_parallel is False
     assert student.strategy_args.recompute_granularity == "full"  # honoured: Megatron recomputes every layer
+    assert student.strategy_args.use_distributed_optimizer is True  # honoured: Megatron's ZeRO-1
     assert student.model_args.activation_checkpointing and not teacher.model_args.activation_checkpointing
     assert worker_env(config) == {"RAY_PROFILING": "0"}
     assert logits_transport(config) == "same_device"  # nccl-only: the same-device hand-off
@@ -166,8 +166,7 @@ def test_strategy_config_megatron_options_map_to_our_fields():
             args.recompute_granularity) == (2, 2, True, True, "full")
 
 
-@pytest.mark.parametrize("option, value, off", [
-    ("sequence_parallel", True, "false"), ("use_distributed_optimizer", True, "false")])
+@pytest.mark.parametrize("option, value, off", [("sequence_parallel", True, "false")])
 def test_megatron_options_the_strategy_does_not_honour_yet_are_refused_not_ignored(option, value, off):
     devices = [0, 1]
     lines = error_lines(with_changes(

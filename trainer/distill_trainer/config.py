@@ -64,7 +64,6 @@ LOGITS_TRANSPORTS = {"ipc+nccl": "same_device", "nccl-only": "same_device", "ray
 # value that turns them off) rather than ignored. The megatron strategy removes an entry when it honours it.
 MEGATRON_OPTIONS_NOT_YET_HONOURED: dict[str, Any] = {
     "sequence_parallel": False,
-    "use_distributed_optimizer": False,
 }
 # Set by Ray from device_mapping; a worker environment must not move a rank to another device.
 RESERVED_ENV = ("CUDA_VISIBLE_DEVICES",)

@@ -281,11 +281,15 @@ class MegatronTrainStrategy(_MegatronModel, TrainStrategy):
         self._setup(config, rank, vocab, config.student_pretrain, config.student, train=True)
         args = config.student.training_args
         self.args = args
+        # The distributed optimizer (ZeRO-1): the DP ranks reduce-scatter the gradients, each updates its shard of
+        # the fp32 main weights and Adam state, and they all-gather the new weights.
+        self.distributed_optimizer = bool(config.student.strategy_args.use_distributed_optimizer)
         with cpu_device_mode():
             self.model = DistributedDataParallel(
                 config=self.bridge.config,
                 ddp_config=DistributedDataParallelConfig(
-                    grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+                    grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                    use_distributed_optimizer=self.distributed_optimizer,
                 ),
                 module=self.module,
             )
@@ -305,7 +309,7 @@ class MegatronTrainStrategy(_MegatronModel, TrainStrategy):
                     # the first ~17 steps while it halves its way down.
                     initial_loss_scale=2.0**16,
                     params_dtype=dtype,
-                    use_distributed_optimizer=False,
+                    use_distributed_optimizer=self.distributed_optimizer,
                 ),
                 [self.model],
             )
@@ -475,6 +479,8 @@ class MegatronTrainStrategy(_MegatronModel, TrainStrategy):
         torch.save(
             {
                 "optimizer": self.optimizer.state_dict(),
+                # A distributed optimizer's state_dict leaves out its shard of main weights and Adam moments.
+                "optimizer_shards": [_shard_state(opt) for opt in self._sharded()],
                 "schedulers": [s.state_dict() for s in self.schedulers],
                 "rng": checkpoint.capture_rng_state(),
                 "tracker": _tracker_states(),
@@ -483,6 +489,13 @@ class MegatronTrainStrategy(_MegatronModel, TrainStrategy):
             directory / rank_state_file(self.rank.rank),
         )
         dist.barrier()
+
+    def _sharded(self) -> list:
+        """The distributed optimizers among this rank's (Megatron chains one per parameter group kind)."""
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+        optimizers = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        return [opt for opt in optimizers if isinstance(opt, DistributedOptimizer)]
 
     def _write_hf(self, target: Path, state: dict) -> None:
         """config.json + model.safetensors, as ``save_pretrained`` writes them (the worker adds the tokenizer)."""
@@ -507,10 +520,47 @@ class MegatronTrainStrategy(_MegatronModel, TrainStrategy):
         with cpu_device_mode():
             mb.load_hf_weights(self.bridge, self.module, str(directory / checkpoint.STUDENT_DIR))
             self.optimizer.load_state_dict(state["optimizer"])
+            shards = state.get("optimizer_shards", [])
+            if len(shards) != len(self._sharded()):
+                raise checkpoint.CheckpointError(
+                    f"cannot resume from {directory.resolve()}: written with use_distributed_optimizer="
+                    f"{bool(shards)}, this run has {self.distributed_optimizer}")
+            with torch.no_grad():  # it copies into views of the fp32 weights, which require grad
+                for optimizer, shard in zip(self._sharded(), shards):
+                    _unshare_adam_steps(optimizer.optimizer)
+                    optimizer.load_parameter_state_from_dp_reshardable(shard)
         for scheduler, saved in zip(self.schedulers, state["schedulers"]):
             scheduler.load_state_dict(saved)
         _set_tracker_states(state["tracker"])
         checkpoint.restore_rng_state(state["rng"])  # last: nothing draws random numbers after it
+
+
+def _unshare_adam_steps(adam) -> None:
+    """Give each parameter's Adam state its own ``step`` tensor again.
+
+    Without Apex or TransformerEngine, ``DistributedOptimizer.load_state_dict`` puts one ``step`` tensor into the
+    state of every parameter; torch's Adam then adds 1 to it once per parameter per step, so after a resume the
+    bias correction runs ahead and the updates differ from the uninterrupted run's (seen here: the first step
+    equal, the second not)."""
+    for state in adam.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def _shard_state(optimizer) -> dict:
+    """A distributed optimizer's own shard of main weights and Adam moments, as its loader reads it back.
+
+    ``get_parameter_state_dp_reshardable`` returns each parameter's entry without the ``padding`` flag that
+    ``load_parameter_state_from_dp_reshardable`` filters on (Megatron's sharded-checkpoint path adds it): added
+    here, False, as that path does for every real parameter."""
+    state = optimizer.get_parameter_state_dp_reshardable()
+    for key, by_dtype in state.items():
+        if isinstance(key, int):  # a gradient buffer: {dtype: [bucket: [parameter entry]]}
+            for buckets in by_dtype.values():
+                for bucket in buckets:
+                    for entry in bucket:
+                        entry.setdefault("padding", False)
+    return state
 
 
 def _tracker_states() -> dict:
