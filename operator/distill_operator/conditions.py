@@ -90,7 +90,8 @@ def observe_rayjob(rayjob: Mapping[str, Any] | None) -> Observation:
     status = rayjob.get("status") or {}
     deployment = status.get("jobDeploymentStatus") or ""
     job = status.get("jobStatus") or ""
-    detail = status.get("message") or status.get("reason") or ""
+    # KubeRay copies the Ray Jobs API's message, log tail included.
+    detail = ray_failure_summary(status.get("message") or status.get("reason") or "")
     name = (rayjob.get("metadata") or {}).get("name", "RayJob")
     if job == "SUCCEEDED":
         return Observation("Succeeded", "RayJobSucceeded", f"RayJob {name} succeeded")
@@ -106,6 +107,16 @@ def observe_rayjob(rayjob: Mapping[str, Any] | None) -> Observation:
     )
 
 
+def ray_failure_summary(message: str) -> str:
+    """A Ray Jobs API failure message without the log tail it carries ("Job entrypoint command failed with exit
+    code 3, last available logs (truncated to 20,000 chars): ..."): its first clause, and the trainer's last
+    ``error:`` line from that tail (``kubedistill train`` prints one for every failure it understands: a lost node,
+    a bad config, a diverged run). Without this, conditions and Events, cut at 1,024 characters, held log noise."""
+    head, _, logs = message.partition(", last available logs")
+    errors = [line.strip() for line in logs.splitlines() if line.strip().startswith("error: ")]
+    return head.strip() + (f" ({errors[-1]})" if errors else "")
+
+
 def observe_submission(job_status: str | None, submission: str, message: str = "") -> Observation:
     """Map a Ray Jobs API status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED; None = unknown id)."""
     if job_status is None:
@@ -114,7 +125,8 @@ def observe_submission(job_status: str | None, submission: str, message: str = "
     if status == "SUCCEEDED":
         return Observation("Succeeded", "RayJobSucceeded", f"Ray job {submission} succeeded")
     if status in ("FAILED", "STOPPED"):
-        return Observation("Failed", "RayJobFailed", f"Ray job {submission} {status.lower()}: {message}".rstrip(": "))
+        return Observation("Failed", "RayJobFailed",
+                           f"Ray job {submission} {status.lower()}: {ray_failure_summary(message)}".rstrip(": "))
     if status == "RUNNING":
         return Observation("Running", "RayJobRunning", f"Ray job {submission} is running")
     return Observation("Pending", "RayJobPending", f"Ray job {submission} is {status.lower()}")

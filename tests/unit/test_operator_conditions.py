@@ -69,6 +69,22 @@ def test_missing_rayjob_and_ray_jobs_api_statuses_map_the_same_way():
     assert observe_submission("FAILED", "id").reason == observe_rayjob(rayjob("Failed", "FAILED")).reason
 
 
+def test_a_failed_ray_job_is_summed_up_by_its_exit_code_and_the_trainers_error_line_not_its_log_tail():
+    # What the Ray Jobs API reports for a driver that exited 3 after losing a node (shortened), and a bare one.
+    message = ("Job entrypoint command failed with exit code 3, last available logs (truncated to 20,000 chars):\n"
+               "test step 8/24 (33%) loss 2.0811 | 6695 tok/s\n"
+               "(raylet) The node with node id: 6ec3 and address: 10.200.1.2 has been marked dead\n"
+               "error: lost Ray node 10.200.1.2 (host-b, node 6ec3e19f), where student rank 1, teacher rank 1 ran, "
+               "during step 9. The run stopped.\n")
+    observed = observe_submission("FAILED", "kd-0", message)
+    assert observed.message == ("Ray job kd-0 failed: Job entrypoint command failed with exit code 3 (error: lost Ray "
+                                "node 10.200.1.2 (host-b, node 6ec3e19f), where student rank 1, teacher rank 1 ran, "
+                                "during step 9. The run stopped.)")
+    assert observe_submission("STOPPED", "kd-0", "").message == "Ray job kd-0 stopped"
+    assert observe_submission("FAILED", "kd-0", "Job supervisor actor died").message == \
+        "Ray job kd-0 failed: Job supervisor actor died"
+
+
 def test_last_transition_time_changes_only_when_status_flips():
     conditions = set_condition([], "Running", False, "RayJobPending", "a", T0, 1)
     later = set_condition(conditions, "Running", False, "RayJobPending", "b", T0 + timedelta(minutes=1), 2)
