@@ -378,8 +378,6 @@ class DistillPipeline:
 
     def _evaluate(self, workers: Workers) -> dict[str, float]:
         """Held-out cross-entropy per answer token over every data-parallel rank's share, and exact match."""
-        import ray
-
         sums = [s for s in _get([student.evaluate.remote() for student in workers.students]) if s.counted]
         metrics = {"val/loss": sum(s.ce_sum for s in sums) / max(sum(s.label_tokens for s in sums), 1)}
         if self.config.eval_exact_match:
