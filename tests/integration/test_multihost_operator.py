@@ -21,13 +21,13 @@ import subprocess
 import sys
 import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from kube_cluster import http_get
 from tests import multihost, netforward
 from tests.conftest import checkpoint_weights, tiny_config_dict
 from tests.integration.operator_fixtures import DJ_API, DJ_KIND, REPO, distilljob_crd, jobs, running_operator  # noqa: F401
@@ -40,14 +40,6 @@ pytestmark = [
 ]
 
 TRAIN = [sys.executable, "-m", "distill_trainer.cli", "train"]
-
-
-def _up(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=3) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def _relay_on(host: multihost.Host, listen: str, target: str, sockdir: Path, name: str) -> None:
@@ -106,7 +98,8 @@ def ray_two_hosts(kube_cluster, tmp_path_factory):
             jobs_in = netforward.Forwarder("tcp:127.0.0.1:0", f"unix:{jobs_sock}").start()
             forwarders.append(jobs_in)
             jobs_url = f"http://127.0.0.1:{jobs_in.port}"
-            multihost.wait_until(lambda: _up(f"{jobs_url}/api/version"), 120, f"the Jobs API at {jobs_url}",
+            multihost.wait_until(lambda: http_get(f"{jobs_url}/api/version")[0] == 200, 120,
+                                 f"the Jobs API at {jobs_url}",
                                  hosts.logs)
             yield RayOnTwoHosts(hosts, jobs_url, worker_env)
     finally:

@@ -13,13 +13,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from kube_cluster import free_port, wait_for
+from kube_cluster import free_port, http_get, wait_for
 from tests.integration.operator_fixtures import REPO, distilljob_crd, jobs, running_operator  # noqa: F401
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
@@ -36,14 +35,6 @@ print("ray ready", flush=True)
 while True:
     time.sleep(3600)
 """
-
-
-def _up(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=3) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture
@@ -64,7 +55,7 @@ def ray_address(kube_cluster, tmp_path):
                             stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: _up(f"{address}/api/version") or head.poll() is not None, timeout=120,
+        wait_for(lambda: http_get(f"{address}/api/version")[0] == 200 or head.poll() is not None, timeout=120,
                  message="Ray dashboard")
         assert head.poll() is None, (tmp_path / "ray-head.log").read_text()[-3000:]
         yield address
