@@ -241,7 +241,9 @@ class StrategyConfig(_Strict):
     @classmethod
     def _no_context_parallel(cls, value: int) -> int:
         if value != 1:
-            raise ValueError("context parallelism is not supported; set 1 (sequences stay whole on each rank)")
+            raise ValueError("context parallelism is not supported; set 1 (sequences stay whole on each rank). "
+                             "Megatron splits a sequence over ranks only with TransformerEngine's attention, and "
+                             "the megatron strategies do not pass it on yet")
         return value
 
 
