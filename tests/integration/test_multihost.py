@@ -162,11 +162,14 @@ def test_a_host_lost_mid_run_stops_the_driver_and_a_resumed_run_is_bit_identical
 
         # A rerun before B is back: no room for rank 1; it says what is missing, trains nothing, exits 3.
         early, early_log = start_on_a(hosts, path, "resume_from_checkpoint=true",
-                                      KUBEDISTILL_PLACEMENT_TIMEOUT_SECONDS="5")
+                                      KUBEDISTILL_PLACEMENT_TIMEOUT_SECONDS="8")
         assert early.wait(120) == 3, early_log.read_text(errors="replace")[-4000:]
+        # While it waits, it says so (after 5 s without room), then gives up at the timeout.
+        assert "waiting up to 8 s for room for the run's ranks: 2 bundle(s) of {CPU 1}; the cluster has 1 live " \
+            "node(s)" in early_log.read_text(), early_log.read_text(errors="replace")[-4000:]
         early_error = [line for line in early_log.read_text().splitlines() if line.startswith("error: ")]
         assert early_error and early_error[0].startswith(
-            "error: the Ray cluster found no room for the run's ranks within 5 s: they need 2 bundle(s) of {CPU 1}"
+            "error: the Ray cluster found no room for the run's ranks within 8 s: they need 2 bundle(s) of {CPU 1}"
         ), early_error
         assert "the cluster has 1 live node(s) with CPU 1 in all" in early_error[0]
         assert newest_checkpoint_step(tmp_path / "run") == newest  # nothing trained, nothing written

@@ -81,3 +81,11 @@ def test_no_room_names_what_the_ranks_need_and_what_the_cluster_has():
     assert text.startswith("the Ray cluster found no room for the run's ranks within 300 s: they need 4 bundle(s) "
                            "of {CPU 1, GPU 1}")
     assert "the cluster has 1 live node(s) with CPU 32, GPU 2 in all, CPU 30, GPU 0 free" in text
+
+
+def test_waiting_for_room_names_what_the_ranks_wait_for():
+    from distill_trainer.rank_failures import waiting_for_room_message
+
+    text = waiting_for_room_message(2, {"CPU": 1}, {"CPU": 0.5, "memory": 1e9}, alive_nodes=1)
+    assert text == ("2 bundle(s) of {CPU 1}; the cluster has 1 live node(s) with CPU 0.5 free (a missing node that "
+                    "joins, or a finished job, makes room)")

@@ -41,6 +41,15 @@ def no_room_message(bundles: int, bundle: Mapping[str, float], waited_s: float, 
             "Start the missing nodes (or free them), or lower device_mapping; nothing was trained.")
 
 
+def waiting_for_room_message(bundles: int, bundle: Mapping[str, float], available: Mapping[str, float],
+                             alive_nodes: int) -> str:
+    """What the ranks wait for while their placement group is pending."""
+    need = ", ".join(f"{key} {value:g}" for key, value in bundle.items())
+    free = ", ".join(f"{key} {value:g}" for key, value in sorted(available.items()) if key in bundle) or "none"
+    return (f"{bundles} bundle(s) of {{{need}}}; the cluster has {alive_nodes} live node(s) with {free} free "
+            "(a missing node that joins, or a finished job, makes room)")
+
+
 @dataclass(frozen=True)
 class LostNode:
     node_id: str

@@ -48,7 +48,7 @@ from .data import Example, collate, eval_batches
 from .distill_loss import LossConfig, TeacherTargets, make_loss_fn
 from .models import VocabInfo
 from .node_network import bind_gloo_to
-from .rank_failures import NoRoomError, no_room_message
+from .rank_failures import NoRoomError, no_room_message, waiting_for_room_message
 from .shared_names import ENV_NUM_THREADS, ENV_PLACEMENT_TIMEOUT
 from .strategies import strategy_class
 from .strategies.base import MicroBatch, OptimizerStepResult, RankContext, StepStats
@@ -73,6 +73,8 @@ def channel_slots(config: DistillConfig) -> int:
 # How long the run waits for the cluster to have room for every rank (a node restarting after a loss, an autoscaler
 # adding one) before it gives up with what is missing; KUBEDISTILL_PLACEMENT_TIMEOUT_SECONDS overrides.
 PLACEMENT_TIMEOUT_S = 300.0
+# How long the placement may take before the driver logs that it is waiting (and for what).
+QUIET_PLACEMENT_WAIT_S = 5.0
 
 
 def placement_timeout_s() -> float:
@@ -612,7 +614,15 @@ def create_workers(
     group = placement_group([dict(bundle) for _ in range(bundles)], strategy="PACK")
     waited_s = placement_timeout_s()
     try:
-        ray.get(group.ready(), timeout=waited_s)
+        try:
+            ray.get(group.ready(), timeout=min(QUIET_PLACEMENT_WAIT_S, waited_s))
+        except ray.exceptions.GetTimeoutError:
+            # Not there at once: a host is missing or busy (e.g. a retry while a lost host comes back). Say so, or
+            # the run looks hung while it waits.
+            log.info("waiting up to %g s for room for the run's ranks: %s", waited_s,
+                     waiting_for_room_message(bundles, bundle, ray.available_resources(),
+                                              sum(n["Alive"] for n in ray.nodes())))
+            ray.get(group.ready(), timeout=max(0.0, waited_s - QUIET_PLACEMENT_WAIT_S))
     except ray.exceptions.GetTimeoutError:
         ray.util.remove_placement_group(group)
         raise NoRoomError(no_room_message(bundles, bundle, waited_s, ray.cluster_resources(),
