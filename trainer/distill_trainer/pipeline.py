@@ -193,8 +193,11 @@ def check_channel_memory(config: DistillConfig, vocab: VocabInfo) -> None:
         )
 
 
-def ensure_ray() -> bool:
-    """Connect to RAY_ADDRESS if set, else start an embedded local Ray. Returns True if we started it."""
+def ensure_ray(min_cpus: int = 1) -> bool:
+    """Connect to RAY_ADDRESS if set, else start an embedded local Ray. Returns True if we started it.
+
+    ``min_cpus``: the embedded Ray announces at least this many CPUs (one per device of ``device_mapping``), so that
+    a machine with fewer cores still runs the CPU ranks the config asks for; they share its cores."""
     import ray
 
     if ray.is_initialized():
@@ -209,7 +212,7 @@ def ensure_ray() -> bool:
         # rather than joining a cluster someone started on this host with `ray start`.
         ray.init(
             address="local",
-            num_cpus=os.cpu_count(),
+            num_cpus=max(os.cpu_count() or 1, min_cpus),
             include_dashboard=False,
             log_to_driver=True,
             configure_logging=False,
@@ -240,7 +243,8 @@ class DistillPipeline:
         import ray
 
         prepared = prepare(self.config)
-        started_ray = ensure_ray()
+        devices = set(self.config.student.device_mapping) | set(self.config.teacher.device_mapping)
+        started_ray = ensure_ray(min_cpus=len(devices))
         workers = None
         lost = False
         try:
