@@ -325,3 +325,63 @@ def test_sequence_parallel_ranks_get_one_cuda_connection_unless_the_user_sets_it
     assert "CUDA_DEVICE_MAX_CONNECTIONS" not in worker_env(config, "teacher")
     config.student.system_envs = {"CUDA_DEVICE_MAX_CONNECTIONS": "8"}
     assert worker_env(config, "student")["CUDA_DEVICE_MAX_CONNECTIONS"] == "8"
+
+
+# --- sequence packing ----------------------------------------------------------------------------------------------
+
+PACKING_MEGATRON = {"data_args": {"file_name": "x"}, "strategy_args": {"strategy_name": "megatron_train"}}
+
+
+def test_sequence_packing_is_one_setting_of_both_sides():
+    both = config_from_dict(with_changes(student={**BASE["student"], "use_sequence_packing": True},
+                                         teacher={"use_sequence_packing": True}))
+    assert both.student.use_sequence_packing and both.teacher.use_sequence_packing
+    # A side left unset follows the other (the teacher runs the student's micro-batches).
+    for changes in ({"student": {**BASE["student"], "use_sequence_packing": True}},
+                    {"teacher": {"use_sequence_packing": True}}):
+        config = config_from_dict(with_changes(**changes))
+        assert config.student.use_sequence_packing and config.teacher.use_sequence_packing
+        assert config_from_dict(dump_config(config)) == config
+    with pytest.raises(ConfigError) as error:
+        config_from_dict(with_changes(student={**BASE["student"], "use_sequence_packing": False},
+                                      teacher={"use_sequence_packing": True}), source="my.yaml")
+    assert str(error.value).splitlines()[1] == (
+        "  student.use_sequence_packing: differs from teacher.use_sequence_packing=true: the teacher runs the "
+        "student's micro-batches, so both sides see the same packing; set both the same (or leave one unset) "
+        "(got False)")
+
+
+@pytest.mark.parametrize("te_installed", [False, True])
+def test_sequence_packing_with_megatron_is_refused_naming_each_side(monkeypatch, te_installed):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if te_installed else None) if name == "transformer_engine"
+                        else real(name, *a))
+    with pytest.raises(ConfigError) as error:
+        config_from_dict(with_changes(student={**PACKING_MEGATRON, "use_sequence_packing": True},
+                                      teacher={"strategy_args": {"strategy_name": "megatron_infer"},
+                                               "use_sequence_packing": True}), source="my.yaml")
+    lines = str(error.value).splitlines()[1:]
+    assert [line.split(":")[0].strip() for line in lines] == ["student.use_sequence_packing",
+                                                              "teacher.use_sequence_packing"]
+    why = ("TransformerEngine is installed, but the megatron strategies do not pass packed_seq_params to it yet"
+           if te_installed else "TransformerEngine is not installed here, and Megatron's local attention would let "
+           "the records of a packed row attend to each other")
+    assert lines[0].startswith("  student.use_sequence_packing: Megatron packs sequences only with TransformerEngine's "
+                               "attention (packed_seq_params / THD); " + why)
+    assert lines[0].endswith("; set false (micro-batches are then padded) or use torch_train / torch_infer (got True)")
+
+
+def test_sequence_packing_needs_a_transformers_that_keeps_packed_records_apart(monkeypatch):
+    import transformers.masking_utils
+
+    from distill_trainer.config import check_runtime_support
+
+    config = config_from_dict(with_changes(student={**BASE["student"], "use_sequence_packing": True}))
+    check_runtime_support(config)  # the installed transformers does
+    monkeypatch.delattr(transformers.masking_utils, "find_packed_sequence_indices")
+    with pytest.raises(ConfigError, match=r"^student\.use_sequence_packing needs a transformers that keeps packed "
+                                          r"records apart for sdpa and eager attention"):
+        check_runtime_support(config)

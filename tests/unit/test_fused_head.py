@@ -112,6 +112,28 @@ def test_fused_head_backward_scales_by_grad_output():
     torch.testing.assert_close(grads[1], 3.0 * grads[0])
 
 
+@pytest.mark.parametrize("kind", ["full", "topk"])
+def test_fp16_gradients_take_a_loss_scale_without_underflow_or_overflow(kind):
+    # A mixed-precision loss scale (2^16, Megatron's fp16 start) is beyond fp16's range, and the unscaled fp16
+    # gradients of small losses underflow: the fp16 gradients are float32 until the scale is applied.
+    cfg = LossConfig(distill_loss_weight=1.0 if kind == "topk" else 0.5, logits_topk=K if kind == "topk" else 0,
+                     topk_tail=False)
+    hidden, w, _, labels, teacher_logits = batch(torch.float32, seed=9)
+    mask = labels != IGNORE_INDEX
+    teacher = targets(teacher_logits, labels, kind, cfg)
+    scale = 2.0**16
+    grads = {}
+    for dtype in (torch.float32, torch.float16):
+        h, weight = hidden[mask].to(dtype).requires_grad_(), w.detach().to(dtype).requires_grad_()
+        (fused_head_distill_loss(h, weight, None, labels[mask], teacher, cfg, 1e4).loss * scale).backward()
+        assert h.grad.dtype == weight.grad.dtype == dtype
+        grads[dtype] = (h.grad, weight.grad)
+    for expected, got in zip(grads[torch.float32], grads[torch.float16]):
+        assert torch.isfinite(got).all()
+        assert (got != 0).sum() == (expected != 0).sum()  # nothing underflowed
+        torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=float(expected.abs().max()) * 2e-2)
+
+
 def test_default_chunk_on_cpu_is_cache_sized_but_never_under_64_rows_and_default_chunks_equal_explicit_ones():
     from distill_trainer.fused_head import default_chunk_rows
 

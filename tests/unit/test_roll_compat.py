@@ -20,8 +20,9 @@ from distill_trainer.config import (
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "roll"  # distill_megatron.yaml: the original's Megatron example
-# The original example's values we refuse, set to what we support: context parallel and sequence packing (not
-# supported), and the Megatron options the megatron strategies do not honour yet.
+# The original example's values we refuse, set to what we support: context parallel (not supported), sequence
+# packing (torch strategies only: the example is Megatron's), and the Megatron options the megatron strategies do
+# not honour yet.
 SUPPORTED_VALUES = [
     "student.strategy_args.strategy_config.context_parallel_size=1",
     "teacher.strategy_args.strategy_config.context_parallel_size=1",
@@ -96,7 +97,15 @@ def test_the_original_example_as_is_is_refused_naming_each_unsupported_field():
         "teacher.use_sequence_packing",
     ]
     assert "context parallelism is not supported; set 1" in lines[0]
-    assert "sequence packing is not supported; set false" in lines[1]
+    # Sequence packing is the torch strategies': Megatron packs only through TransformerEngine. Refused beside the
+    # errors of strategy_args itself, and again once those are fixed.
+    assert "Megatron packs sequences only with TransformerEngine's attention (packed_seq_params / THD)" in lines[1]
+    assert lines[1].endswith("; set false (micro-batches are then padded) or use torch_train / torch_infer (got True)")
+    with pytest.raises(ConfigError) as error:
+        compose_config(FIXTURE, "distill_megatron", SUPPORTED_VALUES[:2])
+    lines = str(error.value).splitlines()[1:]
+    assert [line.split(":")[0].strip() for line in lines] == ["student.use_sequence_packing",
+                                                              "teacher.use_sequence_packing"]
 
 
 # --- both places of one setting -------------------------------------------------------------------------------------
@@ -297,7 +306,10 @@ def _student(**sections):
          "student.strategy_args.strategy_config.context_parallel_size", "context parallelism is not supported"),
         (_student(strategy_args={"strategy_config": {"expert_model_parallel_size": 2}}),
          "student.strategy_args.strategy_config.expert_model_parallel_size", "not supported here"),
-        (_student(use_sequence_packing=True), "student.use_sequence_packing", "sequence packing is not supported"),
+        ({"student": {**MEGATRON["student"], "use_sequence_packing": True}, "teacher": MEGATRON["teacher"]},
+         "student.use_sequence_packing", "Megatron packs sequences only with TransformerEngine's attention"),
+        ({**_student(use_sequence_packing=True), "teacher": {"use_sequence_packing": False}},
+         "teacher.use_sequence_packing", "differs from student.use_sequence_packing=true"),
         (_student(data_args={"file_name": "x", "template": "chatml"}), "student.data_args.template",
          "chat format 'chatml' is not supported"),
         ({**_student(data_args={"file_name": "x", "template": "qwen2_5"}),

@@ -140,10 +140,11 @@ class ModelArgs(_Strict):
 
     fused_lm_head: bool = Field(
         True,
-        description="torch_train: compute the student's output layer and the distillation loss together, chunk by "
-        "chunk, never holding the [label tokens, vocabulary] logits or their gradient (same loss and gradients; "
-        "needs a plain linear lm_head, else the unfused head is used). false: the head's logits, then the loss. "
-        "Other strategies ignore it.",
+        description="torch_train and megatron_train: compute the student's output layer and the distillation loss "
+        "together, chunk by chunk, never holding the [label tokens, vocabulary] logits or their gradient (same loss "
+        "and gradients; torch_train needs a plain linear lm_head, else the unfused head is used; megatron_train "
+        "computes it on each TP rank's vocabulary shard, at the label positions only). false: the head's logits, "
+        "then the loss. Other strategies ignore it.",
     )
 
     @field_validator("model_type", mode="before")
@@ -170,7 +171,8 @@ class TrainingArgs(_Strict):
     )
     warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup from 0 to learning_rate.")
     per_device_train_batch_size: int = Field(
-        1, ge=1, description="Sequences per micro-batch on each data-parallel rank."
+        1, ge=1, description="Sequences per micro-batch on each data-parallel rank (packed rows with "
+        "use_sequence_packing)."
     )
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     num_train_epochs: float | None = Field(
@@ -178,7 +180,8 @@ class TrainingArgs(_Strict):
         gt=0,
         description="Passes over the training data, the original pipeline's way of setting the run's length: "
         "max_steps = floor(num_train_epochs * records / (per_device_train_batch_size * gradient_accumulation_steps "
-        "* dp)), at least 1, with dp = len(device_mapping) / (tp_size * pp_size). A max_steps that is set wins.",
+        "* dp)), at least 1, with dp = len(device_mapping) / (tp_size * pp_size); with use_sequence_packing the "
+        "packed rows of one epoch count instead of the records. A max_steps that is set wins.",
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay (not applied to norms/biases).")
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables clipping.")
@@ -325,6 +328,13 @@ def _adopt(model: BaseModel, field: str, value: Any, source: str, target: str) -
     setattr(model, field, value)
 
 
+class _PackingWithMegatron:
+    """``use_sequence_packing: true`` on a side of a megatron strategy (WorkerConfig marks it, then refuses it)."""
+
+    def __repr__(self) -> str:
+        return "True"  # as the user wrote it, in the error's "(got ...)"
+
+
 _RANGE_EXPR = re.compile(r"^\s*list\(\s*range\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*\)\s*$")
 
 
@@ -342,7 +352,13 @@ class WorkerConfig(_Strict):
         "student's length (teacher rank i feeds student rank i); the same list keeps each pair on one device.",
     )
     use_sequence_packing: bool = Field(
-        False, description="Only false: sequence packing is not supported (batches are padded per micro-batch)."
+        False,
+        description="Pack several whole records into each row of sequence_length tokens (each epoch's shuffled "
+        "records, first-fit in that order), with positions restarting at every record and attention kept within "
+        "it: a micro-batch is per_device_train_batch_size packed rows, and num_train_epochs counts packed rows. One "
+        "setting for both sides (the teacher runs the student's micro-batches): a side left unset follows the other, "
+        "different values are refused. torch strategies only (Megatron packs only through TransformerEngine's THD "
+        "attention, which the megatron strategies do not pass). Evaluation batches are not packed.",
     )
     infer_batch_size: int | None = Field(
         None,
@@ -370,11 +386,24 @@ class WorkerConfig(_Strict):
     def _env(cls, value: Any) -> Any:
         return _check_env(value)
 
-    @field_validator("use_sequence_packing")
+    @model_validator(mode="before")
     @classmethod
-    def _no_packing(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("sequence packing is not supported; set false (micro-batches are padded instead)")
+    def _mark_packing_with_megatron(cls, data: Any) -> Any:
+        # use_sequence_packing: true with a megatron strategy is refused at the field (_packing_needs_torch), also
+        # when strategy_args has errors of its own (the original's example has context_parallel_size 2 there): the
+        # strategy is read from the input here, as strategy_args' validation would not hand it over.
+        if isinstance(data, dict) and data.get("use_sequence_packing") in (True, "true", "True"):
+            args = data.get("strategy_args")
+            name = args.get("strategy_name") if isinstance(args, dict) else getattr(args, "strategy_name", None)
+            if isinstance(name, str) and name.startswith("megatron"):
+                data = {**data, "use_sequence_packing": _PackingWithMegatron()}
+        return data
+
+    @field_validator("use_sequence_packing", mode="before")
+    @classmethod
+    def _packing_needs_torch(cls, value: Any) -> Any:
+        if isinstance(value, _PackingWithMegatron):
+            raise ValueError(megatron_packing_refusal())
         return value
 
     @model_validator(mode="after")
@@ -660,6 +689,23 @@ class DistillConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _one_packing_setting(self) -> "DistillConfig":
+        # The teacher runs the student's micro-batches, so packing is one setting of the run. The original's configs
+        # set it on both sides; a side that leaves it unset follows the other, and two different values are refused.
+        student, teacher = self.student, self.teacher
+        if student.use_sequence_packing != teacher.use_sequence_packing:
+            on, off = ("student", "teacher") if student.use_sequence_packing else ("teacher", "student")
+            if "use_sequence_packing" in getattr(self, off).model_fields_set:
+                raise _field_error(
+                    f"{off}.use_sequence_packing",
+                    f"differs from {on}.use_sequence_packing=true: the teacher runs the student's micro-batches, so "
+                    "both sides see the same packing; set both the same (or leave one unset)",
+                    False,
+                )
+            getattr(self, off).use_sequence_packing = True
+        return self
+
+    @model_validator(mode="after")
     def _check_workers(self) -> "DistillConfig":
         # Each error names the field to change and the values that clash (format_validation_error prints
         # `path: message (got value)`), not the whole config.
@@ -777,6 +823,21 @@ def _check_strategy_options(side: str, worker: WorkerConfig) -> None:
                     f"not supported by {args.strategy_name} yet (it would be ignored); set {shown} or remove it",
                     getattr(args, name),
                 )
+
+
+def megatron_packing_refusal() -> str:
+    """Why ``use_sequence_packing`` is refused with megatron_train / megatron_infer (depends on whether
+    TransformerEngine is installed: Megatron's packed attention is TE's THD format)."""
+    import importlib.util
+
+    why = "Megatron packs sequences only with TransformerEngine's attention (packed_seq_params / THD); "
+    if importlib.util.find_spec("transformer_engine") is None:
+        why += ("TransformerEngine is not installed here, and Megatron's local attention would let the records of a "
+                "packed row attend to each other (nor do the megatron strategies pass packed_seq_params yet)")
+    else:
+        why += ("TransformerEngine is installed, but the megatron strategies do not pass packed_seq_params to it yet "
+                "(that path needs a GPU to test)")
+    return why + "; set false (micro-batches are then padded) or use torch_train / torch_infer"
 
 
 _NO_VALUE = object()
@@ -965,14 +1026,17 @@ def steps_for_epochs(config: DistillConfig, num_records: int) -> int:
     return max(1, math.floor(args.num_train_epochs * num_records / global_batch + 1e-9))
 
 
-def resolve_max_steps(config: DistillConfig, num_records: int) -> str | None:
-    """Set ``config.max_steps`` from ``num_train_epochs`` when it is unset; returns a line saying how, else None."""
+def resolve_max_steps(config: DistillConfig, num_records: int, packed_rows: int | None = None) -> str | None:
+    """Set ``config.max_steps`` from ``num_train_epochs`` when it is unset; returns a line saying how, else None.
+    With sequence packing ``packed_rows`` (the rows one epoch's records pack into) counts instead of the records."""
     if config.max_steps is not None:
         return None
-    config.max_steps = steps_for_epochs(config, num_records)
+    config.max_steps = steps_for_epochs(config, num_records if packed_rows is None else packed_rows)
     args = config.train_args
+    counted = f"{num_records} records" if packed_rows is None else \
+        f"{packed_rows} packed rows (of {num_records} records, use_sequence_packing)"
     return (
-        f"max_steps={config.max_steps}: num_train_epochs={args.num_train_epochs:g} x {num_records} records / "
+        f"max_steps={config.max_steps}: num_train_epochs={args.num_train_epochs:g} x {counted} / "
         f"({args.per_device_train_batch_size} per rank x {args.gradient_accumulation_steps} accumulated x "
         f"{config.dp_size} data-parallel ranks)"
     )
@@ -1025,3 +1089,17 @@ def check_runtime_support(config: DistillConfig) -> None:
                     f"{side}.model_args.attn_implementation={worker.model_args.attn_implementation!r} needs the "
                     "flash-attn package, which is not installed; use sdpa (or install flash-attn)"
                 )
+        if worker.use_sequence_packing and worker.strategy_args.strategy_name.startswith("torch") and not wants_flash:
+            # sdpa / eager keep a packed row's records apart only where transformers builds the block-diagonal mask
+            # from the position ids (flash attention reads them in its own kernel).
+            import transformers
+
+            try:
+                from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+            except ImportError:
+                raise ConfigError(
+                    f"{side}.use_sequence_packing needs a transformers that keeps packed records apart for sdpa and "
+                    f"eager attention (transformers.masking_utils.find_packed_sequence_indices); transformers "
+                    f"{transformers.__version__} does not, so the records of a row would attend to each other. "
+                    "Upgrade transformers, or set false"
+                ) from None

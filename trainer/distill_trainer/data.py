@@ -10,6 +10,14 @@ Labels are stored already shifted: ``labels[t]`` is the token that position ``t`
 (``input_ids[t + 1]``), or -100 where nothing is learned (the prompt, unless ``distill_on_prompt``,
 and padding). Cross-entropy and the KD term therefore select exactly the same positions:
 ``labels != -100``. Models are called without labels so that they do not shift a second time.
+
+Sequence packing (``use_sequence_packing``, ``PackedBatches``): each epoch's shuffled records are laid first-fit,
+in that order, into rows of at most ``sequence_length`` tokens (``pack_first_fit``), whole (a record is never
+split; none is longer than ``sequence_length``, see ``tokenize_record``), and a micro-batch is
+``per_device_train_batch_size`` such rows. ``collate_packed`` concatenates a row's records with their own labels
+(shifted within each record, -100 at each record's last token, so no position learns the next record's first
+token) and adds ``position_ids`` restarting at 0 at every record: the models attend within a record only
+(``strategies.torch.model_inputs``).
 """
 
 from __future__ import annotations
@@ -281,6 +289,66 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.T
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def collate_packed(rows: Sequence[Sequence[Example]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Packed rows (each a list of examples laid end to end) into right-padded ``input_ids``, ``attention_mask``,
+    ``labels`` and ``position_ids`` tensors.
+
+    Each example keeps its own labels (shifted within the record, -100 on its last token), and its positions run
+    0, 1, ... from its first token: a model given these ``position_ids`` (and no 2D padding mask) attends within
+    each record only. The padding after a row's last record gets positions 0, 1, ... too, a segment of its own
+    that no record attends to, with labels -100 and attention_mask 0 (which counts real tokens only).
+    """
+    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for example in row:
+            n = len(example.input_ids)
+            input_ids[r, start : start + n] = torch.tensor(example.input_ids)
+            labels[r, start : start + n] = torch.tensor(example.labels)
+            position_ids[r, start : start + n] = torch.arange(n)
+            start += n
+        attention_mask[r, :start] = 1
+        position_ids[r, start:] = torch.arange(width - start)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "position_ids": position_ids}
+
+
+def pack_first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Rows of at most ``capacity`` tokens: each length, in the given order, goes into the first row (the one opened
+    earliest) with room for it, or opens a new row. Returns each row's indices into ``lengths``, in order.
+
+    Deterministic, and O(n log n): a tree over the rows holds the largest free space of each subtree, so the first
+    row with room is found by one descent. A length over ``capacity`` (which ``tokenize_record`` never makes) is a
+    ValueError.
+    """
+    for index, length in enumerate(lengths):
+        if not 0 < length <= capacity:
+            raise ValueError(f"record {index} has {length} tokens; a packed row holds 1 to {capacity} "
+                             "(sequence_length)")
+    leaves = 1
+    while leaves < len(lengths):
+        leaves *= 2
+    free = [capacity] * (2 * leaves)  # node i: the most free space of a row below it; rows not opened are empty
+    rows: list[list[int]] = []
+    for index, length in enumerate(lengths):
+        node = 1
+        while node < leaves:  # the leftmost row with room: rows are opened left to right
+            node = 2 * node if free[2 * node] >= length else 2 * node + 1
+        row = node - leaves
+        if row == len(rows):
+            rows.append([])
+        rows[row].append(index)
+        free[node] -= length
+        node //= 2
+        while node:
+            free[node] = max(free[2 * node], free[2 * node + 1])
+            node //= 2
+    return rows
+
+
 @dataclass
 class DataCursor:
     """Where the sampler is: epoch and index into that epoch's shuffled order (saved in checkpoints)."""
@@ -321,6 +389,46 @@ class ShuffledBatches:
             batch.append(self.examples[order[self.cursor.index]])
             self.cursor.index += 1
         return batch
+
+    def next_micro_batch(self, pad_token_id: int) -> dict[str, torch.Tensor]:
+        """The next micro-batch, collated."""
+        return collate(self.next_batch(), pad_token_id)
+
+
+class PackedBatches(ShuffledBatches):
+    """Endless micro-batches of ``batch_size`` packed rows: each epoch's shuffled order (as ``ShuffledBatches``)
+    packed first-fit into rows of at most ``sequence_length`` tokens (``pack_first_fit``); the rows are served in
+    the order they were opened, and the cursor's ``index`` counts rows. The rows depend only on (seed, epoch) and
+    the records, so a resumed run sees the same micro-batches.
+    """
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, seed: int, sequence_length: int,
+                 cursor: DataCursor | None = None):
+        super().__init__(examples, batch_size, seed, cursor)
+        self.sequence_length = sequence_length
+        self._rows: dict[int, list[list[int]]] = {}
+
+    def rows(self, epoch: int) -> list[list[int]]:
+        """Epoch ``epoch``'s packed rows, as indices into ``examples``."""
+        if epoch not in self._rows:
+            order = self._order(epoch)
+            packed = pack_first_fit([len(self.examples[i].input_ids) for i in order], self.sequence_length)
+            self._rows = {epoch: [[order[j] for j in row] for row in packed]}
+        return self._rows[epoch]
+
+    def next_batch(self) -> list[list[Example]]:
+        batch: list[list[Example]] = []
+        rows = self.rows(self.cursor.epoch)
+        while len(batch) < self.batch_size:
+            if self.cursor.index >= len(rows):
+                self.cursor = DataCursor(self.cursor.epoch + 1, 0)
+                rows = self.rows(self.cursor.epoch)
+            batch.append([self.examples[i] for i in rows[self.cursor.index]])
+            self.cursor.index += 1
+        return batch
+
+    def next_micro_batch(self, pad_token_id: int) -> dict[str, torch.Tensor]:
+        return collate_packed(self.next_batch(), pad_token_id)
 
 
 def eval_batches(examples: Sequence[Example], batch_size: int) -> Iterator[list[Example]]:

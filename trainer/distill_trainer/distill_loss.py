@@ -197,8 +197,10 @@ class _LossFn:
     def __call__(self, logits: torch.Tensor, micro_batch, shard: Optional[VocabShard] = None) -> LossTerms:
         return distill_loss(logits, micro_batch.labels, micro_batch.teacher, self.cfg, self.normalizer, shard)
 
-    def fused_head(self, hidden, weight, bias, labels, micro_batch) -> LossTerms:
-        return fused_head_distill_loss(hidden, weight, bias, labels, micro_batch.teacher, self.cfg, self.normalizer)
+    def fused_head(self, hidden, weight, bias, labels, micro_batch, shard: Optional[VocabShard] = None,
+                   vocab_size: Optional[int] = None) -> LossTerms:
+        return fused_head_distill_loss(hidden, weight, bias, labels, micro_batch.teacher, self.cfg, self.normalizer,
+                                       shard=shard, vocab_size=vocab_size)
 
 
 def make_loss_fn(cfg: LossConfig, normalizer: float) -> Callable[..., LossTerms]:
@@ -218,18 +220,30 @@ def fused_head_distill_loss(
     cfg: LossConfig,
     normalizer: float,
     chunk_rows: Optional[int] = None,
+    *,
+    shard: Optional[VocabShard] = None,
+    vocab_size: Optional[int] = None,
 ) -> LossTerms:
     """``distill_loss`` of the logits ``hidden @ weightᵀ + bias`` without forming them (``fused_head``).
 
     Args:
         hidden: [N_label, d] the student's final hidden states at the label positions (row-major order).
         weight, bias: the output layer, [V, d] and [V] or None (rows beyond the tokenizer's vocabulary cut off).
+            With ``shard``: this TP rank's rows ``[shard.start, shard.start + shard.size)`` of the (padded)
+            output layer, the same ``hidden`` on every rank of ``shard.group``.
         labels: [N_label] the next-token ids at those positions.
-        teacher, cfg, normalizer: as ``distill_loss``.
-        chunk_rows: rows per chunk (None: from a scratch budget).
+        teacher, cfg, normalizer: as ``distill_loss`` (with ``shard``, the teacher's targets as the teacher rank of
+            this TP index ships them: its vocabulary slice, or its shard's top-k candidates with global indices).
+        chunk_rows: rows per chunk (None: from a scratch budget). Every rank of ``shard.group`` must use the
+            same (the chunks' statistics are all-reduced chunk by chunk).
+        shard: the TP vocabulary shard ``weight`` is (None: the whole vocabulary).
+        vocab_size: with ``shard``, the tokenizer's vocabulary: columns at or beyond it are −inf (Megatron's
+            padding rows).
 
-    Returns the same ``LossTerms`` as ``distill_loss`` on the logits; ``loss`` backpropagates into ``hidden``,
-    ``weight`` and ``bias``.
+    Returns the same ``LossTerms`` as ``distill_loss`` on the logits (under TP: as ``distill_loss`` on the
+    vocabulary-sharded logits, the same on every rank); ``loss`` backpropagates into ``hidden``, ``weight`` and
+    ``bias`` (under TP each rank's ``hidden`` gradient is its shard's part: the caller sums them over the group,
+    as Megatron's column-parallel output layer does).
     """
     if cfg.distill_loss_weight > 0:
         if teacher is None:
@@ -237,7 +251,12 @@ def fused_head_distill_loss(
         if teacher.rows != hidden.shape[0]:
             raise ValueError(f"teacher targets have {teacher.rows} rows, the micro-batch {hidden.shape[0]} label tokens")
         teacher = teacher.to(hidden.device)
-    chunk_fn = head_chunk_loss(labels.to(hidden.device), teacher, cfg, normalizer)
+    if shard is None:
+        chunk_fn = head_chunk_loss(labels.to(hidden.device), teacher, cfg, normalizer)
+    else:
+        if vocab_size is None:
+            raise ValueError("a vocabulary-sharded fused head needs vocab_size (the padded columns are masked)")
+        chunk_fn = vocab_parallel_head_chunk_loss(labels.to(hidden.device), teacher, cfg, normalizer, shard, vocab_size)
     loss, (ce_sum, kd_sum) = fused_linear_loss(hidden, weight, bias, chunk_fn, 2, chunk_rows)
     return LossTerms(loss, ce_sum.detach().cpu(), kd_sum.detach().cpu(), int(hidden.shape[0]))
 
@@ -288,6 +307,97 @@ def head_chunk_loss(labels: torch.Tensor, teacher: Optional[TeacherTargets], cfg
         if need_grad and w < 1:  # CE: softmax(z) − onehot(label), in z's buffer (the KD is done with z)
             ce_grad = z.sub_(lse[:, None]).exp_()
             ce_grad[torch.arange(z.shape[0], device=z.device), label] -= 1.0
+            if grad is None:
+                grad = ce_grad.mul_((1.0 - w) / normalizer)
+            else:
+                grad.add_(ce_grad, alpha=(1.0 - w) / normalizer)
+            if sparse is not None:  # a dense gradient exists anyway: add the top-k part into it
+                grad.scatter_add_(1, *sparse)
+                sparse = None
+        return ChunkLoss(loss, torch.stack([ce_sum, kd_sum.to(ce_sum.dtype)]), grad, sparse)
+
+    return chunk
+
+
+def vocab_parallel_head_chunk_loss(
+    labels: torch.Tensor,
+    teacher: Optional[TeacherTargets],
+    cfg: LossConfig,
+    normalizer: float,
+    shard: VocabShard,
+    vocab_size: int,
+) -> ChunkFn:
+    """``head_chunk_loss`` with the chunk's logits ``z`` [n, V_local] this TP rank's vocabulary slice (Megatron's
+    column-parallel output layer): the statistics ``distill_loss`` all-reduces on sharded logits are all-reduced
+    here chunk by chunk, over ``shard.group``:
+
+        CE   the row max and Σexp over the shards, the label's logit from the rank that owns it
+             (``_VocabParallelCrossEntropySum``); ∂/∂z = softmax(z) − onehot(label) on this rank's columns
+        KD   full vocabulary: ``fused_loss_and_grad`` with ``ShardedVocab`` (``vocab_parallel_kd_loss``);
+             top-k: the global top-k of every rank's candidates (``merge_topk``, once for all rows), the student's
+             logits there gathered from their owners, and with the tail ``fused_tail_loss_and_grad`` with
+             ``ShardedVocab``; without it the [n, k] loss on every rank, its gradient kept where this rank owns
+             the column (sparse)
+
+    Columns at or beyond ``vocab_size`` are −inf before anything is computed (``mask_vocab_padding``), as in
+    ``MegatronTrainStrategy``'s logits view. Every rank of the group must call the chunks in the same order.
+    """
+    from .parallel_losses import ShardedVocab, _student_at, mask_vocab_padding, merge_topk
+
+    w = cfg.distill_loss_weight
+    objective = _check_objective(cfg.kd_objective, cfg.skew_lambda, cfg.adaptive_kl_alpha)
+    temperatures = (cfg.kd_temperature, cfg.teacher_temperature)
+    kd_scale = w / normalizer
+    vocab = ShardedVocab(shard.group)
+    top = tail = None
+    if w > 0 and teacher.indices is not None:
+        # This TP index's candidates -> the exact global top-k, as distill_loss does (same on every rank).
+        k = min(cfg.logits_topk or teacher.values.shape[1], teacher.values.shape[1] * dist.get_world_size(shard.group))
+        top = merge_topk(TopK(teacher.values, teacher.indices.long()), k, shard.group)
+        tail = _tail_of(teacher, cfg)
+    local_label = labels - shard.start
+    owns_label = (local_label >= 0) & (local_label < shard.size)
+    local_label = local_label.clamp(0, shard.size - 1)
+
+    def chunk(z: torch.Tensor, rows: slice, need_grad: bool) -> ChunkLoss:
+        mask_vocab_padding(z, shard.start, vocab_size)
+        n = z.shape[0]
+        label, owned = local_label[rows], owns_label[rows]
+        row_max = vocab.max(z.amax(1))
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        sum_exp = torch.exp(z - row_max[:, None]).sum(1)
+        picked = torch.where(owned, z.gather(1, label[:, None]).squeeze(1), torch.zeros_like(sum_exp))
+        both = vocab.sum(torch.stack([sum_exp, picked], 1))
+        lse = both[:, 0].log() + row_max
+        ce_sum = (lse - both[:, 1]).sum(dtype=torch.float64)
+        loss = (1.0 - w) * ce_sum / normalizer if w < 1 else torch.zeros_like(ce_sum)
+        kd_sum = torch.zeros_like(ce_sum)
+        grad = sparse = None
+        if w > 0:
+            if top is None:  # full vocabulary: the teacher rank's slice, the same columns as z's
+                grad = torch.empty_like(z) if need_grad else None
+                kd_sum = fused_loss_and_grad(z, teacher.values[rows], None, objective, *temperatures, None, grad,
+                                             kd_scale, vocab)
+            else:
+                index, mine, scores = _student_at(z, top.indices[rows], shard.start, shard.group)
+                if tail is not None:  # k + 1 outcomes: the gradient reaches every column
+                    grad = torch.empty_like(z) if need_grad else None
+                    kd_sum = fused_tail_loss_and_grad(
+                        z, scores, index, mine, top.values[rows], tail[rows], None, objective, *temperatures, None,
+                        grad, kd_scale, vocab,
+                    )
+                else:  # renormalised over the k: every rank evaluates the [n, k] loss, keeps its own columns
+                    grad_k = torch.empty_like(scores) if need_grad else None
+                    kd_sum = fused_loss_and_grad(
+                        scores, top.values[rows], None, objective, *temperatures, None, grad_k, kd_scale, VocabReduce()
+                    )
+                    if grad_k is not None:
+                        sparse = (index, grad_k.masked_fill_(~mine, 0.0))
+            loss = loss + w * kd_sum / normalizer
+        if need_grad and w < 1:  # CE: softmax(z) − onehot(label) on this rank's columns, in z's buffer
+            ce_grad = z.sub_(lse[:, None]).exp_()
+            at = torch.arange(n, device=z.device)[owned]
+            ce_grad[at, label[owned]] -= 1.0
             if grad is None:
                 grad = ce_grad.mul_((1.0 - w) / normalizer)
             else:

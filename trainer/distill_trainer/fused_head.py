@@ -12,7 +12,10 @@ and ``z``, ``G_c`` are discarded, so the extra memory is O(chunk × V) plus the 
 autograd needs anyway. The gradients are computed in the forward pass; backward only scales them by the
 incoming grad_output (Liger-Kernel's ``fused_linear_*`` split: this module owns the loop, the gradient
 accumulation and the backward scaling; the math of a chunk is a plain function passed in, here
-``distill_loss.head_chunk_loss``).
+``distill_loss.head_chunk_loss``, or ``distill_loss.vocab_parallel_head_chunk_loss`` when ``W`` is one TP rank's
+vocabulary shard). With fp16 weights the gradients are kept (and ``∂H`` computed) in float32 until backward has
+multiplied them by grad_output: a mixed-precision loss scale (Megatron's 2^16 and up) arrives there, and
+unscaled fp16 gradients would underflow.
 
 A chunk function may also return its gradient *sparse*, only at ``index`` [n, k] columns (top-k distillation
 without a CE term or tail): then ``∂H_c = Σ_j g_j W[index_j]`` and ``∂W[index] += g ⊗ H_c``, the ``[n, V]``
@@ -72,20 +75,25 @@ def fused_linear_loss(
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden must be [N, d] and weight [V, d], got {tuple(hidden.shape)}, {tuple(weight.shape)}")
     rows = chunk_rows or default_chunk_rows(weight.shape[0], hidden.device)
-    return _FusedLinearLoss.apply(hidden, weight, bias, chunk_fn, n_metrics, rows)
+    # (needs_input_grad is True under no_grad too: without grad mode no gradient is computed)
+    return _FusedLinearLoss.apply(hidden, weight, bias, chunk_fn, n_metrics, rows, torch.is_grad_enabled())
 
 
 class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, chunk_fn, n_metrics, chunk_rows):
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_bias = bias is not None and ctx.needs_input_grad[2]
+    def forward(ctx, hidden, weight, bias, chunk_fn, n_metrics, chunk_rows, grad_enabled):
+        need_hidden, need_weight = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
+        need_bias = grad_enabled and bias is not None and ctx.needs_input_grad[2]
         need_grad = need_hidden or need_weight or need_bias
         n_rows, width = hidden.shape
         vocab = weight.shape[0]
         loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
         metrics = torch.zeros(n_metrics, dtype=torch.float64, device=hidden.device)
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        # fp16: the gradients stay float32 until backward has scaled them by grad_output (a mixed-precision loss
+        # scale): unscaled, many would underflow fp16, and the scale itself (2^16) is beyond fp16's range.
+        fp16 = torch.float16 in (hidden.dtype, weight.dtype)
+        mat = weight.float() if fp16 and need_hidden else weight  # what ∂H = G W multiplies by
+        grad_hidden = torch.zeros_like(hidden, dtype=mat.dtype) if need_hidden else None
         # float32 accumulators over the chunks (the parameter's own buffer when it is float32)
         grad_weight = torch.zeros(vocab, width, dtype=torch.float32, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_bias else None
@@ -104,7 +112,7 @@ class _FusedLinearLoss(torch.autograd.Function):
                 if part.grad is not None:
                     g = part.grad
                     if need_hidden:
-                        grad_hidden[start:stop].addmm_(g.to(weight.dtype), weight)
+                        grad_hidden[start:stop].addmm_(g.to(mat.dtype), mat)
                     if need_weight:
                         grad_weight.addmm_(g.t(), h32)
                     if need_bias:
@@ -112,27 +120,30 @@ class _FusedLinearLoss(torch.autograd.Function):
                 if part.sparse is not None:
                     index, g = part.sparse
                     if need_hidden:
-                        picked = weight[index]  # [n, k, d]
-                        grad_hidden[start:stop].add_(torch.bmm(g.to(weight.dtype)[:, None, :], picked).squeeze(1))
+                        picked = mat[index]  # [n, k, d]
+                        grad_hidden[start:stop].add_(torch.bmm(g.to(mat.dtype)[:, None, :], picked).squeeze(1))
                         del picked
                     if need_weight:
                         grad_weight.index_add_(0, index.reshape(-1), (g[:, :, None] * h32[:, None, :]).reshape(-1, width))
                     if need_bias:
                         grad_bias.index_add_(0, index.reshape(-1), g.reshape(-1))
                 del part
-        ctx.save_for_backward(
-            grad_hidden,
-            None if grad_weight is None else grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(bias.dtype),
-        )
+        del mat
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if not fp16:  # (fp16: float32 until backward)
+            grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+            grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.mark_non_differentiable(metrics)
         return loss.to(torch.float32), metrics
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_metrics):
         grads = []
-        for grad in ctx.saved_tensors:
-            if grad is not None and bool(grad_loss != 1.0):
-                grad = grad * grad_loss.to(grad.dtype)
+        for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes):
+            if grad is not None:
+                if bool(grad_loss != 1.0):
+                    grad = grad * grad_loss.to(grad.dtype)
+                grad = grad.to(dtype)
             grads.append(grad)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)

@@ -9,6 +9,8 @@ student has step k's, one call per micro-batch, so the teacher computes the next
 student trains on the current one (a bounded queue: ``workers.channel_slots``), the same batches in the same
 order, hence the same losses and weights bit for bit as with the two taking turns. Evaluation every
 ``eval_steps``, an atomic checkpoint every ``save_steps``, and both at the last step.
+With ``use_sequence_packing`` a micro-batch is ``per_device_train_batch_size`` packed rows of records
+(``data.PackedBatches``); its one batch dict, ``position_ids`` included, goes to the teacher and the student alike.
 The driver owns the trainer state (step, data position) and the checkpoint directory; each student rank writes
 its own model and optimizer state into it.
 
@@ -40,7 +42,7 @@ from .config import (
     resolve_max_steps,
     startup_warnings,
 )
-from .data import IGNORE_INDEX, DataCursor, Example, ShuffledBatches, collate, load_examples
+from .data import IGNORE_INDEX, DataCursor, Example, PackedBatches, ShuffledBatches, load_examples
 from .flops import ModelFlops, peak_flops_per_second
 from .layout import check_parallel_layout
 from .models import VocabInfo, check_shared_vocab, load_tokenizer
@@ -136,7 +138,14 @@ def prepare(config: DistillConfig) -> Prepared:
     train = load_examples(data_files(data_args.file_name), tokenizer, **options)
     eval_files = data_files(data_args.eval_file_name)
     eval_examples = load_examples(eval_files, tokenizer, **options) if eval_files else []
-    derived = resolve_max_steps(config, len(train))  # num_train_epochs instead of max_steps
+    packed_rows = None
+    if config.student.use_sequence_packing:
+        rows = training_batches(config, train).rows(0)
+        packed_rows = len(rows)
+        tokens = sum(len(example.input_ids) for example in train)
+        log.info("sequence packing: epoch 0's %d records fill %d rows of at most %d tokens (%.1f%% of their room)",
+                 len(train), packed_rows, config.sequence_length, 100 * tokens / (packed_rows * config.sequence_length))
+    derived = resolve_max_steps(config, len(train), packed_rows)  # num_train_epochs instead of max_steps
     if derived:
         log.info(derived)
     check_writable_dir(config.output_dir, "output_dir")
@@ -150,6 +159,14 @@ def prepare(config: DistillConfig) -> Prepared:
     if resume is True:
         resume_from = checkpoint.resolve_resume_checkpoint(True, config.output_dir, identity)
     return Prepared(vocab, train, eval_examples, resume_from, identity)
+
+
+def training_batches(config: DistillConfig, train: list[Example], cursor: DataCursor | None = None) -> ShuffledBatches:
+    """The run's micro-batch sampler: shuffled records, or with ``use_sequence_packing`` packed rows of them."""
+    args = config.train_args
+    if config.student.use_sequence_packing:
+        return PackedBatches(train, args.per_device_train_batch_size, config.seed, config.sequence_length, cursor)
+    return ShuffledBatches(train, args.per_device_train_batch_size, config.seed, cursor)
 
 
 def check_channel_memory(config: DistillConfig, vocab: VocabInfo) -> None:
@@ -319,7 +336,7 @@ class DistillPipeline:
         cursor = DataCursor(**state["data_cursor"]) if "data_cursor" in state else DataCursor()
         if start_step:
             log.info("resuming from %s at step %d", prepared.resume_from, start_step)
-        batches = ShuffledBatches(prepared.train, args.per_device_train_batch_size, config.seed, cursor)
+        batches = training_batches(config, prepared.train, cursor)
         result = RunResult(final_step=start_step, last_checkpoint=str(prepared.resume_from or "") or None)
         skipped_in_a_row = 0
         pad = prepared.vocab.pad_token_id
@@ -414,10 +431,10 @@ class DistillPipeline:
         accumulation = self.config.train_args.gradient_accumulation_steps
         layout = workers.layout
         # The global batch: data-parallel rank d gets draws [d·accumulation, (d+1)·accumulation).
-        micro_batches = [collate(batches.next_batch(), pad_token_id) for _ in range(layout.dp_size * accumulation)]
+        micro_batches = [batches.next_micro_batch(pad_token_id) for _ in range(layout.dp_size * accumulation)]
         label_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
         input_tokens = [int(b["attention_mask"].sum()) for b in micro_batches]
-        token_positions = sum(n * b["input_ids"].shape[1] for n, b in zip(input_tokens, micro_batches))
+        token_positions = sum(_token_positions(n, b) for n, b in zip(input_tokens, micro_batches))
         slices = [ray.put(micro_batches[d * accumulation : (d + 1) * accumulation]) for d in range(layout.dp_size)]
         rank_slices = [slices[layout.of_rank(rank).dp_rank] for rank in range(len(workers.students))]
         # The teacher's results go to the student of the same rank as ObjectRefs (one per micro-batch, in order),
@@ -468,6 +485,14 @@ class DistillPipeline:
             metrics["train/distill_loss"] = sum(s.kd_sum for s in counted) / label_tokens
         applied = all(r.update.applied for r in results)
         return metrics, applied
+
+
+def _token_positions(input_tokens: int, batch: dict) -> int:
+    """Σ tokens·seq of a micro-batch (attention FLOPs): each token times the length it attends over, the row's
+    width; in packed rows its record's length L, and a record's L tokens give Σ_p (2p + 1) = L² over positions p."""
+    if "position_ids" not in batch:
+        return input_tokens * batch["input_ids"].shape[1]
+    return int(((2 * batch["position_ids"] + 1) * batch["attention_mask"]).sum())
 
 
 def _get(refs: list) -> list:

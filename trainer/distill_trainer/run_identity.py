@@ -48,6 +48,11 @@ FINGERPRINT_FIELDS = (
     "student.training_args.per_device_train_batch_size",
     "student.training_args.gradient_accumulation_steps",
 )
+# Fields that change what a run trains added since checkpoints carry identities, with the value every earlier run
+# had: fingerprinted only when set to something else, so that an earlier run's checkpoints keep their identity.
+LATER_FINGERPRINT_FIELDS = {
+    "student.use_sequence_packing": False,  # packed rows: other micro-batches, and the data cursor counts rows
+}
 # Fields that name files: compared by absolute path, so the same file reached from another directory matches.
 _PATH_FIELDS = {"student_pretrain", "teacher_pretrain", "student.data_args.file_name"}
 
@@ -101,7 +106,12 @@ def _normalize(name: str, value: Any) -> Any:
 
 def identity_from_dict(config: Mapping[str, Any], job: str | None = None) -> RunIdentity:
     """The identity of a run whose config is the plain dict ``config`` (e.g. a checkpoint's distill_config.json)."""
-    return RunIdentity(fields={name: _normalize(name, _lookup(config, name)) for name in FINGERPRINT_FIELDS}, job=job)
+    fields = {name: _normalize(name, _lookup(config, name)) for name in FINGERPRINT_FIELDS}
+    for name, earlier in LATER_FINGERPRINT_FIELDS.items():
+        value = _lookup(config, name)
+        if value is not None and value != earlier:
+            fields[name] = value
+    return RunIdentity(fields=fields, job=job)
 
 
 def job_from_env(env: Mapping[str, str] | None = None) -> str | None:
@@ -123,8 +133,9 @@ def differences(ours: RunIdentity, theirs: RunIdentity) -> list[str]:
     lines = []
     if ours.job != theirs.job:
         lines.append(f"DistillJob: {theirs.job or 'none (a local run)'} (theirs) vs {ours.job or 'none (a local run)'} (this run)")
-    for name in FINGERPRINT_FIELDS:
-        a, b = theirs.fields.get(name), ours.fields.get(name)
+    for name in (*FINGERPRINT_FIELDS, *LATER_FINGERPRINT_FIELDS):
+        default = LATER_FINGERPRINT_FIELDS.get(name)
+        a, b = theirs.fields.get(name, default), ours.fields.get(name, default)
         if a != b:
             lines.append(f"{name}: {a!r} (theirs) vs {b!r} (this run)")
     return lines

@@ -142,7 +142,8 @@ def _rank_device(on_gpu: bool) -> torch.device:
 
 
 def _micro_batch(batch: dict[str, torch.Tensor], teacher: TeacherTargets | None = None) -> MicroBatch:
-    return MicroBatch(batch["input_ids"], batch["attention_mask"], batch["labels"], teacher)
+    # position_ids: packed rows (use_sequence_packing); teacher and student get the same batch dict.
+    return MicroBatch(batch["input_ids"], batch["attention_mask"], batch["labels"], teacher, batch.get("position_ids"))
 
 
 class _Rank:

@@ -131,12 +131,17 @@ class RankContext:
 @dataclass
 class MicroBatch:
     """One micro-batch of this rank's data-parallel slice: [B, T] tensors, and the teacher's targets at its
-    label positions (None in SFT-only runs and on ranks that do not compute the loss)."""
+    label positions (None in SFT-only runs and on ranks that do not compute the loss).
+
+    ``position_ids`` is set for packed rows (``use_sequence_packing``, ``data.collate_packed``): several records
+    per row, positions restarting at 0 at each record, and attention must stay within a record; the
+    ``attention_mask`` then only marks the real tokens (for counting). None: one record per row, right-padded."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
     teacher: Optional[TeacherTargets] = None
+    position_ids: Optional[torch.Tensor] = None
 
 
 # loss_fn(logits, micro_batch, shard=None) -> LossTerms; see distill_loss.make_loss_fn.

@@ -33,6 +33,21 @@ NaN/inf is not applied. With fp16 the schedule scales each loss by the optimizer
 (``grad_scale_func``, as Megatron's own loop sets it) and ``prepare_grads`` divides it out again; a step
 whose scaled gradients overflow is skipped and the scale lowered (``OptimizerStepResult.loss_scale_overflow``).
 
+Student output layer (``model_args.fused_lm_head``, the default, as ``torch_train``): the last stage does not
+compute the [B, T, V_p/tp] logits. While the schedule runs, the output layer returns its input
+(``_output_layer_returns_hidden``: the final hidden states after the final norm, through the same TP gradient
+reduction as ``ColumnParallelLinear``: the input gradient all-reduced over the TP group, or all-gathered along
+the sequence with a reduce-scatter backward under sequence parallel) and remembers the weight it was given (its
+own, or the shared embedding when tied). ``loss_fn.fused_head`` then takes the label rows only and computes this
+rank's vocabulary shard of the logits and the loss chunk by chunk (``distill_loss.vocab_parallel_head_chunk_loss``:
+the CE and KD statistics all-reduced over the TP group per chunk, padded columns −inf as in ``_logits_view``,
+top-k targets merged to the global top-k). The weight's gradient is an ordinary autograd gradient of the
+parameter: Megatron's DDP hook adds it to ``main_grad``, and ``finalize_model_grads`` joins a tied last-stage
+weight to the first stage's embedding as before. Losses and gradients equal the logits path's within float32
+rounding at tp = 1, tp = 2 and pp = 2, tied and untied (``tests/unit/test_megatron_fused_head.py``).
+``fused_lm_head: false``, a ``loss_fn`` without ``fused_head`` or multi-token prediction keep the logits path;
+``generate`` and the teacher always use the logits.
+
 Checkpoints: the student is exported in HF format (merged across TP and PP, padding rows dropped) to
 ``<dir>/student/`` by global rank 0; each rank writes its optimizer and scheduler state and RNG states to
 ``<dir>/megatron/rank_<r>.pt``. ``load`` restores all of it (same layout required).
@@ -43,6 +58,7 @@ CPU: ``megatron_cpu`` installs the CUDA stand-ins and every Megatron call runs i
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Optional, Sequence
@@ -317,6 +333,11 @@ class MegatronTrainStrategy(_MegatronModel, TrainStrategy):
         # too): with fp16 the optimizer's dynamic loss scale, which prepare_grads divides out again; with bf16
         # and fp32 a scale of 1. Without it fp16 gradients arrive divided by the scale (2^32 at first).
         self.bridge.config.grad_scale_func = self.optimizer.scale_loss
+        # The fused output layer + loss on the last stage (model_args.fused_lm_head, as torch_train): Megatron's
+        # plain column-parallel output layer only (no multi-token prediction, whose heads share it).
+        self.fused_head = bool(getattr(config.student.model_args, "fused_lm_head", True)) and \
+            getattr(self.bridge.config, "mtp_num_layers", None) is None
+        self._head_weight = None
         self._inner = [opt.optimizer for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
         self.schedulers = [
             get_scheduler(
@@ -328,13 +349,65 @@ class MegatronTrainStrategy(_MegatronModel, TrainStrategy):
 
     # -- training
 
+    def _uses_fused_head(self, loss_fn) -> bool:
+        return self.fused_head and getattr(loss_fn, "fused_head", None) is not None
+
+    @contextlib.contextmanager
+    def _output_layer_returns_hidden(self, active: bool):
+        """While active, the last stage's output layer returns its input instead of the logits, so the model (and
+        the schedule's ``on_logits``) gives the final hidden states [B, T, h] (after the final norm), the same on
+        every TP rank; the weight it was given (the shared embedding when tied) is kept in ``_head_weight``. The
+        input goes through what ``ColumnParallelLinear`` does before its matmul, so its gradient is summed over
+        the TP ranks as Megatron's: an all-gather along the sequence under sequence parallel (backward a
+        reduce-scatter), else a copy whose backward all-reduces (``_SumGradOverGroup``: Megatron's own
+        ``copy_to_tensor_model_parallel_region`` all-reduces a *copy* when the gradient arrives non-contiguous, as
+        it does here through GPTModel's transpose, and the sum is lost)."""
+        if not active or not getattr(self.module, "post_process", False):
+            yield
+            return
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        layer = self.module.output_layer
+
+        def hidden_out(input_, weight=None, runtime_gather_output=None):
+            self._head_weight = layer.weight if weight is None else weight
+            if layer.sequence_parallel:
+                input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=True,
+                                                              group=layer.tp_group)
+            elif self.rank.tp_size > 1:
+                input_ = _SumGradOverGroup.apply(input_, layer.tp_group)
+            return input_, None
+
+        layer.forward = hidden_out
+        try:
+            yield
+        finally:
+            del layer.forward
+            self._head_weight = None
+
+    def _fused_terms(self, hidden: torch.Tensor, micro_batch: MicroBatch, loss_fn):
+        """``loss_fn``'s terms from the final hidden states: the output layer at the label rows only, fused with the
+        loss chunk by chunk over this rank's vocabulary shard (``distill_loss.fused_head_distill_loss``)."""
+        labels = micro_batch.labels.to(hidden.device)
+        mask = labels != IGNORE_INDEX
+        rows = hidden[:, : labels.shape[1]][mask]  # [N_label, h], row-major as the teacher's targets
+        weight = self._head_weight
+        if self.rank.tp_size == 1:
+            return loss_fn.fused_head(rows, weight[: self.vocab.size], None, labels[mask], micro_batch)
+        shard = VocabShard(self.tp_group, self.vocab_start, self.shard_width)
+        return loss_fn.fused_head(rows, weight, None, labels[mask], micro_batch, shard, self.vocab.size)
+
     def forward_backward(self, micro_batches: Sequence[MicroBatch], loss_fn) -> StepStats:
         self.model.train()
         terms = []
+        fused = self._uses_fused_head(loss_fn)
 
         def loss_of(output, micro_batch):
-            logits, shard = self._logits_view(output)
-            result = loss_fn(logits, micro_batch, shard)
+            if fused:
+                result = self._fused_terms(output, micro_batch, loss_fn)
+            else:
+                logits, shard = self._logits_view(output)
+                result = loss_fn(logits, micro_batch, shard)
             terms.append(result)
             if torch.isfinite(result.loss.detach()):
                 return result.loss
@@ -342,7 +415,8 @@ class MegatronTrainStrategy(_MegatronModel, TrainStrategy):
             # Backpropagate exact zeros instead: the schedule (and the other PP stages) expect a backward.
             return output.sum() * 0.0
 
-        self._run(self.model, micro_batches, loss_of, forward_only=False)
+        with self._output_layer_returns_hidden(fused):
+            self._run(self.model, micro_batches, loss_of, forward_only=False)
         return self._stats(micro_batches, terms)
 
     @torch.no_grad()
@@ -351,12 +425,18 @@ class MegatronTrainStrategy(_MegatronModel, TrainStrategy):
         terms = []
         try:
 
+            fused = self._uses_fused_head(loss_fn)
+
             def loss_of(output, micro_batch):
-                logits, shard = self._logits_view(output)
-                terms.append(loss_fn(logits, micro_batch, shard))
+                if fused:
+                    terms.append(self._fused_terms(output, micro_batch, loss_fn))
+                else:
+                    logits, shard = self._logits_view(output)
+                    terms.append(loss_fn(logits, micro_batch, shard))
                 return output.new_zeros(())
 
-            self._run(self.model, micro_batches, loss_of, forward_only=True)
+            with self._output_layer_returns_hidden(fused):
+                self._run(self.model, micro_batches, loss_of, forward_only=True)
         finally:
             self.model.train()
         return self._stats(micro_batches, terms)
@@ -533,6 +613,21 @@ class MegatronTrainStrategy(_MegatronModel, TrainStrategy):
             scheduler.load_state_dict(saved)
         _set_tracker_states(state["tracker"])
         checkpoint.restore_rng_state(state["rng"])  # last: nothing draws random numbers after it
+
+
+class _SumGradOverGroup(torch.autograd.Function):
+    """Identity forward; backward all-reduces (sums) the gradient over ``group``, whatever its memory layout."""
+
+    @staticmethod
+    def forward(ctx, input_, group):
+        ctx.group = group
+        return input_.view_as(input_)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def _unshare_adam_steps(adam) -> None:

@@ -11,6 +11,12 @@ position, the label positions' rows are selected, and the LM head is applied to 
 a model without a plain body + ``lm_head`` structure falls back to the full logits). With ``fused_lm_head`` the
 student goes further: ``fused_head`` computes the head and the loss chunk by chunk, never holding the
 ``[N_label, V]`` logits or their gradient.
+
+Packed rows (``use_sequence_packing``: ``MicroBatch.position_ids`` set) go to the model without a 2D padding mask
+and with positions restarting at every record (``model_inputs``): transformers then keeps attention within each
+record (sdpa and eager: a block-diagonal causal mask built from the positions; flash attention: its variable-length
+kernel, which reads the positions of a single row only, so the rows are laid end to end into one). Teacher and
+student both run this way on the same micro-batch, so the teacher's targets line up with the student's rows.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -71,24 +77,64 @@ def causal_lm_parts(model: torch.nn.Module) -> Optional[CausalLMParts]:
     return CausalLMParts(body, head)
 
 
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def flattens_packed_rows(module: torch.nn.Module) -> bool:
+    """Whether packed rows must be laid end to end into one row for ``module``'s attention: flash attention finds
+    the records from ``position_ids`` only in a batch of one row (transformers' ``_is_packed_sequence``); sdpa and
+    eager build a block-diagonal mask per row (``masking_utils.find_packed_sequence_indices``), which a single long
+    row would make quadratically larger."""
+    implementation = getattr(getattr(module, "config", None), "_attn_implementation", None) or ""
+    return "flash" in str(implementation)
+
+
+def model_inputs(
+    module: torch.nn.Module, micro_batch: MicroBatch, device
+) -> tuple[dict, Callable[[torch.Tensor], torch.Tensor]]:
+    """The keyword arguments of ``module``'s forward for ``micro_batch``, and the function that gives an output of
+    that call ([rows, T, ...]) the micro-batch's [B, T, ...] shape back.
+
+    Padded rows: ``input_ids`` and the 2D ``attention_mask``. Packed rows (``position_ids`` set): ``input_ids`` and
+    ``position_ids`` and no 2D mask, which is how transformers is told the rows hold several records (it then
+    attends within each one, and RoPE counts from each record's start); laid end to end into one row for flash
+    attention (``flattens_packed_rows``). No KV cache: with one, transformers would not look for packed records.
+    """
+    input_ids = micro_batch.input_ids.to(device)
+    if micro_batch.position_ids is None:
+        mask = micro_batch.attention_mask.to(device)
+        return {"input_ids": input_ids, "attention_mask": mask, "use_cache": False}, _same
+    positions = micro_batch.position_ids.to(device)
+    if not flattens_packed_rows(module):
+        return {"input_ids": input_ids, "position_ids": positions, "use_cache": False}, _same
+    shape = input_ids.shape
+
+    def unflatten(output: torch.Tensor) -> torch.Tensor:
+        return output.reshape(*shape, *output.shape[2:])
+
+    one_row = {"input_ids": input_ids.reshape(1, -1), "position_ids": positions.reshape(1, -1), "use_cache": False}
+    return one_row, unflatten
+
+
 def label_hidden_states(parts: CausalLMParts, micro_batch: MicroBatch, device) -> tuple[torch.Tensor, torch.Tensor]:
     """([N_label, hidden] hidden states at the label positions, [N_label] their labels), row-major order."""
-    out = parts.body(
-        input_ids=micro_batch.input_ids.to(device), attention_mask=micro_batch.attention_mask.to(device), use_cache=False
-    )
+    inputs, unflatten = model_inputs(parts.body, micro_batch, device)
+    out = parts.body(**inputs)
     labels = micro_batch.labels.to(device)
     mask = labels != IGNORE_INDEX
-    return out.last_hidden_state[mask], labels[mask]
+    return unflatten(out.last_hidden_state)[mask], labels[mask]
 
 
 def label_logits(model, parts: Optional[CausalLMParts], micro_batch: MicroBatch, vocab_size: int, device):
     """([N_label, vocab_size] logits at the label positions, [N_label] labels); the LM head runs on those rows
     only when the model splits into ``parts``."""
     if parts is None:
-        out = model(input_ids=micro_batch.input_ids.to(device), attention_mask=micro_batch.attention_mask.to(device))
+        inputs, unflatten = model_inputs(model, micro_batch, device)
+        out = model(**inputs)
         labels = micro_batch.labels.to(device)
         mask = labels != IGNORE_INDEX
-        return out.logits[..., :vocab_size][mask], labels[mask]
+        return unflatten(out.logits[..., :vocab_size])[mask], labels[mask]
     hidden, labels = label_hidden_states(parts, micro_batch, device)
     return parts.head(hidden)[..., :vocab_size], labels
 
