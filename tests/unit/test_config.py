@@ -319,7 +319,7 @@ def test_sequence_parallel_ranks_get_one_cuda_connection_unless_the_user_sets_it
 
     config = config_from_dict(with_changes(system_envs={"NCCL_DEBUG": "WARN"}))
     assert worker_env(config, "student") == {"NCCL_DEBUG": "WARN"}
-    # (the config refuses sequence_parallel until the strategy honours it; set here past validation)
+    # (set past validation: this config's torch strategies refuse sequence_parallel; worker_env reads the field only)
     config.student.strategy_args.sequence_parallel = True
     assert worker_env(config, "student") == {"NCCL_DEBUG": "WARN", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
     assert "CUDA_DEVICE_MAX_CONNECTIONS" not in worker_env(config, "teacher")

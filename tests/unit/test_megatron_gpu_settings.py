@@ -1,6 +1,7 @@
 """Megatron settings that only matter on a GPU, checked on CPU ranks with the CPU-shim switch turned off where
 the GPU path is what is tested: sequence parallel follows the config (mbridge turns it on whenever tp > 1), and
-is refused without TransformerEngine; an fp16 student learns (its loss is scaled by the optimizer's loss scale,
+is refused on a GPU without TransformerEngine (CPU ranks run it with their own torch norms, see
+test_megatron_sequence_parallel.py); an fp16 student learns (its loss is scaled by the optimizer's loss scale,
 which the optimizer divides out again)."""
 
 import pytest

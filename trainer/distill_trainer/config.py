@@ -62,9 +62,7 @@ SUPPORTED_STRATEGIES = ("torch_train", "torch_infer", "megatron_train", "megatro
 LOGITS_TRANSPORTS = {"ipc+nccl": "same_device", "nccl-only": "same_device", "ray": "object_store"}
 # Megatron options the config accepts and strategies/megatron.py does not pass to Megatron yet: refused (with the
 # value that turns them off) rather than ignored. The megatron strategy removes an entry when it honours it.
-MEGATRON_OPTIONS_NOT_YET_HONOURED: dict[str, Any] = {
-    "sequence_parallel": False,
-}
+MEGATRON_OPTIONS_NOT_YET_HONOURED: dict[str, Any] = {}
 # Set by Ray from device_mapping; a worker environment must not move a rank to another device.
 RESERVED_ENV = ("CUDA_VISIBLE_DEVICES",)
 # Of each GPU, what teacher and student together may reserve when neither sets gpu_memory_fraction: the rest is
@@ -224,6 +222,12 @@ class StrategyConfig(_Strict):
         None, description="Same as strategy_args.recompute_granularity."
     )
     bf16: bool | None = Field(None, description="true: model_args.dtype bf16.")
+    num_layers_in_first_pipeline_stage: int | None = Field(
+        None, ge=1, description="Same as strategy_args.num_layers_in_first_pipeline_stage."
+    )
+    num_layers_in_last_pipeline_stage: int | None = Field(
+        None, ge=1, description="Same as strategy_args.num_layers_in_last_pipeline_stage."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -262,6 +266,19 @@ class StrategyArgs(_Strict):
     )
     tp_size: int = Field(1, ge=1, description="Tensor-parallel size (megatron strategies).")
     pp_size: int = Field(1, ge=1, description="Pipeline-parallel size (megatron strategies).")
+    num_layers_in_first_pipeline_stage: int | None = Field(
+        None,
+        ge=1,
+        description="Transformer layers on the first pipeline stage (Megatron's uneven pipeline; needs pp_size > 1); "
+        "the stages between first and last share the rest equally. null: layers / pp_size on every stage, or, when "
+        "pp_size does not divide the layers, a split with the first and last stages lightest (logged at start).",
+    )
+    num_layers_in_last_pipeline_stage: int | None = Field(
+        None,
+        ge=1,
+        description="Transformer layers on the last pipeline stage (Megatron's uneven pipeline; needs pp_size > 1); "
+        "see num_layers_in_first_pipeline_stage.",
+    )
     sequence_parallel: bool = Field(
         False, description="Megatron sequence parallelism (activations split along the sequence; needs tp_size > 1)."
     )
@@ -277,7 +294,8 @@ class StrategyArgs(_Strict):
         None,
         description="The original pipeline's form of the fields above (tensor_model_parallel_size, "
         "pipeline_model_parallel_size, context_parallel_size (1 only), sequence_parallel, use_distributed_optimizer, "
-        "recompute_granularity, bf16); a value that differs from the same field set here is refused.",
+        "recompute_granularity, bf16, num_layers_in_first_pipeline_stage, num_layers_in_last_pipeline_stage); a "
+        "value that differs from the same field set here is refused.",
     )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="Fraction of GPU memory an inference engine may reserve."
@@ -304,6 +322,8 @@ class StrategyArgs(_Strict):
             "sequence_parallel": "sequence_parallel",
             "use_distributed_optimizer": "use_distributed_optimizer",
             "recompute_granularity": "recompute_granularity",
+            "num_layers_in_first_pipeline_stage": "num_layers_in_first_pipeline_stage",
+            "num_layers_in_last_pipeline_stage": "num_layers_in_last_pipeline_stage",
         }
         for theirs, ours in pairs.items():
             value = getattr(config, theirs)
@@ -792,6 +812,10 @@ def _check_strategy_options(side: str, worker: WorkerConfig) -> None:
                 raise _field_error(
                     f"{where}.{name}", "values > 1 need megatron_train/megatron_infer", getattr(args, name)
                 )
+        for name in ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage"):
+            if getattr(args, name) is not None:
+                raise _field_error(f"{where}.{name}", "a pipeline split needs megatron_train/megatron_infer with "
+                                   "pp_size > 1; remove it", getattr(args, name))
         hints = {
             "sequence_parallel": "it splits activations over tensor-parallel ranks (megatron strategies)",
             "use_distributed_optimizer": "the optimizer state is sharded by megatron_train only",
@@ -813,6 +837,10 @@ def _check_strategy_options(side: str, worker: WorkerConfig) -> None:
                 worker.model_args.attn_implementation,
             )
     else:
+        for name in ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage"):
+            if getattr(args, name) is not None and args.pp_size == 1:
+                raise _field_error(f"{where}.{name}", "needs pp_size > 1 (a split of the layers over pipeline "
+                                   "stages); remove it or raise pp_size", getattr(args, name))
         if args.sequence_parallel and args.tp_size == 1:
             raise _field_error(f"{where}.sequence_parallel", "needs tp_size > 1; set false or raise tp_size", True)
         for name, off in MEGATRON_OPTIONS_NOT_YET_HONOURED.items():
@@ -1092,11 +1120,11 @@ def check_runtime_support(config: DistillConfig) -> None:
         if worker.use_sequence_packing and worker.strategy_args.strategy_name.startswith("torch") and not wants_flash:
             # sdpa / eager keep a packed row's records apart only where transformers builds the block-diagonal mask
             # from the position ids (flash attention reads them in its own kernel).
-            import transformers
-
+            # Imported here, at run time only: the operator's image reads this module without the trainer's stack.
+            transformers = importlib.import_module("transformers")
             try:
-                from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
-            except ImportError:
+                importlib.import_module("transformers.masking_utils").find_packed_sequence_indices  # noqa: B018
+            except (ImportError, AttributeError):
                 raise ConfigError(
                     f"{side}.use_sequence_packing needs a transformers that keeps packed records apart for sdpa and "
                     f"eager attention (transformers.masking_utils.find_packed_sequence_indices); transformers "

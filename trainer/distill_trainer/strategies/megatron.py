@@ -4,7 +4,9 @@ DP × TP × PP ranks, HF weights in and out through mbridge (``megatron_bridge``
 Layout. The ranks of one side form the default torch.distributed group of their processes (the workers
 initialize it; a single rank gets a one-process group here). ``initialize_model_parallel(tp, pp)`` splits
 it in Megatron's default order (TP fastest, then DP, then PP), which is ``RankContext``'s numbering, so
-rank r of the teacher and rank r of the student hold the same TP slice of the same PP stage.
+rank r of the teacher and rank r of the student hold the same TP slice of the same PP stage. Each side splits its
+own layers over the stages (``pipeline_split``: even, as set by ``num_layers_in_first/last_pipeline_stage``, or
+chosen by ``layout.pipeline_stage_layers`` when pp does not divide them).
 
 Logits. The last PP stage produces this TP rank's vocabulary slice ``[tp_rank·V_p/tp, (tp_rank+1)·V_p/tp)``
 of the logits, where V_p is the vocabulary padded to a multiple of 128·tp that holds *both* models'
@@ -47,6 +49,12 @@ weight to the first stage's embedding as before. Losses and gradients equal the 
 rounding at tp = 1, tp = 2 and pp = 2, tied and untied (``tests/unit/test_megatron_fused_head.py``).
 ``fused_lm_head: false``, a ``loss_fn`` without ``fused_head`` or multi-token prediction keep the logits path;
 ``generate`` and the teacher always use the logits.
+
+Sequence parallel (``strategy_args.sequence_parallel``, tp > 1) is Megatron's: between the TP regions each TP rank
+holds 1/tp of the sequence, so ``_run`` right-pads a micro-batch whose length is not a multiple of tp
+(``_pad_for_sequence_parallel``; the causal mask keeps every real position's output) and cuts the model's output
+back to the micro-batch's length before ``on_logits``: teacher targets, the student's loss (both heads) and
+``generate`` see the unpadded positions only. CPU ranks build it with ``megatron_cpu.SequenceParallelTorchNorm``.
 
 Checkpoints: the student is exported in HF format (merged across TP and PP, padding rows dropped) to
 ``<dir>/student/`` by global rank 0; each rank writes its optimizer and scheduler state and RNG states to
@@ -145,6 +153,23 @@ def recompute_settings(granularity: str | None) -> dict:
     return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
 
 
+def pipeline_split(hf_config, rank: RankContext, strategy_args, side: str) -> dict:
+    """TransformerConfig fields for this side's split of the transformer layers over the pipeline stages
+    (``layout.pipeline_stage_layers``: Megatron's even default, the split set by
+    ``strategy_args.num_layers_in_first/last_pipeline_stage``, or one chosen when pp_size does not divide the
+    layers); an uneven split is logged by the side's rank 0."""
+    import logging
+
+    from ..layout import FIRST, LAST, describe_split, pipeline_split_settings
+
+    first, last = getattr(strategy_args, FIRST, None), getattr(strategy_args, LAST, None)
+    layers = int(hf_config.num_hidden_layers)
+    settings = pipeline_split_settings(layers, rank.pp_size, first, last)
+    if settings and rank.rank == 0:
+        logging.getLogger(__name__).info(describe_split(side, layers, rank.pp_size, first, last))
+    return settings
+
+
 class _MegatronModel:
     """What both strategies share: the parallel setup, the model stage of this rank and its logits view."""
 
@@ -163,6 +188,8 @@ class _MegatronModel:
         # Recompute only matters where there is a backward pass: the student's.
         overrides = {"calculate_per_token_loss": True, **recompute_settings(worker.strategy_args.recompute_granularity)} \
             if train else {}
+        side = "student" if train else "teacher"
+        overrides.update(pipeline_split(self.hf_config, rank, worker.strategy_args, side))
         with cpu_device_mode():
             self.bridge = mb.make_bridge(
                 self.hf_config,
@@ -187,6 +214,19 @@ class _MegatronModel:
             output = output.masked_fill(~keep, -float("inf"))
         return output, VocabShard(self.tp_group, self.vocab_start, self.shard_width)
 
+    def _sequence_parallel_length(self, length: int) -> int:
+        """``length`` rounded up to a multiple of tp under sequence parallel (each TP rank holds an equal slice of
+        the sequence between the TP regions); ``length`` otherwise."""
+        if not self.bridge.config.sequence_parallel:
+            return length
+        return -(-length // self.rank.tp_size) * self.rank.tp_size
+
+    def _pad_for_sequence_parallel(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] token ids right-padded (token 0) to ``_sequence_parallel_length(T)``. Under the causal mask the
+        padding changes no real position's output; ``_run`` cuts the model's output back to T before the loss."""
+        extra = self._sequence_parallel_length(input_ids.shape[1]) - input_ids.shape[1]
+        return torch.nn.functional.pad(input_ids, (0, extra)) if extra else input_ids
+
     def _run(self, model, micro_batches: Sequence[MicroBatch], on_logits, *, forward_only: bool) -> None:
         """Megatron's schedule over ``micro_batches``; ``on_logits(output, micro_batch)`` runs on the last
         stage and returns the loss tensor the schedule backpropagates (ignored when forward_only)."""
@@ -194,12 +234,14 @@ class _MegatronModel:
 
         def forward_step(data_iterator, model_chunk):
             micro_batch = next(data_iterator)
-            input_ids = micro_batch.input_ids.to(self.device)
+            length = micro_batch.input_ids.shape[1]
+            input_ids = self._pad_for_sequence_parallel(micro_batch.input_ids.to(self.device))
             positions = torch.arange(input_ids.shape[1], device=self.device).expand_as(input_ids)
             # Right-padded batches: the causal mask alone gives every real position exactly HF's logits.
             output = model_chunk(input_ids, positions, None)
 
             def loss_func(output_tensor):
+                output_tensor = output_tensor[:, :length]  # [B, T, ...]: the sequence-parallel padding cut off
                 return on_logits(output_tensor, micro_batch), torch.tensor(1, dtype=torch.int), {}
 
             return output, loss_func
@@ -210,7 +252,7 @@ class _MegatronModel:
                 data_iterator=iter(micro_batches),
                 model=[model],
                 num_microbatches=len(micro_batches),
-                seq_length=max(int(m.input_ids.shape[1]) for m in micro_batches),
+                seq_length=max(self._sequence_parallel_length(int(m.input_ids.shape[1])) for m in micro_batches),
                 micro_batch_size=max(int(m.input_ids.shape[0]) for m in micro_batches),
                 forward_only=forward_only,
             )

@@ -15,7 +15,9 @@ Megatron's process groups. Three small adaptations make it usable here; each is 
    refused rather than mis-converted: mbridge maps any scaling to a linear interpolation factor.
 3. **Sequence parallel as configured.** mbridge turns it on whenever TP > 1; here it is the configured
    value on every path (``make_bridge(sequence_parallel=...)``). Megatron's local spec (torch norms, used
-   without TransformerEngine) asserts it off, so it is refused there with the reason.
+   without TransformerEngine) asserts it off: on CPU ranks the spec's norms and the decoder's final norm
+   are ``megatron_cpu.SequenceParallelTorchNorm`` instead (same math, gradients summed over TP by Megatron);
+   on a GPU without TransformerEngine it is refused with the reason (the GPU path is Megatron's own).
 4. **CPU.** The fused kernels are off on CPU (``megatron_cpu.cpu_transformer_config_overrides``);
    ``use_cpu_initialization`` is on.
 
@@ -102,11 +104,10 @@ def make_bridge(hf_config, *, dtype: torch.dtype, padded_vocab: int, sequence_pa
         raise ValueError(f"padded_vocab={padded_vocab} is smaller than the model's vocab_size {hf_config.vocab_size}")
     rope_base(hf_config)  # refuse unsupported RoPE before building anything
     use_te = have_transformer_engine() and not needs_cpu_shims()
-    if sequence_parallel and not use_te:
+    if sequence_parallel and not use_te and not needs_cpu_shims():
         raise ValueError(
             "sequence_parallel needs TransformerEngine: without it Megatron's local layer spec uses torch norms, "
             "which do not support sequence parallelism; set sequence_parallel: false"
-            + (" (CPU ranks never have TransformerEngine)" if needs_cpu_shims() else "")
         )
     overrides = dict(config_overrides or {})
     if needs_cpu_shims():
@@ -152,7 +153,10 @@ class _Adapted:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
         self.has_vp_stage = False
-        return get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=self.config.qk_layernorm)
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=self.config.qk_layernorm)
+        if self.config.sequence_parallel and needs_cpu_shims():
+            return _sequence_parallel_cpu_block(spec, self.config)
+        return spec
 
     def _get_gptmodel_args(self) -> dict:
         return dict(
@@ -161,6 +165,28 @@ class _Adapted:
             position_embedding_type="rope",
             rotary_base=rope_base(self.hf_config),
         )
+
+
+def _sequence_parallel_cpu_block(layer_spec, config):
+    """The decoder of ``layer_spec`` (Megatron's local spec) with every torch norm, the final one included, built
+    as ``SequenceParallelTorchNorm``: what the block would build for this pipeline stage, norms swapped."""
+    import dataclasses
+
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    from .megatron_cpu import SequenceParallelTorchNorm
+
+    def swap(spec):
+        if spec is WrappedTorchNorm:
+            return SequenceParallelTorchNorm
+        if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+            return dataclasses.replace(spec, **{f.name: swap(getattr(spec, f.name)) for f in dataclasses.fields(spec)})
+        return spec
+
+    layer = swap(layer_spec)
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
+                                      layer_norm=SequenceParallelTorchNorm)
 
 
 def build_gpt_model(bridge) -> torch.nn.Module:

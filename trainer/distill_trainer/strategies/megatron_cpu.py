@@ -20,11 +20,19 @@ name: ``get_default_causal_mask`` and ``pipeline_parallel/schedules.py`` create 
 fp16/bf16 optimizer (``Float16OptimizerWithFloat16Params``) accepts only parameters whose ``type()`` is
 ``torch.cuda.HalfTensor`` / ``BFloat16Tensor`` / ``FloatTensor``. The strategy enters it around every Megatron call on CPU.
 
+Sequence parallel on CPU ranks: Megatron's local layer spec (the only one without TransformerEngine) builds
+its norms with ``WrappedTorchNorm``, which asserts ``not config.sequence_parallel``. ``SequenceParallelTorchNorm``
+is the same torch ``RMSNorm`` / ``LayerNorm`` without that assertion, its parameters marked
+``sequence_parallel = True``: each TP rank normalizes its own slice of the sequence, so its weight gradient is a
+partial sum, and Megatron's ``finalize_model_grads`` all-reduces the gradients of exactly such parameters over
+the TP group (``config.sequence_parallel and param.sequence_parallel``, as it does for TransformerEngine's
+norms). ``megatron_bridge`` puts it into the layer spec and the decoder's final norm on CPU ranks only. The
+collectives along the sequence (``all_gather_into_tensor``, ``reduce_scatter_tensor``) run on gloo as they are.
+
 What is *not* shimmed, but configured (``cpu_transformer_config_overrides``): fused kernels are off
 (masked softmax, bias-dropout, RoPE and gradient-accumulation fusions), the model is built from the
-local layer spec (no TransformerEngine), ``use_cpu_initialization=True`` and sequence parallel off
-(reduce-scatter along the sequence is not exercised on gloo). On a GPU none of this applies: Megatron
-runs its own paths.
+local layer spec (no TransformerEngine) and ``use_cpu_initialization=True``. On a GPU none of this
+applies: Megatron runs its own paths.
 """
 
 from __future__ import annotations
@@ -52,8 +60,25 @@ def cpu_transformer_config_overrides() -> dict:
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         use_cpu_initialization=True,
-        sequence_parallel=False,
     )
+
+
+class SequenceParallelTorchNorm:
+    """Megatron's ``WrappedTorchNorm`` (torch ``RMSNorm`` / ``LayerNorm`` from ``config.normalization``) that also
+    builds under sequence parallel: its parameters carry ``sequence_parallel`` = the config's value, which makes
+    ``finalize_model_grads`` sum their gradients over the TP group (see the module docstring)."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
+                zero_centered_gamma: bool = False, normalization: str = "LayerNorm"):
+        if config.layernorm_zero_centered_gamma or config.memory_efficient_layer_norm:
+            raise ValueError("zero-centered gamma / memory-efficient layer norm are not supported by torch norms")
+        kinds = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
+        if config.normalization not in kinds:
+            raise ValueError(f"normalization {config.normalization!r} is not supported by torch norms")
+        norm = kinds[config.normalization](normalized_shape=hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = bool(config.sequence_parallel)
+        return norm
 
 
 def apply_cpu_shims() -> None:
