@@ -194,3 +194,41 @@ def test_activation_recompute_gives_the_same_losses_and_gradients(models, recomp
     print(f"recompute={recompute}: max loss diff {_max_diff(again['losses'], plain['losses']):.3g}")
     assert again["losses"] == plain["losses"]
     assert again["grad_norms"] == plain["grad_norms"]
+
+
+
+def _ragged_step(rank, world, tp, pp, root, out):
+    """One step over micro-batches of different widths and row counts (each padded only to its own longest
+    record, as the trainer's collate does)."""
+    from distill_trainer.strategies.base import MicroBatch
+    from distill_trainer.strategies.megatron import MegatronTrainStrategy
+
+    ctx = rank_context(rank, world, tp, pp)
+    strategy = MegatronTrainStrategy(fake_config(f"{root}/student"), ctx, VOCAB)
+    # Stages tell each other each activation's shape before sending it (mbridge's setting), so buffers match
+    # micro-batches of any size on NCCL too.
+    assert strategy.bridge.config.variable_seq_lengths
+    input_ids, attention_mask, labels = _global_batch(0)
+    cuts = [(slice(0, 2), SEQ), (slice(2, 3), SEQ - 2), (slice(3, 6), SEQ - 1)]  # rows 2, 1, 3; widths 10, 8, 9
+    micro_batches = [MicroBatch(input_ids[r, :w], attention_mask[r, :w], labels[r, :w]) for r, w in cuts]
+    normalizer = float(sum((mb.labels != IGNORE_INDEX).sum() for mb in micro_batches))
+    stats = strategy.forward_backward(micro_batches, make_loss_fn(LossConfig(distill_loss_weight=0.0), normalizer))
+    update = strategy.optimizer_step()
+    sums = torch.tensor([stats.ce_sum, stats.label_tokens], dtype=torch.float64)
+    dist.all_reduce(sums)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"ce": float(sums[0]), "tokens": float(sums[1]), "grad_norm": update.grad_norm}, f)
+
+
+@pytest.mark.timeout(300)
+def test_pp2_takes_micro_batches_of_different_widths_and_rows_as_pp1_does(models):
+    results = {}
+    for world, pp in ((1, 1), (2, 2)):
+        out = models / f"ragged_pp{pp}.json"
+        spawn(_ragged_step, world, 1, pp, str(models), str(out))
+        results[pp] = json.loads(out.read_text())
+    print(results)
+    assert results[2]["tokens"] == results[1]["tokens"]
+    assert results[2]["ce"] == pytest.approx(results[1]["ce"], rel=1e-6)
+    assert results[2]["grad_norm"] == pytest.approx(results[1]["grad_norm"], rel=1e-5)
