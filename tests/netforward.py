@@ -71,6 +71,7 @@ class _Pair:
         self._pending = 2
         self._lock = threading.Lock()
         self._on_done = on_done
+        self.frozen = threading.Event()  # set: bytes are read and dropped, both ways (a stuck, silent stream)
 
     def start(self) -> None:
         for src, dst in ((self.left, self.right), (self.right, self.left)):
@@ -83,7 +84,8 @@ class _Pair:
                 if not data:  # EOF: pass the half-close on, the other direction may still be sending
                     dst.shutdown(socket.SHUT_WR)
                     break
-                dst.sendall(data)
+                if not self.frozen.is_set():
+                    dst.sendall(data)
         except OSError:
             # A reset (or a socket closed by close()): end both directions.
             for sock in (src, dst):
@@ -179,6 +181,16 @@ class Forwarder:
     def _forget(self, pair: _Pair) -> None:
         with self._lock:
             self._pairs.discard(pair)
+
+    def freeze(self) -> int:
+        """The connections open now go silent for good: neither side receives anything more, nothing is closed
+        (a stuck stream, e.g. a watch through a broken proxy). New connections are forwarded as before. Returns
+        how many were frozen."""
+        with self._lock:
+            pairs = list(self._pairs)
+        for pair in pairs:
+            pair.frozen.set()
+        return len(pairs)
 
     @property
     def open_connections(self) -> int:

@@ -22,17 +22,18 @@ import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Literal, Mapping
 
 from distill_operator.resources import IMMUTABLE_SPEC_FIELDS, TERMINAL_STATES, DistillJobSpec
 
-Phase = Literal["Missing", "Pending", "Running", "Succeeded", "Failed"]
+Phase = Literal["Missing", "Queued", "Preempted", "Pending", "Running", "Succeeded", "Failed"]
 Action = Literal["none", "launch", "stop", "delete_job"]
 
 # Keys of status the operator owns; everything else (progress) belongs to someone else.
 OPERATOR_STATUS_KEYS = (
     "state",
+    "reason",
     "message",
     "observedGeneration",
     "startTime",
@@ -78,13 +79,18 @@ class Observation:
     phase: Phase
     reason: str
     message: str = ""
+    # Queued only: False while KubeRay is still tearing down a RayJob that was just suspended (not yet at rest).
+    settled: bool = True
 
 
 MISSING = Observation("Missing", "RayJobDeleted", "the attempt's RayJob no longer exists")
 
 
-def observe_rayjob(rayjob: Mapping[str, Any] | None) -> Observation:
-    """Map a KubeRay ray.io/v1 RayJob's ``jobDeploymentStatus``/``jobStatus`` to an Observation."""
+def observe_rayjob(rayjob: Mapping[str, Any] | None, workload: Mapping[str, Any] | None = None) -> Observation:
+    """Map a KubeRay ray.io/v1 RayJob's ``jobDeploymentStatus``/``jobStatus`` to an Observation.
+
+    A RayJob with ``spec.suspend: true`` (created so for a Kueue queue) is Queued, or Preempted when Kueue
+    evicted it after admission; ``workload`` is the Kueue Workload it owns, whose conditions say why."""
     if rayjob is None:
         return MISSING
     status = rayjob.get("status") or {}
@@ -100,11 +106,79 @@ def observe_rayjob(rayjob: Mapping[str, Any] | None) -> Observation:
         return Observation("Failed", "RayJobFailed", f"RayJob {name} failed ({what}){': ' + detail if detail else ''}")
     if deployment == "Complete":  # complete without a SUCCEEDED jobStatus: treat as a failure
         return Observation("Failed", "RayJobFailed", f"RayJob {name} completed with jobStatus={job or '-'}")
+    if (rayjob.get("spec") or {}).get("suspend"):
+        return observe_queued(rayjob, workload)
     if job == "RUNNING" and deployment in ("Running", ""):
         return Observation("Running", "RayJobRunning", f"RayJob {name} is running")
     return Observation(
         "Pending", "RayJobPending", f"RayJob {name} is starting (jobDeploymentStatus={deployment or '-'})"
     )
+
+
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"  # render.KUEUE_QUEUE_LABEL (render imports this module's users)
+# jobDeploymentStatus of a RayJob at rest while suspended: KubeRay has deleted its cluster (or never made one).
+SUSPENDED_AT_REST = ("", "New", "Suspended")
+
+
+def observe_queued(rayjob: Mapping[str, Any], workload: Mapping[str, Any] | None) -> Observation:
+    """A suspended RayJob, from its Kueue Workload's conditions (QuotaReserved, Admitted, Evicted): Queued with
+    Kueue's reason and what to do, or Preempted (evicted after admission and at rest: KubeRay deleted its cluster,
+    so the run continues in a new attempt from the newest checkpoint)."""
+    meta = rayjob.get("metadata") or {}
+    name, namespace = meta.get("name", "RayJob"), meta.get("namespace", "")
+    queue = (meta.get("labels") or {}).get(KUEUE_QUEUE_LABEL)
+    where = f"Kueue LocalQueue {namespace}/{queue}" if queue else "Kueue"
+    at_rest = ((rayjob.get("status") or {}).get("jobDeploymentStatus") or "") in SUSPENDED_AT_REST
+    if workload is None:
+        return Observation(
+            "Queued", "WaitingForWorkload",
+            f"RayJob {name} is suspended until {where} admits it; Kueue has made no Workload for it yet. If this "
+            "lasts, check that Kueue runs with its RayJob integration (integrations.frameworks: ray.io/rayjob) and "
+            f"that the LocalQueue exists: kubectl get localqueue -n {namespace} {queue or ''}".rstrip(),
+            settled=at_rest,
+        )
+    workload_name = (workload.get("metadata") or {}).get("name", "")
+    conditions = (workload.get("status") or {}).get("conditions") or []
+    see = f"kubectl describe workload -n {namespace} {workload_name}"
+
+    def detail(condition: Mapping[str, Any] | None) -> str:
+        return (condition or {}).get("message") or (condition or {}).get("reason") or "no detail"
+
+    evicted, reserved = get_condition(conditions, "Evicted"), get_condition(conditions, "QuotaReserved")
+    admitted = get_condition(conditions, "Admitted")
+    if (workload.get("spec") or {}).get("active") is False:
+        return Observation(
+            "Queued", "WorkloadInactive",
+            f"Kueue deactivated Workload {workload_name} of RayJob {name} ({detail(evicted)}): it is not admitted "
+            f"again until reactivated: kubectl patch workload -n {namespace} {workload_name} --type merge -p "
+            "'{\"spec\":{\"active\":true}}', or delete and re-create the DistillJob",
+            settled=at_rest,
+        )
+    if evicted is not None and evicted.get("status") == "True" and not is_true(conditions, "QuotaReserved"):
+        reason = evicted.get("reason") or "Evicted"
+        if not at_rest:
+            return Observation("Queued", reason, f"Kueue evicted RayJob {name} ({reason}: {detail(evicted)}); "
+                               "KubeRay is deleting its Ray cluster", settled=False)
+        return Observation("Preempted", reason, f"Kueue evicted RayJob {name} from {where} ({reason}: "
+                           f"{detail(evicted)}) and KubeRay deleted its Ray cluster")
+    if is_true(conditions, "Admitted"):
+        return Observation("Queued", "Admitted", f"{where} admitted RayJob {name}; Kueue is starting it",
+                           settled=at_rest)
+    if is_true(conditions, "QuotaReserved"):
+        return Observation(
+            "Queued", "QuotaReserved",
+            f"Kueue reserved quota for RayJob {name} in {where}; waiting for its admission checks "
+            f"({detail(admitted)}). See {see}", settled=at_rest,
+        )
+    if reserved is not None:
+        return Observation(
+            "Queued", reserved.get("reason") or "Pending",
+            f"RayJob {name} waits in {where}: {detail(reserved)}. It starts when Kueue admits it (quota frees up, "
+            f"or a higher runPolicy.priorityClassName); see {see}", settled=at_rest,
+        )
+    return Observation("Queued", "WorkloadCreated",
+                       f"RayJob {name} waits in {where}; Kueue has not evaluated its Workload {workload_name} yet",
+                       settled=at_rest)
 
 
 def ray_failure_summary(message: str) -> str:
@@ -173,6 +247,7 @@ class Decision:
     resume: bool = False  # launch with resume_from_checkpoint=true
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (Normal|Warning, Reason, message)
     remaining_deadline: int | None = None  # seconds left of activeDeadlineSeconds, for the launched RayJob
+    replaces: int | None = None  # with a launch: the attempt to stop once the new one exists (Kueue preempted it)
 
 
 class _Status:
@@ -201,11 +276,16 @@ class _Status:
         if get_condition(self.conditions, type_) is not None:
             self.set(type_, False, reason, message)
 
+    def state(self, state: str, reason: str, message: str) -> None:
+        """``status.state`` with the reason of the condition that set it (``kubectl get dj`` shows both)."""
+        self.data.update(state=state, reason=reason, message=message)
+
     def finish(self, succeeded: bool, reason: str, message: str) -> None:
         self.set("Running", False, reason, message)
         self.clear("Restarting", reason, message)
+        self.clear("Queued", reason, message)
         self.set("Succeeded" if succeeded else "Failed", True, reason, message, "Normal" if succeeded else "Warning")
-        self.data.update(state="Succeeded" if succeeded else "Failed", message=message)
+        self.state("Succeeded" if succeeded else "Failed", reason, message)
         self.data["completionTime"] = format_time(self.now)
 
 
@@ -243,7 +323,7 @@ def decide(
     def decision(action: Action = "none", **kwargs: Any) -> Decision:
         return Decision(status=st.data, action=action, events=st.events, **kwargs)
 
-    running = observation is not None and observation.phase in ("Pending", "Running")
+    running = observation is not None and observation.phase in ("Queued", "Preempted", "Pending", "Running")
 
     # Terminal states stay terminal; only the TTL is left to act on, and an attempt still running is stopped.
     if status.get("state") in TERMINAL_STATES:
@@ -254,7 +334,10 @@ def decide(
         return decision("stop", attempt=attempt) if running else decision()
 
     if spec is None:
-        st.finish(False, "InvalidSpec", spec_error or "invalid spec")
+        error = spec_error or "invalid spec"
+        if "re-create" not in error:
+            error += ". Fix the spec, then delete and re-create the DistillJob"
+        st.finish(False, "InvalidSpec", error)
         # Never a running RayJob behind a terminal DistillJob.
         return decision("stop", attempt=attempt) if attempt is not None else decision()
 
@@ -278,22 +361,31 @@ def decide(
         message = "suspended: the Ray cluster is deleted, checkpoints are kept"
         if attempt is None:
             message = "suspended before the first launch"
+        message += "; set spec.runPolicy.suspend to false to resume"
         st.set("Suspended", True, "Suspended", message, "Normal")
         st.clear("Running", "Suspended", message)
         st.clear("Restarting", "Suspended", message)
-        st.data.update(state="Suspended", message=message)
+        st.clear("Queued", "Suspended", message)
+        st.state("Suspended", "Suspended", message)
         if attempt is not None and (running or not already):
             return decision("stop", attempt=attempt)
         return decision()
 
-    def launch(next_attempt: int, resume: bool) -> Decision:
+    def launch(next_attempt: int, resume: bool, replaces: int | None = None) -> Decision:
         st.clear("Conflict", "NoConflict", "the children's names are free or owned by this DistillJob")
         st.data.update(attempt=next_attempt, rayJobName=name_of(next_attempt), attemptStartTime=format_time(now))
         remaining = None
         if policy.active_deadline_seconds is not None:
             elapsed = _elapsed(st.data.get("startTime"), now) or 0.0
             remaining = int(policy.active_deadline_seconds - elapsed)
-        return decision("launch", attempt=next_attempt, resume=resume, remaining_deadline=remaining)
+        if policy.queue_name and spec.launcher.type == "KubeRay" and not is_true(st.conditions, "Queued"):
+            # Created suspended: queued from now on (the clocks of the deadlines stop until Kueue admits it).
+            message = (f"{name_of(next_attempt)} created suspended in Kueue LocalQueue {policy.queue_name}; it starts "
+                       "when Kueue admits it")
+            st.set("Queued", True, "WaitingForWorkload", message, "Normal")
+            st.state("Queued", "WaitingForWorkload", message)
+        return decision("launch", attempt=next_attempt, resume=resume, remaining_deadline=remaining,
+                        replaces=replaces)
 
     if is_true(st.conditions, "Suspended"):
         # Resume: a new attempt continues from the newest checkpoint; the deadline clock restarts, as for Jobs.
@@ -301,7 +393,8 @@ def decide(
         message = f"resumed: {name_of(next_attempt)} continues from the newest checkpoint"
         st.set("Suspended", False, "Resumed", message)
         st.events.append(("Normal", "Resumed", message))
-        st.data.update(state="Pending", message=message, startTime=format_time(now))
+        st.state("Pending", "Resumed", message)
+        st.data.update(startTime=format_time(now))
         st.set("Created", True, "RayJobCreated", f"{name_of(next_attempt)} created", None)
         st.set("Running", False, "RayJobPending", f"waiting for {name_of(next_attempt)} to start")
         return launch(next_attempt, resume=attempt is not None)
@@ -310,16 +403,38 @@ def decide(
         message = f"{name_of(0)} created"
         st.set("Created", True, "RayJobCreated", message, "Normal")
         st.set("Running", False, "RayJobPending", f"waiting for {name_of(0)} to start")
-        st.data.update(state="Pending", message=message, startTime=format_time(now), restarts=0)
+        st.state("Pending", "RayJobCreated", message)
+        st.data.update(startTime=format_time(now), restarts=0)
         return launch(0, resume=False)
 
-    # Deadlines.
-    if policy.active_deadline_seconds is not None:
+    observed = observation or MISSING
+    queued = observed.phase == "Queued"
+    # Evicted by Kueue after admission, or suspended at rest after this attempt ran: its Ray cluster is gone.
+    preempted = observed.phase == "Preempted" or (queued and observed.settled and is_true(st.conditions, "Running"))
+    if is_true(st.conditions, "Queued") and observed.phase == "Missing":
+        st.set("Queued", False, observed.reason, observed.message)  # gone while queued: a failure, below
+    elif is_true(st.conditions, "Queued") and not (queued or preempted):
+        # Admitted by Kueue: the deadlines' clocks exclude the time queued (they stopped when queuing began).
+        waited = _elapsed((get_condition(st.conditions, "Queued") or {}).get("lastTransitionTime"), now) or 0.0
+        start = parse_time(st.data.get("startTime"))
+        if start is not None:
+            st.data["startTime"] = format_time(start + timedelta(seconds=waited))
+        st.data["attemptStartTime"] = format_time(now)
+        message = f"{name_of(attempt)} admitted by Kueue after {int(waited)} s queued"
+        st.set("Queued", False, "Admitted", message)
+        st.events.append(("Normal", "Admitted", message))
+
+    # Deadlines (not while queued: time in Kueue's queue does not count).
+    if policy.active_deadline_seconds is not None and not (queued or preempted):
         elapsed = _elapsed(st.data.get("startTime"), now)
         if elapsed is not None and elapsed >= policy.active_deadline_seconds:
-            st.finish(False, "DeadlineExceeded", f"ran longer than activeDeadlineSeconds={policy.active_deadline_seconds}")
+            st.finish(
+                False,
+                "DeadlineExceeded",
+                f"ran longer than activeDeadlineSeconds={policy.active_deadline_seconds}. To train longer, delete "
+                "and re-create the DistillJob with a larger spec.runPolicy.activeDeadlineSeconds",
+            )
             return decision("stop", attempt=attempt)
-    observed = observation or MISSING
     if policy.pre_running_deadline_seconds is not None and observed.phase == "Pending":
         waited = _elapsed(st.data.get("attemptStartTime"), now)
         if waited is not None and waited >= policy.pre_running_deadline_seconds:
@@ -327,19 +442,47 @@ def decide(
                 False,
                 "PreRunningDeadlineExceeded",
                 f"{name_of(attempt)} did not reach Running within preRunningDeadlineSeconds="
-                f"{policy.pre_running_deadline_seconds} ({observed.message})",
+                f"{policy.pre_running_deadline_seconds} ({observed.message}). Check why its pods do not start "
+                "(unschedulable: no room for the GPUs asked; an image that does not pull), then delete and re-create "
+                "the DistillJob",
             )
             return decision("stop", attempt=attempt)
+
+    if preempted:
+        # Not a failure (no restart counted): a new attempt, created suspended, resumes from the newest checkpoint
+        # when Kueue admits it; the preempted RayJob is deleted once the new one exists (its Workload with it).
+        checkpoint = progress.get("lastCheckpoint") or "the newest checkpoint"
+        reason, what = (observed.reason, observed.message) if observed.phase == "Preempted" else (
+            "RayJobSuspended", f"{name_of(attempt)} was suspended after it ran and its Ray cluster deleted")
+        message = f"{what}; {name_of(attempt + 1)} resumes from {checkpoint} when Kueue admits it {PREEMPTION_NOTE}"
+        st.set("Running", False, reason, what)
+        st.set("Queued", True, reason, message)
+        st.events.append(("Warning", "Preempted", message))
+        st.state("Queued", reason, message)
+        return launch(attempt + 1, resume=True, replaces=attempt)
+    if queued:
+        if not is_true(st.conditions, "Running"):  # True only while KubeRay tears down a preempted attempt
+            st.set("Running", False, observed.reason, observed.message)
+        was = get_condition(st.conditions, "Queued") or {}
+        if observed.reason == "WaitingForWorkload" and was.get("reason") == "Preempted" and was.get("status") == "True":
+            return decision()  # the preemption stays the news until Kueue has a say on the new attempt
+        st.set("Queued", True, observed.reason, observed.message, "Normal")
+        st.state("Queued", observed.reason, observed.message)
+        return decision()
 
     restarting = is_true(st.conditions, "Restarting")
     if observed.phase == "Pending":
         st.set("Running", False, observed.reason, observed.message)
-        st.data.update(state="Restarting" if restarting else "Pending", message=observed.message)
+        if restarting:
+            st.state("Restarting", (get_condition(st.conditions, "Restarting") or {}).get("reason") or observed.reason,
+                     observed.message)
+        else:
+            st.state("Pending", observed.reason, observed.message)
         return decision()
     if observed.phase == "Running":
         st.set("Running", True, observed.reason, observed.message, "Normal")
         st.clear("Restarting", "Running", observed.message)
-        st.data.update(state="Running", message=observed.message)
+        st.state("Running", observed.reason, observed.message)
         return decision()
     if observed.phase == "Succeeded":
         steps = f" after {progress['step']} steps" if progress.get("step") is not None else ""
@@ -352,7 +495,9 @@ def decide(
         st.finish(
             False,
             "BackoffLimitExceeded",
-            f"{observed.message}; backoffLimit={policy.backoff_limit} reached after {restarts} restarts",
+            f"{observed.message}; backoffLimit={policy.backoff_limit} reached after {restarts} restarts. Fix the "
+            "cause (the error above; the trainer's full log is the Ray job's driver log), then delete and re-create "
+            "the DistillJob",
         )
         return decision()
     checkpoint = progress.get("lastCheckpoint") or "the newest checkpoint"
@@ -363,7 +508,8 @@ def decide(
     st.set("Running", False, observed.reason, observed.message)
     st.set("Restarting", True, observed.reason, message)
     st.events.append(("Warning", "Restarting", message))
-    st.data.update(state="Restarting", message=message, restarts=restarts + 1)
+    st.state("Restarting", observed.reason, message)
+    st.data.update(restarts=restarts + 1)
     return launch(attempt + 1, resume=True)
 
 
@@ -380,7 +526,7 @@ def launch_blocked(
         st.data["specHashes"] = planned.status["specHashes"]
     message = f"{conflict}; the operator never adopts or modifies it. Delete or rename it and the job proceeds"
     st.set("Conflict", True, "NameConflict", message, "Warning")
-    st.data.update(state=planned.status.get("state") or "Pending", message=message)
+    st.state(planned.status.get("state") or "Pending", "NameConflict", message)
     return Decision(status=st.data, events=st.events)
 
 
@@ -399,6 +545,8 @@ def timer_due(spec: Mapping[str, Any], status: Mapping[str, Any], now: datetime)
         return True  # waiting for a foreign object to go: try again every tick
     if state is None or policy.get("suspend") or state == "Suspended":
         return False
+    if state == "Queued":
+        return True  # Kueue's Workload is not watched: its reason (quota, admission checks, eviction) is polled
     if (spec.get("launcher") or {}).get("type") == "RayAddress":
         return True
     active, started = policy.get("activeDeadlineSeconds"), _elapsed(status.get("startTime"), now)
@@ -412,3 +560,61 @@ def needs_reconcile(body: Mapping[str, Any]) -> bool:
     """A DistillJob the operator has not acted on at its current generation (new, or its spec changed)."""
     status = body.get("status") or {}
     return status.get("observedGeneration") != (body.get("metadata") or {}).get("generation") or not status.get("state")
+
+
+# --- Events: one per transition, named after it (runtime.post_event) ------------------------------------------------
+# (condition type, status) -> (Event type, the condition's reason it needs, or None: any) of the Events ``decide``
+# posts when a condition flips; Restarting and Preempted are posted once per attempt instead (``event_key``).
+FLIP_EVENTS: dict[tuple[str, str], tuple[str, str | None]] = {
+    ("Created", "True"): ("Normal", None),
+    ("Running", "True"): ("Normal", None),
+    ("Queued", "True"): ("Normal", None),
+    ("Suspended", "True"): ("Normal", None),
+    ("Succeeded", "True"): ("Normal", None),
+    ("Failed", "True"): ("Warning", None),
+    ("SpecChangeIgnored", "True"): ("Warning", None),
+    ("Conflict", "True"): ("Warning", None),
+    ("Suspended", "False"): ("Normal", "Resumed"),
+    ("Queued", "False"): ("Normal", "Admitted"),
+}
+PER_ATTEMPT_EVENTS = ("Restarting", "Preempted")
+PREEMPTION_NOTE = "(preemption is not a failure: no restart counted)"  # ends the Queued message of a preemption
+
+
+def event_key(status: Mapping[str, Any], reason: str) -> tuple[str, ...]:
+    """What identifies the transition an Event of ``reason`` reports, from the status written with it: the
+    condition's type, status and ``lastTransitionTime`` for a flip (not its reason, which may change while the
+    status stays), the attempt for Restarting/Preempted (one each per attempt). The same transition read back from
+    the status after a restart gives the same key, so the Event's name (``event_name``) is the same."""
+    if reason in PER_ATTEMPT_EVENTS:
+        return (reason, str(status.get("attempt")))
+    for condition in status.get("conditions") or []:
+        flip = FLIP_EVENTS.get((condition.get("type"), condition.get("status")))
+        if flip is not None and condition.get("reason") == reason and flip[1] in (None, reason):
+            return (condition["type"], condition["status"], condition.get("lastTransitionTime") or "")
+    return ("event", reason, str(status.get("attempt")))
+
+
+def recorded_events(status: Mapping[str, Any]) -> list[tuple[str, str, str, tuple[str, ...]]]:
+    """The Events (type, reason, message, key) of the transitions the status records now: what a new leader posts
+    (idempotently, by name) in case its predecessor was killed between the status write and the Event. The message
+    is the condition's current one. Not recoverable: transitions the status has moved on from."""
+    out = []
+    for condition in status.get("conditions") or []:
+        type_, value, reason = condition.get("type"), condition.get("status"), condition.get("reason") or ""
+        message = condition.get("message") or ""
+        flip = FLIP_EVENTS.get((type_, value))
+        if (type_, value) == ("Queued", "True") and message.endswith(PREEMPTION_NOTE):
+            out.append(("Warning", "Preempted", message, event_key(status, "Preempted")))
+        elif flip is not None and flip[1] in (None, reason) and reason:
+            out.append((flip[0], reason, message, (type_, value, condition.get("lastTransitionTime") or "")))
+        elif (type_, value) == ("Restarting", "True"):
+            out.append(("Warning", "Restarting", message, event_key(status, "Restarting")))
+    return out
+
+
+def event_name(job_name: str, uid: str, key: tuple[str, ...]) -> str:
+    """The Event's name: ``<job>.<16 hex of sha256(uid, key)>``, a DNS subdomain of at most 253 characters (a long
+    job name is cut). A second create of the same transition is a 409, never a second Event."""
+    digest = hashlib.sha256("\0".join((uid or "", *key)).encode()).hexdigest()[:16]
+    return f"{job_name[:253 - 17].rstrip('.-')}.{digest}"

@@ -82,6 +82,8 @@ CEL_RULES["spec"] = _immutable_rules()
 
 PRINTER_COLUMNS = [
     {"name": "State", "type": "string", "jsonPath": ".status.state", "description": "Summary state."},
+    {"name": "Reason", "type": "string", "jsonPath": ".status.reason",
+     "description": "Reason of the condition that set the state; status.message says what to do next."},
     {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step", "description": "Last step."},
     {"name": "Max", "type": "integer", "jsonPath": ".spec.distill.max_steps", "description": "Steps to train."},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "description": "Training loss."},

@@ -13,6 +13,7 @@ stays deletable when the operator is not running.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Any
@@ -32,12 +33,14 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     if memo.get("runtime") is None:  # kopf run -m distill_operator.handlers: configured from the environment
         memo.runtime = OperatorRuntime.from_env()
     memo.runtime.start_timer()
+    memo.runtime.start_leader_election(memo.get("stop_operator"))  # no-op without --leader-election
 
 
 @kopf.on.cleanup()
 async def stop_timer(memo: kopf.Memo, **_: Any) -> None:
     if memo.get("runtime") is not None:
         memo.runtime.stop_timer()
+        await asyncio.to_thread(memo.runtime.step_down)  # the leader hands its Lease over at once
 
 
 SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
@@ -79,3 +82,17 @@ def progress_changed(type: str, body: Any, namespace: str, name: str, memo: kopf
 @kopf.on.probe(id="reconciles")
 def reconciles_probe(**_: Any) -> float:
     return sum(sample.value for sample in metrics.RECONCILES.collect()[0].samples if sample.name.endswith("_total"))
+
+
+@kopf.on.probe(id="apiContactSecondsAgo")
+async def api_probe(memo: kopf.Memo, **_: Any) -> float:
+    """/healthz fails (HTTP 500) once the API server has been unreachable, or the DistillJob watch silent about a
+    change, for longer than --liveness-api-timeout (OperatorRuntime.health): kopf's own endpoint only shows that
+    its server task is alive, which it stays through an API outage and with a dead watcher (kopf#1077)."""
+    runtime = memo.get("runtime")
+    if runtime is None:
+        return 0.0
+    problem = runtime.health()
+    if problem:
+        raise kopf.PermanentError(problem)
+    return runtime.seconds_since_api_contact()

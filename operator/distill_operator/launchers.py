@@ -32,6 +32,9 @@ from distill_operator.settings import OperatorSettings
 log = logging.getLogger(__name__)
 
 RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayjobs"
+# Kueue's Workloads (read only, for a queued RayJob's reason): v1beta2 (Kueue >= 0.15), else v1beta1.
+KUEUE_GROUP, KUEUE_VERSION, KUEUE_VERSION_OLD, WORKLOAD_PLURAL = "kueue.x-k8s.io", "v1beta2", "v1beta1", "workloads"
+KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
 NET_GROUP, NET_VERSION, NET_PLURAL = "networking.k8s.io", "v1", "networkpolicies"
 
 
@@ -78,7 +81,35 @@ class KubeRayLauncher:
             return MISSING  # being deleted: the attempt is over
         if rayjob is not None and not _owned_by(rayjob, job):
             return Observation("Missing", "RayJobNotOwned", f"RayJob {self.run_name(job, attempt)} belongs to another object")
-        return observe_rayjob(rayjob)
+        suspended = rayjob is not None and (rayjob.get("spec") or {}).get("suspend")
+        workload = self.workload_of(rayjob) if suspended else None
+        return observe_rayjob(rayjob, workload)
+
+    def workload_of(self, rayjob: dict[str, Any]) -> dict[str, Any] | None:
+        """The Kueue Workload owned by ``rayjob`` (Kueue names it rayjob-<name>-<hash>; found by ownerReference,
+        narrowed first by the job-uid label Kueue puts on it). None without one, or without Kueue's CRD."""
+        uid = rayjob["metadata"].get("uid", "")
+        for selector in (f"{KUEUE_JOB_UID_LABEL}={uid}", None):
+            try:
+                try:
+                    found = self.custom.list_namespaced_custom_object(
+                        KUEUE_GROUP, KUEUE_VERSION, rayjob["metadata"]["namespace"], WORKLOAD_PLURAL,
+                        label_selector=selector)
+                except ApiException as error:
+                    if error.status != 404:
+                        raise
+                    found = self.custom.list_namespaced_custom_object(
+                        KUEUE_GROUP, KUEUE_VERSION_OLD, rayjob["metadata"]["namespace"], WORKLOAD_PLURAL,
+                        label_selector=selector)
+            except ApiException as error:
+                if error.status == 404:
+                    return None  # Kueue is not installed
+                raise
+            owned = [w for w in found.get("items") or []
+                     if any(ref.get("uid") == uid for ref in w["metadata"].get("ownerReferences") or [])]
+            if owned:
+                return max(owned, key=lambda w: w["metadata"].get("creationTimestamp") or "")
+        return None
 
     def launch(
         self, spec: DistillJobSpec, job: JobRef, attempt: int, resume: bool, remaining_deadline: int | None

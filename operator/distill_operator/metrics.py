@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator, Mapping
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from distill_operator.resources import CONDITION_TYPES
@@ -34,6 +34,7 @@ RAYJOBS_CREATED = Counter(
     "kubedistill_rayjobs_created_total", "Attempts launched (RayJobs or Ray Jobs API submissions).", ["launcher"]
 )
 RESTARTS = Counter("kubedistill_distilljob_restarts_total", "Retries of DistillJobs after a failed attempt.")
+LEADER = Gauge("kubedistill_operator_leader", "1 on the replica holding the leader Lease (or without leader election).")
 
 _conditions_lock = threading.Lock()
 _true_conditions: dict[tuple[str, str], frozenset[str]] = {}

@@ -66,6 +66,10 @@ RAY_HEALTH_CHECK_ENV = {
 # Before this Ray version KubeRay's head probes call the dashboard on localhost:8265, so it cannot be bound to
 # the pod IP alone; from it on the probes are HTTP GETs of the dashboard agent through the pod IP.
 RAY_VERSION_UNIFIED_HEALTH_CHECK = (2, 53)
+# Kueue's RayJob integration (kueue.x-k8s.io): the LocalQueue and WorkloadPriorityClass labels it reads from the
+# RayJob at creation. Kueue admits a RayJob by flipping its spec.suspend to false and preempts it by setting it back.
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 
 
 @dataclass(frozen=True)
@@ -371,6 +375,11 @@ def render_rayjob(
     ``active_deadline_seconds`` is what is left of the DistillJob's deadline; KubeRay enforces it as a backstop
     (the operator enforces the real one). KubeRay's own retries are off (backoffLimit 0): each retry of ours is a
     new RayJob that resumes from the checkpoint.
+
+    With ``runPolicy.queueName`` the RayJob is what Kueue's RayJob integration expects: the queue (and priority
+    class) labels, created with ``suspend: true`` (Kueue admits it by setting false), ``shutdownAfterJobFinishes``
+    and no ``clusterSelector``. The operator only ever creates and deletes RayJobs, never patches one, so it never
+    writes ``suspend`` after creation (a controller that does races Kueue) and the labels stay as created.
     """
     workers = spec.workers
     head_ports = [
@@ -429,13 +438,19 @@ def render_rayjob(
     }
     if active_deadline_seconds is not None:
         ray_spec["activeDeadlineSeconds"] = max(1, int(active_deadline_seconds))
+    metadata_labels = labels(job, attempt)
+    if spec.run_policy.queue_name:
+        metadata_labels[KUEUE_QUEUE_LABEL] = spec.run_policy.queue_name
+        if spec.run_policy.priority_class_name:
+            metadata_labels[KUEUE_PRIORITY_LABEL] = spec.run_policy.priority_class_name
+        ray_spec["suspend"] = True
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
         "metadata": {
             "name": rayjob_name(job, attempt),
             "namespace": job.namespace,
-            "labels": labels(job, attempt),
+            "labels": metadata_labels,
             "ownerReferences": [owner_reference(job)],
         },
         "spec": ray_spec,

@@ -30,12 +30,13 @@ API_VERSION = shared_names.API_VERSION
 # Condition types, in the order they usually appear. Each is True/False with a CamelCase reason.
 # SpecChangeIgnored: an immutable spec field (IMMUTABLE_SPEC_FIELDS) was edited; the job keeps its original.
 # Conflict: a child's name is taken by an object this DistillJob does not own; nothing is launched until it is gone.
+# Queued: runPolicy.queueName is set and Kueue holds the attempt's RayJob suspended (waiting for quota, or preempted).
 ConditionType = Literal[
-    "Created", "Running", "Suspended", "Restarting", "Succeeded", "Failed", "SpecChangeIgnored", "Conflict"
+    "Created", "Queued", "Running", "Suspended", "Restarting", "Succeeded", "Failed", "SpecChangeIgnored", "Conflict"
 ]
 CONDITION_TYPES: tuple[str, ...] = get_args(ConditionType)
 # The one-word summary in status.state (a printer column); terminal states never change again.
-State = Literal["Pending", "Running", "Suspended", "Restarting", "Succeeded", "Failed"]
+State = Literal["Pending", "Queued", "Running", "Suspended", "Restarting", "Succeeded", "Failed"]
 TERMINAL_STATES = ("Succeeded", "Failed")
 
 QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
@@ -130,6 +131,10 @@ class StorageSpec(_K8sModel):
     )
 
 
+# A Kubernetes label value naming a Kueue object (LocalQueue, WorkloadPriorityClass: DNS subdomain names <= 63).
+KUEUE_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+
+
 class RunPolicy(_K8sModel):
     """When the job runs, how long it may take, how often it is retried and when it is cleaned up."""
 
@@ -142,13 +147,15 @@ class RunPolicy(_K8sModel):
         None,
         ge=1,
         description="Fail the job (DeadlineExceeded) when it has run this long since it started or last resumed. "
+        "Time queued in Kueue (runPolicy.queueName: before admission, or after a preemption) does not count. "
         "Default: no deadline.",
     )
     pre_running_deadline_seconds: int | None = Field(
         None,
         ge=1,
         description="Fail the job (PreRunningDeadlineExceeded) when an attempt has not reached Running this long "
-        "after its RayJob was created, e.g. pods unschedulable or images not pullable. Default: no deadline.",
+        "after its RayJob was created (with runPolicy.queueName: after Kueue admitted it; time queued does not "
+        "count), e.g. pods unschedulable or images not pullable. Default: no deadline.",
     )
     backoff_limit: int = Field(
         3,
@@ -162,6 +169,24 @@ class RunPolicy(_K8sModel):
         ge=0,
         description="Delete the DistillJob (and, through owner references, its ConfigMap and RayJobs) this "
         "long after it succeeded or failed. Default: keep it.",
+    )
+    queue_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=63,
+        pattern=KUEUE_NAME_PATTERN,
+        description="Kueue LocalQueue (in the job's namespace) to admit the job through: each RayJob is created "
+        "suspended with the label kueue.x-k8s.io/queue-name and Kueue starts it when the queue has quota "
+        "(gang admission of head and workers). Applies from the next attempt. Default: no queue, start at once.",
+    )
+    priority_class_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=63,
+        pattern=KUEUE_NAME_PATTERN,
+        description="Kueue WorkloadPriorityClass of the job's RayJobs (the label kueue.x-k8s.io/priority-class), "
+        "for ordering and preemption within the queue; only with queueName. Applies from the next attempt. "
+        "Default: Kueue's default priority.",
     )
 
 
@@ -271,8 +296,13 @@ class Progress(_K8sModel):
 class DistillJobStatus(_K8sModel):
     """Observed state, written by the operator only (progress is mirrored from the trainer's progress ConfigMap)."""
 
-    state: State | None = Field(None, description="Summary: Pending, Running, Suspended, Restarting, Succeeded, Failed.")
-    message: str | None = Field(None, description="Why the job is in this state.")
+    state: State | None = Field(
+        None, description="Summary: Pending, Queued, Running, Suspended, Restarting, Succeeded, Failed."
+    )
+    reason: str | None = Field(
+        None, description="CamelCase reason of the condition that set the state (a printer column)."
+    )
+    message: str | None = Field(None, description="Why the job is in this state, and what to do next if anything.")
     observed_generation: int | None = Field(None, description="metadata.generation the operator last acted on.")
     start_time: str | None = Field(None, description="When the current run started or last resumed (RFC 3339).")
     completion_time: str | None = Field(None, description="When the job succeeded or failed (RFC 3339).")
@@ -287,7 +317,8 @@ class DistillJobStatus(_K8sModel):
     )
     conditions: list[Condition] = Field(
         default_factory=list,
-        description="Created, Running, Suspended, Restarting, Succeeded, Failed, SpecChangeIgnored, Conflict.",
+        description="Created, Queued, Running, Suspended, Restarting, Succeeded, Failed, SpecChangeIgnored, "
+        "Conflict.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     progress: Progress | None = Field(None, description="Training progress reported by the trainer.")

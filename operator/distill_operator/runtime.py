@@ -19,11 +19,13 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from datetime import datetime, timezone
 from functools import partial
 from types import SimpleNamespace
 from typing import Any, Mapping
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
@@ -33,8 +35,11 @@ from distill_operator.conditions import (
     OPERATOR_STATUS_KEYS,
     changed_fields,
     decide,
+    event_key,
+    event_name,
     launch_blocked,
     needs_reconcile,
+    recorded_events,
     spec_hashes,
     timer_due,
 )
@@ -48,6 +53,10 @@ log = logging.getLogger(__name__)
 
 ENV_RECONCILE_INTERVAL = "KUBEDISTILL_RECONCILE_INTERVAL_SECONDS"
 DEFAULT_RECONCILE_INTERVAL = 10.0
+# /healthz fails once the API server has been unreachable, or the DistillJob watch silent about a change a list shows,
+# for longer than this (seconds; 0: never, /healthz then only says the process answers). --liveness-api-timeout.
+ENV_LIVENESS_API_TIMEOUT = "KUBEDISTILL_LIVENESS_API_TIMEOUT_SECONDS"
+DEFAULT_LIVENESS_API_TIMEOUT = 60.0
 
 
 class OperatorRuntime:
@@ -62,8 +71,14 @@ class OperatorRuntime:
     """
 
     def __init__(self, settings: OperatorSettings | None = None,
-                 reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL, api: client.ApiClient | None = None):
+                 reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL, api: client.ApiClient | None = None,
+                 leader: Any = None):
         self.settings = settings or OperatorSettings()
+        # Leader election (leader.LeaderElector), or None: this process is the only one and always writes.
+        self.leader = leader
+        self._leader_since = float("-inf")  # monotonic time this process became the leader
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_operator: Any = None  # set when the lease is lost: kopf stops, the process exits 1
         # Seconds between ticks of the timer loop (deadlines, TTL and the RayAddress launcher are checked on ticks).
         self.reconcile_interval = reconcile_interval
         self._api = api
@@ -73,17 +88,31 @@ class OperatorRuntime:
         self._watched: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {}
         self._retry: set[tuple[str, str]] = set()
         self._acted: set[tuple[str, str]] = set()  # jobs whose status this process has written
+        # Jobs whose recorded transitions have their Events (checked once per job and leadership term).
+        self._events_checked: set[tuple[str, str]] = set()
+        self._events_pending: set[tuple[str, str]] = set()  # an Event failed: reconciled again on the next tick
         # (namespace, progress ConfigMap name) -> (DistillJob name, uid): which job a progress report belongs to,
         # from the operator's own records (never from labels or owners on the ConfigMap, which its trainer may patch).
         self._progress_of: dict[tuple[str, str], tuple[str, str]] = {}
         self._timer_task: asyncio.Task | None = None
+        # Liveness (see health()): set from the flags after construction; namespaces None = not known (kopf run):
+        # the watch check then covers the namespaces the watch has shown.
+        self.liveness_api_timeout = DEFAULT_LIVENESS_API_TIMEOUT
+        self.namespaces: tuple[str, ...] | None = None
+        self._last_api_contact = time.monotonic()  # the start counts as contact: a grace period of one limit
+        self._watch_rv: dict[tuple[str, str], str | None] = {}  # the resourceVersion the watch last delivered
+        self._unseen: dict[tuple[str, str], tuple[str, float]] = {}  # listed, not yet watched: (rv, since)
+        self._health_task: asyncio.Task | None = None
+        self._unhealthy: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "OperatorRuntime":
         """Configured from the environment: what ``kopf run -m distill_operator.handlers`` (and the tests) use."""
         env = os.environ if env is None else env
         interval = float(env.get(ENV_RECONCILE_INTERVAL) or DEFAULT_RECONCILE_INTERVAL)
-        return cls(OperatorSettings.from_env(env), interval)
+        runtime = cls(OperatorSettings.from_env(env), interval)
+        runtime.liveness_api_timeout = float(env.get(ENV_LIVENESS_API_TIMEOUT) or DEFAULT_LIVENESS_API_TIMEOUT)
+        return runtime
 
     def api_client(self) -> client.ApiClient:
         """In-cluster credentials when running in a pod, else KUBECONFIG / ~/.kube/config."""
@@ -101,6 +130,75 @@ class OperatorRuntime:
                 self._api = client.ApiClient(configuration)
             return self._api
 
+    # --- leader election --------------------------------------------------------------------------------------
+
+    def leading(self) -> bool:
+        """Whether this process may write now: no election, or it holds the Lease (renewed within the deadline)."""
+        return self.leader is None or self.leader.leading
+
+    def ready(self) -> bool:
+        """/readyz: the leader, or a standby in contact with the Lease (able to take over)."""
+        return self.leader is None or self.leader.ready
+
+    def _check_leading(self) -> None:
+        if not self.leading():
+            raise NotLeading()
+
+    def start_leader_election(self, stop_operator: Any = None) -> None:
+        """Start campaigning (kopf's startup, on its event loop); ``stop_operator`` is set when the lease is lost."""
+        if self.leader is None:
+            return
+        self._loop, self._stop_operator = asyncio.get_running_loop(), stop_operator
+        self.leader.start(on_started=self._took_over, on_lost=self._lost_lease)
+
+    def _took_over(self) -> None:
+        """Now the leader (the elector's thread): reconcile every job the watch has shown, as at a restart."""
+        self._leader_since = time.monotonic()
+        self._events_checked.clear()  # the previous leader may have died between a status write and its Event
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._takeover_pass()))
+
+    async def _takeover_pass(self) -> None:
+        loop = asyncio.get_running_loop()
+        for namespace, name in sorted(self._watched):
+            spec, status = self._watched.get((namespace, name), ({}, {}))
+            if status.get("state") in TERMINAL_STATES and not timer_due(spec, status, datetime.now(timezone.utc)):
+                body = self._finished_body(namespace, name, status)
+                if body is not None:
+                    await loop.run_in_executor(None, self.recover_events, body)
+                continue
+            try:
+                await loop.run_in_executor(None, self.reconcile, namespace, name, "takeover")
+            except NotLeading:
+                return
+            except Exception:  # noqa: BLE001 - retried on the next tick
+                log.exception("reconcile of %s/%s failed; retrying on the next tick", namespace, name)
+
+    def _finished_body(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
+        """A finished job as watched (name, uid, status), enough to post its Events; None when its uid is unknown."""
+        progress_key = (namespace, render.progress_configmap_name(JobRef(name, namespace, "")))
+        uid = (self._progress_of.get(progress_key) or ("", ""))[1]
+        if not uid:
+            return None
+        return {"metadata": {"name": name, "namespace": namespace, "uid": uid}, "status": status}
+
+    def _lost_lease(self) -> None:
+        """The renew deadline passed (the elector's thread): ``leading`` is already false; stop the operator."""
+        if self._stop_operator is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stop_operator.set)
+
+    def step_down(self) -> None:
+        """Clean shutdown (kopf's cleanup): stop writing, let running reconciles end, release the Lease at once."""
+        if self.leader is None:
+            return
+        self.leader.step_down()
+        with self._locks_lock:
+            locks = list(self._locks.values())
+        for lock in locks:  # a reconcile that had started finishes its writes before the standby starts its own
+            if lock.acquire(timeout=5):
+                lock.release()
+        self.leader.release()
+
     def _lock_for(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_lock:
             return self._locks.setdefault((namespace, name), threading.Lock())
@@ -113,13 +211,19 @@ class OperatorRuntime:
         ``fresh_body`` may be passed for a job the operator has never written to (nothing to be stale about);
         otherwise the job is read from the API server under the job's lock.
         """
+        if not self.leading():
+            return  # a standby writes nothing; the leader reconciles this job (or we do, when we take over)
         try:
             with metrics.track(handler), self._lock_for(namespace, name):
+                self._check_leading()
                 self._reconcile(namespace, name, fresh_body)
+        except NotLeading:
+            return
         except Exception:
             self._retry.add((namespace, name))
             raise
         self._retry.discard((namespace, name))
+        self.api_contact()
 
     def _reconcile(self, namespace: str, name: str, fresh_body: Any = None) -> None:
         api = self.api_client()
@@ -180,6 +284,7 @@ class OperatorRuntime:
             ignored_changes=ignored,
         )
 
+        self._check_leading()  # the reads took time: still the leader before any write?
         try:
             first = not status.get("specHashes") and decision.status.get("state") not in TERMINAL_STATES
             if spec is not None and (first or decision.action == "launch"):
@@ -189,6 +294,8 @@ class OperatorRuntime:
                     core, client.RbacAuthorizationV1Api(api), spec, job, pods=launcher.kind == "KubeRay"
                 )
                 launcher.launch(spec, job, decision.attempt, decision.resume, decision.remaining_deadline)
+                if decision.replaces is not None:  # Kueue preempted it: the new attempt exists, delete the old one
+                    launcher.stop(job, decision.replaces)
                 if decision.status.get("restarts", 0) > (status.get("restarts") or 0):
                     metrics.RESTARTS.inc()
         except children.ChildConflict as conflict:
@@ -212,21 +319,25 @@ class OperatorRuntime:
             return
 
         new = {k: decision.status[k] for k in OPERATOR_STATUS_KEYS if k in decision.status}
+        self._check_leading()
         if any(status.get(k) != v for k, v in new.items()):
             custom.patch_namespaced_custom_object_status(
                 GROUP, VERSION, namespace, PLURAL, name, {"status": new},
                 field_manager=render.MANAGER, _content_type="application/merge-patch+json",
             )
             self._acted.add((namespace, name))
-        for type_, reason, message in decision.events:
-            post_event(core, body, type_, reason, message)
+        # The Events after the status they report: each named after its transition (a repeat is a 409, not a
+        # second Event); on this process's first reconcile of the job, also those the status records (recover_events).
+        events = [(type_, reason, message, event_key(decision.status, reason))
+                  for type_, reason, message in decision.events]
+        self._post_events(core, body, events, decision.status)
         metrics.record_conditions(namespace, name, new.get("conditions", []))
 
     def mirror_progress(self, namespace: str, name: str, data: Any) -> None:
         """The trainer's report (its progress ConfigMap's data), checked, into status.progress of its DistillJob."""
         progress = access.progress_from_report(data)
         key = (namespace, name)
-        if not progress or key not in self._watched:
+        if not progress or key not in self._watched or not self.leading():
             return
         with self._lock_for(namespace, name):
             if (self._watched[key][1].get("progress") or {}) == progress:
@@ -243,6 +354,35 @@ class OperatorRuntime:
                     raise
             self._acted.add(key)
 
+    def _post_events(self, core: client.CoreV1Api, body: Any, events: list, status: Mapping[str, Any]) -> None:
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        if key not in self._events_checked:
+            named = {event[3] for event in events}
+            events = events + [e for e in recorded_events(status) if e[3] not in named]
+        failed = False
+        for type_, reason, message, transition in events:
+            self._check_leading()
+            failed |= not post_event(core, body, type_, reason, message, transition)
+        if failed:  # transient errors past the retries: post what the status records on the next tick
+            self._events_checked.discard(key)
+            self._events_pending.add(key)
+        else:
+            self._events_checked.add(key)
+            self._events_pending.discard(key)
+
+    def recover_events(self, body: Any) -> None:
+        """Post the Events of the transitions a finished job's status records (the listing at start, a takeover):
+        a predecessor killed between its status write and the Event lost it. Idempotent (named Events)."""
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        if key in self._events_checked or not self.leading():
+            return
+        with self._lock_for(*key):
+            try:
+                self._check_leading()
+                self._post_events(client.CoreV1Api(self.api_client()), body, [], body.get("status") or {})
+            except NotLeading:
+                return
+
     # --- watch events (called by the kopf handlers in handlers.py) ---------------------------------------------
 
     def distilljob_event(self, type: str | None, body: Any, namespace: str, name: str) -> None:
@@ -253,12 +393,15 @@ class OperatorRuntime:
         trainer's progress) do not change the generation, so they do not trigger a reconcile.
         """
         key = (namespace, name)
+        self._watch_delivered(key, None if type == "DELETED" else body)
         progress_key = (namespace, render.progress_configmap_name(JobRef(name, namespace, "")))
         if type == "DELETED":
             self._progress_of.pop(progress_key, None)
             self._watched.pop(key, None)
             self._retry.discard(key)
             self._acted.discard(key)
+            self._events_checked.discard(key)
+            self._events_pending.discard(key)
             metrics.forget(namespace, name)
             with self._locks_lock:
                 self._locks.pop(key, None)
@@ -266,14 +409,22 @@ class OperatorRuntime:
         spec, status = dict(body.get("spec") or {}), dict(body.get("status") or {})
         self._watched[key] = (spec, status)
         self._progress_of[progress_key] = (name, body.get("metadata", {}).get("uid", ""))
+        if not self.leading():
+            return  # a standby only keeps track (above); it reconciles everything when it takes over
         if status.get("state") in TERMINAL_STATES and not needs_reconcile(body):
             metrics.record_conditions(namespace, name, status.get("conditions") or [])
+            if type is None:  # the listing at start: its last Events may have been lost with the previous process
+                self.recover_events(body)
             return  # finished: nothing to resume (the timer loop handles a TTL)
         if type is None or needs_reconcile(body):
-            self.reconcile(namespace, name, "distilljob", fresh_body=body if not status else None)
+            # A body without status is used as it is (no GET) unless this process became the leader moments ago:
+            # then the previous leader may have written a status this (queued) event does not show yet.
+            settled = self.leader is None or time.monotonic() - self._leader_since > self.leader.renew_deadline
+            self.reconcile(namespace, name, "distilljob", fresh_body=body if not status and settled else None)
 
     def rayjob_event(self, type: str | None, body: Any, namespace: str) -> None:
         """KubeRay updated (or someone deleted) a RayJob we own: reconcile its DistillJob now."""
+        self.api_contact()  # a watch event: the stream is alive
         if type in ("ADDED", None) and not body.get("status"):
             return  # our own create (or a restart's listing) before KubeRay wrote anything: nothing to react to
         for ref in body.get("metadata", {}).get("ownerReferences") or []:
@@ -282,6 +433,7 @@ class OperatorRuntime:
 
     def progress_event(self, type: str | None, body: Any, namespace: str, name: str) -> None:
         """A trainer reported progress: mirror it (checked) into status.progress of the job that owns that ConfigMap."""
+        self.api_contact()
         owner = self._progress_of.get((namespace, name))
         if type == "DELETED" or owner is None:
             return
@@ -295,11 +447,16 @@ class OperatorRuntime:
     def start_timer(self) -> None:
         """Start the timer loop on the running event loop (kopf's startup)."""
         self._timer_task = asyncio.create_task(self._timer_loop())
+        if self.liveness_api_timeout:
+            self._health_task = asyncio.create_task(self._health_loop())
 
     def stop_timer(self) -> None:
         if self._timer_task is not None:
             self._timer_task.cancel()
             self._timer_task = None
+        if self._health_task is not None:
+            self._health_task.cancel()
+            self._health_task = None
 
     async def _timer_loop(self) -> None:
         """Every ``reconcile_interval`` seconds: reconcile the jobs whose deadline or TTL has come, RayAddress jobs
@@ -308,13 +465,131 @@ class OperatorRuntime:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.reconcile_interval)
+            if not self.leading():
+                continue
             now = datetime.now(timezone.utc)
             due = {key for key, (spec, status) in list(self._watched.items()) if timer_due(spec, status, now)}
-            for namespace, name in sorted(due | (self._retry & self._watched.keys())):
+            for namespace, name in sorted(due | ((self._retry | self._events_pending) & self._watched.keys())):
                 try:
                     await loop.run_in_executor(None, self.reconcile, namespace, name, "timer")
                 except Exception:  # noqa: BLE001 - counted in metrics; retried on the next tick
                     log.exception("reconcile of %s/%s failed; retrying on the next tick", namespace, name)
+
+
+    # --- liveness: the API server answers, and the DistillJob watch delivers what a list shows ------------------
+
+    def api_contact(self) -> None:
+        """A successful exchange with the API server: a reconcile, a watch event, a heartbeat, a list."""
+        self._last_api_contact = time.monotonic()
+
+    def _watch_delivered(self, key: tuple[str, str], body: Any) -> None:
+        """A DistillJob watch event (``body`` None: deleted): the stream is alive and has shown this version."""
+        self.api_contact()
+        if body is None:
+            self._watch_rv.pop(key, None)
+        else:
+            self._watch_rv[key] = (body.get("metadata") or {}).get("resourceVersion")
+        self._unseen.pop(key, None)
+
+    def health(self) -> str | None:
+        """None when live; else why not, for the liveness probe (handlers.py) to fail with.
+
+        Not live once, for longer than ``liveness_api_timeout``: nothing from the API server (no reconcile, watch
+        event or heartbeat succeeded; the heartbeat calls GET /version whenever the operator has been idle for a
+        third of the limit), or a DistillJob change that a list shows and the watch has not delivered (a watch
+        stream dead or stuck while the API server answers: kopf does not restart a watcher that failed at start-up,
+        kopf#1077). The kubelet then restarts the operator, which lists and watches afresh."""
+        limit = self.liveness_api_timeout
+        if not limit:
+            return None
+        now = time.monotonic()
+        silent = now - self._last_api_contact
+        if silent > limit:
+            return f"no answer from the API server for {silent:.0f} s (--liveness-api-timeout {limit:g})"
+        late = sorted((since, key) for key, (_, since) in list(self._unseen.items()) if now - since > limit)
+        if late:
+            since, (namespace, name) = late[0]
+            more = f" and {len(late) - 1} more" if len(late) > 1 else ""
+            return (f"the DistillJob watch has not delivered the change of {namespace}/{name}{more} a list showed "
+                    f"{now - since:.0f} s ago (--liveness-api-timeout {limit:g})")
+        return None
+
+    def seconds_since_api_contact(self) -> float:
+        return round(time.monotonic() - self._last_api_contact, 1)
+
+    async def _health_loop(self) -> None:
+        """Heartbeat (GET /version when idle for a third of the limit) and the watch check (a list of DistillJobs
+        every half limit, compared with what the watch delivered); logs when liveness changes."""
+        loop = asyncio.get_running_loop()
+        limit = self.liveness_api_timeout
+        period = max(0.5, min(limit / 3, 10.0))
+        next_list = time.monotonic() + max(period, limit / 2)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                if time.monotonic() - self._last_api_contact >= period:
+                    await loop.run_in_executor(None, self._heartbeat, period)
+                if time.monotonic() >= next_list:
+                    next_list = time.monotonic() + max(period, limit / 2)
+                    await loop.run_in_executor(None, self._check_watch, max(period, 5.0))
+            except Exception as error:  # noqa: BLE001 - unreachable: health() reports it once the limit passes
+                log.debug("liveness heartbeat failed: %s", error)
+            problem = self.health()
+            if problem != self._unhealthy:
+                if problem and not self._unhealthy:
+                    log.error("not live: %s", problem)
+                elif not problem:
+                    log.info("live again: the API server answers and the watch delivers")
+                self._unhealthy = problem
+
+    def _heartbeat(self, timeout: float) -> None:
+        client.VersionApi(self.api_client()).get_code(_request_timeout=timeout)
+        self.api_contact()
+
+    def _check_watch(self, timeout: float) -> None:
+        """List the watched DistillJobs; a listed resourceVersion the watch has not delivered starts a clock
+        (``_unseen``), stopped by the watch delivering that job or a later list matching it."""
+        custom = client.CustomObjectsApi(self.api_client())
+        patterns = self.namespaces
+        if patterns is None:  # not known: the namespaces the watch has shown
+            namespaces: list[str] | None = sorted({namespace for namespace, _ in list(self._watched)})
+        elif patterns and not any(set(p) & set("*?[!") for p in patterns):
+            namespaces = list(patterns)
+        else:
+            namespaces = None  # all, or globs: one list of all namespaces, filtered like kopf does
+        if namespaces is None:
+            items = custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, _request_timeout=timeout)["items"]
+            if patterns:
+                items = [i for i in items if _namespace_matches(i["metadata"]["namespace"], patterns)]
+        else:
+            items = []
+            for namespace in namespaces:
+                items += custom.list_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, _request_timeout=timeout)["items"]
+        self.api_contact()
+        now = time.monotonic()
+        listed = {(i["metadata"]["namespace"], i["metadata"]["name"]): i["metadata"].get("resourceVersion")
+                  for i in items}
+        for key in list(self._unseen):
+            if key not in listed:
+                self._unseen.pop(key, None)
+        for key, version in listed.items():
+            if self._watch_rv.get(key) == version:
+                self._unseen.pop(key, None)
+            else:
+                self._unseen.setdefault(key, (version, now))
+
+
+def _namespace_matches(namespace: str, patterns: tuple[str, ...]) -> bool:
+    """kopf's namespace patterns: globs, ``!glob`` excludes."""
+    import fnmatch
+
+    included = any(fnmatch.fnmatchcase(namespace, p) for p in patterns if not p.startswith("!"))
+    return included and not any(fnmatch.fnmatchcase(namespace, p[1:]) for p in patterns if p.startswith("!"))
+
+
+class NotLeading(Exception):
+    """This process does not hold the leader Lease (any more): it must not write."""
 
 
 def _launcher_of_invalid_spec(spec: dict[str, Any], api: client.ApiClient, settings: OperatorSettings) -> Any:
@@ -326,12 +601,21 @@ def _launcher_of_invalid_spec(spec: dict[str, Any], api: client.ApiClient, setti
         return None
 
 
-def post_event(core: client.CoreV1Api, body: Any, type_: str, reason: str, message: str) -> None:
-    """A core/v1 Event on the DistillJob (kubectl describe dj shows it). Never fails the reconcile."""
+TRANSIENT_STATUSES = (429, 500, 502, 503, 504)
+EVENT_RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0)  # seconds before each retry of an Event create on a transient error
+
+
+def post_event(core: client.CoreV1Api, body: Any, type_: str, reason: str, message: str,
+               transition: tuple[str, ...] = ()) -> bool:
+    """A core/v1 Event on the DistillJob (kubectl describe dj shows it), named after its transition
+    (``conditions.event_name``): a 409 means it was posted already (by us, or a previous leader) and counts as done.
+    Transient errors (a 429 or 5xx, no connection) are retried; False when it could not be posted (then the caller
+    tries again later). Never raises for an API error."""
     meta = body["metadata"]
     now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     event = {
-        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "metadata": {"name": event_name(meta["name"], meta.get("uid") or "", transition or (reason, message)),
+                     "namespace": meta["namespace"]},
         "involvedObject": {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": KIND,
@@ -349,7 +633,20 @@ def post_event(core: client.CoreV1Api, body: Any, type_: str, reason: str, messa
         "source": {"component": render.MANAGER},
         "reportingComponent": render.MANAGER,
     }
-    try:
-        core.create_namespaced_event(meta["namespace"], event)
-    except ApiException as error:
-        log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], error.reason)
+    if not event["involvedObject"]["resourceVersion"]:
+        del event["involvedObject"]["resourceVersion"]
+    for delay in (*EVENT_RETRY_DELAYS, None):
+        try:
+            core.create_namespaced_event(meta["namespace"], event, _request_timeout=10)
+            return True
+        except ApiException as error:
+            if error.status == 409:
+                return True  # this transition's Event exists
+            problem, transient = f"{error.status} {error.reason}", error.status in TRANSIENT_STATUSES
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            problem, transient = str(error), True
+        if not transient or delay is None:
+            log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], problem)
+            return not transient  # a permanent refusal is not retried later either
+        time.sleep(delay)
+    return False

@@ -168,7 +168,8 @@ def operator_process(kubeconfig: Path, namespace: str, workdir: Path) -> Iterato
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "distill_operator", "--namespace", namespace, "--metrics-port", str(metrics_port),
-             "--liveness-port", str(liveness_port), "--reconcile-interval", "0.5"],
+             "--liveness-port", str(liveness_port), "--reconcile-interval", "0.5", "--readiness-port", "0",
+             *leader_election_args(namespace)],
             env=dict(os.environ, KUBECONFIG=str(kubeconfig)), stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -184,6 +185,13 @@ def operator_process(kubeconfig: Path, namespace: str, workdir: Path) -> Iterato
                 process.kill()
                 process.wait()
     assert process.returncode in (0, -signal.SIGTERM), log_path.read_text()[-3000:]
+
+
+def leader_election_args(namespace: str) -> list[str]:
+    """Leader election as installed: the Lease in the chart's release namespace (its Role grants leases there
+    only), one Lease per test namespace so that tests never wait for each other's."""
+    return ["--leader-election-namespace", OPERATOR_SYSTEM_NAMESPACE, "--leader-election-lease-name",
+            f"kd-{namespace}"[:63]]
 
 
 @pytest.fixture

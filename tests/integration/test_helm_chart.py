@@ -46,6 +46,7 @@ ALL_ON = {
         "namespaces": ["team-a", "team-b"],
         "logLevel": "debug",
         "reconcileInterval": 5,
+        "livenessApiTimeout": 90,
         "allowServiceAccounts": ["ml/*"],
         "allowClaims": ["checkpoints-*"],
         "dashboardClients": ["kubernetes.io/metadata.name=ray-system:app.kubernetes.io/name=kuberay-operator"],
@@ -95,8 +96,9 @@ def _values_file(tmp_path: Path, values: dict, name: str = "values.yaml") -> str
     return str(path)
 
 
-def _template(helm: str, tmp_path: Path, values: dict | None = None, namespace: str = "kubedistill") -> list[dict]:
-    args = [helm, "template", "kd", str(CHART), "--namespace", namespace]
+def _template(helm: str, tmp_path: Path, values: dict | None = None, namespace: str = "kubedistill",
+              *extra: str) -> list[dict]:
+    args = [helm, "template", "kd", str(CHART), "--namespace", namespace, *extra]
     if values:
         args += ["-f", _values_file(tmp_path, values)]
     return load_manifests(_run(*args).stdout)
@@ -135,10 +137,23 @@ def test_template_with_defaults_renders_the_operator_and_no_optional_kinds(helm,
     objects = _template(helm, tmp_path)
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "ConfigMap",
-                     "ConfigMap", "Deployment", "Service", "ServiceAccount"]
+                     "ConfigMap", "Deployment", "PodDisruptionBudget", "Role", "RoleBinding", "Service",
+                     "ServiceAccount"]
     (deployment,) = _by_kind(objects, "Deployment")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    # Two replicas, one leader (leader election on by default); a rolling update never runs two writers.
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    (budget,) = _by_kind(objects, "PodDisruptionBudget")
+    assert budget["spec"]["minAvailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    # The Lease permissions: a Role in the operator's namespace only.
+    (role,) = _by_kind(objects, "Role")
+    assert role["metadata"]["namespace"] == "kubedistill"
+    assert role["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                              "verbs": ["get", "create", "update"]}]
+    (binding,) = _by_kind(objects, "RoleBinding")
+    assert binding["metadata"]["namespace"] == "kubedistill" and binding["roleRef"]["name"] == role["metadata"]["name"]
     pod = spec["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -147,7 +162,9 @@ def test_template_with_defaults_renders_the_operator_and_no_optional_kinds(helm,
     assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
     assert security["capabilities"] == {"drop": ["ALL"]}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "readyz"}
+    env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in container["env"]}
+    assert env["POD_NAMESPACE"] == "metadata.namespace" and env["POD_NAME"] == "metadata.name"
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
     assert container["image"] == "kubedistill/operator:0.1.0"  # the chart's appVersion
     # The pod label the operator's default --dashboard-client admits, and the alerts' runbooks select.
@@ -159,6 +176,11 @@ def test_template_with_defaults_renders_the_operator_and_no_optional_kinds(helm,
     assert (args.bind_address, args.metrics_port, args.liveness_port, args.reconcile_interval, args.log_level) == (
         "0.0.0.0", 9090, 8080, 10.0, "info")
     assert args.namespace == [] and settings_from_args(args).allowed_claims == ("*",)
+    assert args.liveness_api_timeout == 60
+    assert args.leader_election and args.leader_election_lease_name == "kd-kubedistill-operator"
+    assert (args.leader_election_lease_duration, args.leader_election_renew_deadline,
+            args.leader_election_retry_period, args.readiness_port) == (15, 10, 2, 8081)
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}["readyz"] == 8081
     (service,) = _by_kind(objects, "Service")
     assert service["spec"]["ports"][0]["targetPort"] == "metrics"
     dashboards = _by_kind(objects, "ConfigMap")
@@ -178,12 +200,14 @@ def test_template_with_every_feature_on(helm, tmp_path):
     args = build_parser().parse_args(container["args"])
     settings = settings_from_args(args)
     assert args.namespace == ["team-a", "team-b"] and args.log_level == "debug" and args.reconcile_interval == 5
+    assert args.liveness_api_timeout == 90
     assert settings.allowed_service_accounts == ("ml/*",) and settings.allowed_claims == ("checkpoints-*",)
     assert settings.dashboard_clients == (network.parse_peer(ALL_ON["operator"]["dashboardClients"][0]),)
     assert settings.metrics_clients == ()  # [] drops the rule
     assert container["image"].endswith("@sha256:" + "0" * 64)
     # Listed namespaces: the namespaced permissions are bound in those namespaces only.
-    assert sorted(b["metadata"]["namespace"] for b in _by_kind(objects, "RoleBinding")) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in _by_kind(objects, "RoleBinding")
+                  if b["roleRef"]["kind"] == "ClusterRole") == ["team-a", "team-b"]
     assert [b["roleRef"]["name"] for b in _by_kind(objects, "ClusterRoleBinding")] == ["kd-kubedistill-operator-cluster"]
     (monitor,) = _by_kind(objects, "ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics" and monitor["metadata"]["labels"]["release"] == "kps"
@@ -227,6 +251,11 @@ def test_head_pods_match_the_pod_monitor(helm, tmp_path):
 def test_operator_rbac_is_exactly_what_its_code_calls(helm, tmp_path, values, namespaced):
     objects = _template(helm, tmp_path, values)
     rules = [rule for role in _by_kind(objects, "ClusterRole") for rule in role["rules"]]
+    # The Lease (leader election) in the operator's namespace only: a Role there, nothing cluster-wide.
+    assert not any("leases" in rule["resources"] for rule in rules)
+    (lease_role,) = [role for role in _by_kind(objects, "Role") if role["metadata"]["name"].endswith("-leader-election")]
+    assert lease_role["metadata"]["namespace"] == "kubedistill"
+    rules += lease_role["rules"]
     assert not any("*" in rule.get(k, []) for rule in rules for k in ("apiGroups", "resources", "verbs"))
     assert not any(rule.get("resourceNames") or rule.get("nonResourceURLs") for rule in rules)
     granted = operator_rbac.granted(rules)
@@ -259,8 +288,12 @@ def test_rendered_manifests_pass_a_server_side_dry_run(helm, tmp_path, kube, kub
     values = json.loads(json.dumps(values)) if values else {}
     if values.get("operator", {}).get("namespaces"):
         values["operator"]["namespaces"] = [kube_namespace]  # RoleBindings go into an existing namespace
-    objects = _template(helm, tmp_path, values, namespace=kube_namespace)
+    # As helm install would render against this server (policy/v1 PodDisruptionBudget from 1.21 on).
+    version = client.VersionApi(kube.api_client).get_code()
+    objects = _template(helm, tmp_path, values, kube_namespace, "--kube-version",
+                        f"{version.major}.{version.minor.rstrip('+')}.0")
     kinds = {o["kind"] for o in objects}
+    assert {"PodDisruptionBudget", "Role"} <= kinds
     if values:
         assert {"ServiceMonitor", "PodMonitor", "PrometheusRule", "RoleBinding"} <= kinds
     manifest = tmp_path / "rendered.yaml"
@@ -296,6 +329,10 @@ def test_helm_install_creates_the_crd_rbac_and_deployment(helm, tmp_path, kube_c
         binding = rbac.read_cluster_role_binding("kd-kubedistill-operator")
         assert [(s.kind, s.name, s.namespace) for s in binding.subjects] == [
             ("ServiceAccount", "kd-kubedistill-operator", "kubedistill")]
+        assert deployment.spec.replicas == 2
+        assert rbac.read_namespaced_role("kd-kubedistill-operator-leader-election", "kubedistill").rules
+        budgets = kube_cluster_budgets(api, "kubedistill")
+        assert budgets == ["kd-kubedistill-operator"]
         status = json.loads(_run(helm, "status", "kd", "-n", "kubedistill", "-o", "json",
                                  kubeconfig=empty_cluster.kubeconfig).stdout)
         assert status["info"]["status"] == "deployed"
@@ -310,7 +347,10 @@ def test_helm_install_creates_the_crd_rbac_and_deployment(helm, tmp_path, kube_c
     ("operator.reconcileIntervall=3", "additional properties 'reconcileIntervall' not allowed"),
     ("operator.metricsPort=http", "/operator/metricsPort"),
     ("operator.logLevel=verbose", "/operator/logLevel"),
+    ("operator.livenessApiTimeout=-1", "/operator/livenessApiTimeout"),
     ("serviceMonitor.enable=true", "additional properties 'enable' not allowed"),
+    ("operator.leaderElection.leaseDurationSeconds=15", "additional properties 'leaseDurationSeconds' not allowed"),
+    ("replicaCount=0", "/replicaCount"),
     ("securityContext.allowPrivilegeEscalation=true", "/securityContext/allowPrivilegeEscalation"),
 ])
 def test_helm_install_with_a_mistyped_value_is_rejected(helm, kube_cluster, kube_namespace, flag, message):
@@ -351,6 +391,15 @@ def test_operator_reconciles_with_the_charts_service_account(helm, tmp_path, kub
         assert jobs.events("charted"), "the operator posted no Event on the job"
     finally:
         _run(helm, "uninstall", release, "-n", system, check=False, kubeconfig=kube_cluster.kubeconfig)
+
+
+def kube_cluster_budgets(api, namespace: str) -> list[str]:
+    """Names of the PodDisruptionBudgets in ``namespace`` (policy/v1, or v1beta1 before Kubernetes 1.21)."""
+    from kubernetes.dynamic import DynamicClient
+
+    version = "policy/v1" if _minor(api) >= 21 else "policy/v1beta1"
+    budgets = DynamicClient(api).resources.get(api_version=version, kind="PodDisruptionBudget")
+    return [b.metadata.name for b in budgets.get(namespace=namespace).items]
 
 
 def _report_progress(kube_cluster, kube_api_client, namespace: str, job: str) -> None:

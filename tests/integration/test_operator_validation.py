@@ -90,7 +90,7 @@ def test_valid_manifest_and_example_are_accepted(kubectl, kube_namespace, distil
     got = kubectl("get", "dj", "good", "-n", kube_namespace, "-o", "yaml")
     assert yaml.safe_load(got.stdout)["spec"]["distill"]["resume_from_checkpoint"] is True
     listing = kubectl("get", "distilljobs", "-n", kube_namespace)
-    assert listing.stdout.split()[:6] == ["NAME", "STATE", "STEP", "MAX", "LOSS", "AGE"]
+    assert listing.stdout.split()[:7] == ["NAME", "STATE", "REASON", "STEP", "MAX", "LOSS", "AGE"]
 
 
 @pytest.mark.parametrize("example", ["distilljob-qwen.yaml", "distilljob-tiny-local.yaml"])

@@ -221,6 +221,7 @@ def _ragged_step(rank, world, tp, pp, root, out):
             json.dump({"ce": float(sums[0]), "tokens": float(sums[1]), "grad_norm": update.grad_norm}, f)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_pp2_takes_micro_batches_of_different_widths_and_rows_as_pp1_does(models):
     results = {}

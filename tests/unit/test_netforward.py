@@ -168,3 +168,19 @@ def netforward_wait(predicate, timeout: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.05)
+
+
+def test_freeze_silences_open_connections_and_forwards_new_ones(echo):
+    forwarder = netforward.Forwarder("tcp:127.0.0.1:0", f"tcp:127.0.0.1:{echo.port}").start()
+    try:
+        with socket.create_connection(("127.0.0.1", forwarder.port), timeout=10) as old:
+            old.sendall(b"ping")
+            assert old.recv(16) == b"ping"
+            assert forwarder.freeze() == 1
+            old.sendall(b"lost")
+            old.settimeout(0.5)
+            with pytest.raises(socket.timeout):  # nothing arrives, nothing is closed
+                old.recv(16)
+            assert roundtrip(forwarder.port, b"new") == b"new"
+    finally:
+        forwarder.close()

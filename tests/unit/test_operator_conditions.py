@@ -170,6 +170,48 @@ def test_failure_retries_with_resume_until_backoff_limit():
     assert job.status["restarts"] == 2
 
 
+def test_status_reason_is_the_reason_of_the_condition_that_set_the_state():
+    job = Job(spec(backoffLimit=1, preRunningDeadlineSeconds=30))
+    job.step()
+    assert (job.status["state"], job.status["reason"]) == ("Pending", "RayJobCreated")
+    job.step(PENDING, after=1)
+    assert job.status["reason"] == "RayJobPending"
+    job.step(RUNNING, after=1)
+    assert (job.status["state"], job.status["reason"]) == ("Running", "RayJobRunning")
+    job.step(MISSING, after=1)
+    assert (job.status["state"], job.status["reason"]) == ("Restarting", "RayJobDeleted")
+    job.step(PENDING, after=1)  # still restarting: the Restarting condition's reason, not the pending attempt's
+    assert (job.status["state"], job.status["reason"]) == ("Restarting", "RayJobDeleted")
+    job.step(PENDING, after=60)
+    assert (job.status["state"], job.status["reason"]) == ("Failed", "PreRunningDeadlineExceeded")
+    assert job.condition("Failed")["reason"] == job.status["reason"]
+
+
+@pytest.mark.parametrize("run_policy, observations, reason, next_step", [
+    ({"backoffLimit": 0}, [RUNNING, FAILED], "BackoffLimitExceeded", "then delete and re-create the DistillJob"),
+    ({"activeDeadlineSeconds": 10}, [RUNNING, RUNNING], "DeadlineExceeded",
+     "larger spec.runPolicy.activeDeadlineSeconds"),
+    ({"preRunningDeadlineSeconds": 10}, [PENDING, PENDING], "PreRunningDeadlineExceeded",
+     "Check why its pods do not start"),
+])
+def test_a_failed_jobs_message_says_what_to_do_next(run_policy, observations, reason, next_step):
+    job = Job(spec(**run_policy))
+    job.step()
+    for observation in observations:
+        job.step(observation, after=30)
+    assert (job.status["state"], job.status["reason"]) == ("Failed", reason)
+    assert next_step in job.status["message"] and job.condition("Failed")["message"] == job.status["message"]
+
+
+def test_an_invalid_spec_says_fix_and_re_create_once():
+    failed = decide(spec=None, spec_error="spec.distill.x: bad", status={}, generation=1, observation=None, now=T0)
+    assert failed.status["reason"] == "InvalidSpec"
+    assert failed.status["message"] == "spec.distill.x: bad. Fix the spec, then delete and re-create the DistillJob"
+    gone = "spec.distill changed ... revert the edit, or delete and re-create the DistillJob"
+    again = decide(spec=None, spec_error=gone, status={}, generation=1, observation=None, now=T0)
+    assert again.status["message"] == gone
+
+
 def test_terminal_states_stay_terminal_and_never_leave_an_attempt_running():
     job = Job(spec(backoffLimit=0))
     job.step()

@@ -74,7 +74,9 @@ def test_names_scope_subresource_and_printer_columns():
     version = spec["versions"][0]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
-    assert columns["State"] == ".status.state"
+    assert columns["State"] == ".status.state" and columns["Reason"] == ".status.reason"
+    assert [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")] == [
+        "State", "Reason", "Step", "Max", "Loss", "Age"]
     assert columns["Step"] == ".status.progress.step"
     assert columns["Max"] == ".spec.distill.max_steps"
     assert columns["Loss"] == ".status.progress.loss"
@@ -93,6 +95,10 @@ def test_enums_ranges_and_required_fields():
     assert _at("spec.distill.logits_topk")["minimum"] == 0
     assert _at("spec.distill.max_steps")["minimum"] == 1
     assert _at("spec.runPolicy.backoffLimit")["minimum"] == 0
+    for name in ("queueName", "priorityClassName"):  # Kueue label values
+        node = _at(f"spec.runPolicy.{name}")
+        assert (node["type"], node["maxLength"], node["pattern"]) == ("string", 63, r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    assert "Queued" in _at("status.state")["enum"]
     assert _at("spec.launcher.type")["enum"] == ["KubeRay", "RayAddress"]
     assert set(_schema()["required"]) == {"spec"}
     assert set(_at("spec")["required"]) == {"distill", "image"}
