@@ -176,6 +176,9 @@ def test_two_replicas_one_writer_burst_of_jobs(replicas, jobs, kube, kube_namesp
     assert second.metric("kubedistill_rayjobs_created_total") == 0
     assert second.metric("kubedistill_reconciles_total") == 0
     assert (first.metric("kubedistill_operator_leader"), second.metric("kubedistill_operator_leader")) == (1, 0)
+    # One Event per transition: created, then running.
+    for name in names:
+        assert sorted(jobs.events(name)) == [("Normal", "RayJobCreated"), ("Normal", "RayJobRunning")], name
 
 
 def _failover_after_kill(replicas, jobs, kube, kube_namespace, flags: list[str], lease_duration: float) -> float:
@@ -203,6 +206,9 @@ def _failover_after_kill(replicas, jobs, kube, kube_namespace, flags: list[str],
     jobs.play_kuberay("before-0", "Running", "RUNNING")
     jobs.wait_state("before", "Running")
     assert sorted(r["metadata"]["name"] for r in jobs.rayjobs()) == ["after-0", "before-0"]
+    # The transitions made just before the kill and after it: each Event once.
+    assert sorted(jobs.events("before")) == [("Normal", "RayJobCreated"), ("Normal", "RayJobRunning")]
+    assert jobs.events("after") == [("Normal", "RayJobCreated")]
     return failover
 
 
