@@ -305,15 +305,8 @@ def head_chunk_loss(labels: torch.Tensor, teacher: Optional[TeacherTargets], cfg
                     sparse = None if grad_k is None else (index, grad_k)
             loss = loss + w * kd_sum / normalizer
         if need_grad and w < 1:  # CE: softmax(z) − onehot(label), in z's buffer (the KD is done with z)
-            ce_grad = z.sub_(lse[:, None]).exp_()
-            ce_grad[torch.arange(z.shape[0], device=z.device), label] -= 1.0
-            if grad is None:
-                grad = ce_grad.mul_((1.0 - w) / normalizer)
-            else:
-                grad.add_(ce_grad, alpha=(1.0 - w) / normalizer)
-            if sparse is not None:  # a dense gradient exists anyway: add the top-k part into it
-                grad.scatter_add_(1, *sparse)
-                sparse = None
+            rows = torch.arange(z.shape[0], device=z.device)
+            grad, sparse = _add_ce_grad(z, lse, rows, label, (1.0 - w) / normalizer, grad, sparse)
         return ChunkLoss(loss, torch.stack([ce_sum, kd_sum.to(ce_sum.dtype)]), grad, sparse)
 
     return chunk
@@ -395,16 +388,8 @@ def vocab_parallel_head_chunk_loss(
                         sparse = (index, grad_k.masked_fill_(~mine, 0.0))
             loss = loss + w * kd_sum / normalizer
         if need_grad and w < 1:  # CE: softmax(z) − onehot(label) on this rank's columns, in z's buffer
-            ce_grad = z.sub_(lse[:, None]).exp_()
-            at = torch.arange(n, device=z.device)[owned]
-            ce_grad[at, label[owned]] -= 1.0
-            if grad is None:
-                grad = ce_grad.mul_((1.0 - w) / normalizer)
-            else:
-                grad.add_(ce_grad, alpha=(1.0 - w) / normalizer)
-            if sparse is not None:  # a dense gradient exists anyway: add the top-k part into it
-                grad.scatter_add_(1, *sparse)
-                sparse = None
+            rows = torch.arange(n, device=z.device)[owned]
+            grad, sparse = _add_ce_grad(z, lse, rows, label[owned], (1.0 - w) / normalizer, grad, sparse)
         return ChunkLoss(loss, torch.stack([ce_sum, kd_sum.to(ce_sum.dtype)]), grad, sparse)
 
     return chunk
@@ -486,3 +471,19 @@ def _tail_of(teacher: TeacherTargets, cfg: LossConfig) -> Optional[torch.Tensor]
     if teacher.tail is None:
         raise ValueError("topk_tail is on but the teacher's targets carry no tail mass (TeacherTargets.tail)")
     return teacher.tail
+
+
+def _add_ce_grad(z: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, scale: float,
+                 grad: Optional[torch.Tensor], sparse):
+    """CE's gradient, (softmax(z) − onehot) × ``scale``, computed in z's buffer (the KD is done with z) and added
+    to ``grad`` (or becoming it); the one-hot is at (``rows``, ``columns``). A sparse top-k gradient is folded into
+    the dense one, which exists anyway. Returns (grad, sparse)."""
+    ce_grad = z.sub_(lse[:, None]).exp_()
+    ce_grad[rows, columns] -= 1.0
+    if grad is None:
+        grad = ce_grad.mul_(scale)
+    else:
+        grad.add_(ce_grad, alpha=scale)
+    if sparse is not None:
+        grad.scatter_add_(1, *sparse)
+    return grad, None
