@@ -46,26 +46,12 @@ from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "trainer"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from kd_loss import _reset_peak, _status_kib  # noqa: E402  (peak RSS from /proc, as kd_loss measures it)
 
 QWEN_VOCAB = 151_936  # Qwen2 / Qwen2.5 embedding rows
 QWEN_TOKENIZER = 151_665  # len(tokenizer) of Qwen2.5
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _free_port() -> int:
