@@ -59,6 +59,7 @@ def assert_one_epoch(done, out):
     assert (out / "checkpoint-8" / "student" / "config.json").is_file()
 
 
+@pytest.mark.slow  # the same keys train end to end in the Megatron test below (default suite)
 def test_original_shaped_config_with_torch_strategies_trains_one_epoch(tiny_setup, tmp_path):
     # The same file on one CPU rank per side (hf_infer is the original's name of our torch_infer), so the mapping of
     # the original's keys (num_train_epochs, validation, top-level keys, file lists) is exercised end to end today.
