@@ -121,3 +121,34 @@ def reset_megatron() -> None:
     from megatron.core import parallel_state as mpu
 
     mpu.destroy_model_parallel()
+
+
+def distill_step(student, micro_batches, loss_config, normalizer: float) -> tuple[float, float]:
+    """One training step of a Megatron student on ``micro_batches`` (teacher targets attached): the step's loss over
+    every rank (CE and KD sums all-reduced; ranks that would double count report zeros) and its gradient norm."""
+    from distill_trainer.distill_loss import make_loss_fn
+
+    stats = student.forward_backward(micro_batches, make_loss_fn(loss_config, normalizer))
+    update = student.optimizer_step()
+    assert update.applied
+    sums = torch.tensor([stats.ce_sum, stats.kd_sum, stats.label_tokens], dtype=torch.float64)
+    dist.all_reduce(sums)
+    assert sums[2] == normalizer
+    w = loss_config.distill_loss_weight
+    return float(((1 - w) * sums[0] + w * sums[1]) / normalizer), update.grad_norm
+
+
+def assert_generate_equals_transformers(generated: list[list[int]], prompts: list[list[int]], model_dir: str,
+                                        eos_token_id: int) -> None:
+    """Greedy ``generate`` of a Megatron student equals transformers' greedy decoding of its HF checkpoint (the
+    vocabulary padding suppressed, cut at EOS)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    for prompt, mine in zip(prompts, generated):
+        out = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=eos_token_id,
+            pad_token_id=0, suppress_tokens=list(range(TOKENIZER_VOCAB, hf.config.vocab_size)),
+        )[0, len(prompt):].tolist()
+        expected = out[: out.index(eos_token_id)] if eos_token_id in out else out
+        assert mine == expected, (prompt, mine, expected)

@@ -12,7 +12,9 @@ from distill_trainer.data import IGNORE_INDEX
 from distill_trainer.distill_loss import LossConfig, make_loss_fn
 from distill_trainer.models import VocabInfo
 
-from .megatron_helpers import TOKENIZER_VOCAB, fake_config, rank_context, spawn, write_tiny_model
+from .megatron_helpers import (
+    TOKENIZER_VOCAB, assert_generate_equals_transformers, fake_config, rank_context, spawn, write_tiny_model,
+)
 
 VOCAB = VocabInfo(size=TOKENIZER_VOCAB, eos_token_id=1, pad_token_id=0)
 SFT = LossConfig(distill_loss_weight=0.0)
@@ -68,14 +70,7 @@ def _check(rank, world, root):
         hf = AutoModelForCausalLM.from_pretrained(f"{saved}/student")
         state = hf.state_dict()
         assert all(torch.equal(state[name], tensor) for name, tensor in at_save.items())
-        hf = AutoModelForCausalLM.from_pretrained(f"{root}/checkpoint-5/student").eval()
-        for prompt, mine in zip(prompts, generated):
-            out = hf.generate(
-                torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=VOCAB.eos_token_id,
-                pad_token_id=0, suppress_tokens=list(range(TOKENIZER_VOCAB, hf.config.vocab_size)),
-            )[0, len(prompt):].tolist()
-            expected = out[: out.index(1)] if 1 in out else out
-            assert mine == expected, (prompt, mine, expected)
+        assert_generate_equals_transformers(generated, prompts, f"{root}/checkpoint-5/student", VOCAB.eos_token_id)
         with open(f"{root}/result.json", "w") as f:
             json.dump({"grad_norms": again}, f)
     dist.barrier()

@@ -13,7 +13,10 @@ from distill_trainer.data import IGNORE_INDEX
 from distill_trainer.distill_loss import LossConfig, make_loss_fn
 from distill_trainer.models import VocabInfo
 
-from .megatron_helpers import TOKENIZER_VOCAB, fake_config, rank_context, spawn, write_tiny_model
+from .megatron_helpers import (
+    TOKENIZER_VOCAB, assert_generate_equals_transformers, distill_step, fake_config, rank_context, spawn,
+    write_tiny_model,
+)
 
 STEPS, TOPK = 5, 5
 LOSS = LossConfig(distill_loss_weight=0.5, kd_objective="forward_kl", kd_temperature=2.0, logits_topk=TOPK)
@@ -76,15 +79,9 @@ def _train(rank, world, tp, sp, root, out, recompute, fused):
     losses, grad_norms = [], []
     for _ in range(STEPS):
         batches = [MicroBatch(m.input_ids, m.attention_mask, m.labels, t) for m, t in zip(micro_batches, targets)]
-        stats = student.forward_backward(batches, make_loss_fn(LOSS, normalizer))
-        update = student.optimizer_step()
-        assert update.applied
-        sums = torch.tensor([stats.ce_sum, stats.kd_sum, stats.label_tokens], dtype=torch.float64)
-        dist.all_reduce(sums)  # ranks that would double count report zeros
-        assert sums[2] == normalizer
-        w = LOSS.distill_loss_weight
-        losses.append(float(((1 - w) * sums[0] + w * sums[1]) / normalizer))
-        grad_norms.append(update.grad_norm)
+        loss, grad_norm = distill_step(student, batches, LOSS, normalizer)
+        losses.append(loss)
+        grad_norms.append(grad_norm)
     weights = mb.export_hf_state_dict(student.bridge, student.module)
     if rank == 0:
         torch.save({"logits": logits, "tails": [t.tail for t in targets], "weights": weights}, f"{out}.pt")
@@ -157,8 +154,6 @@ def _steps(strategy, steps):
 
 
 def _resume(rank, world, root):
-    from transformers import AutoModelForCausalLM
-
     from distill_trainer.strategies import megatron_bridge as mb
     from distill_trainer.strategies.megatron import MegatronTrainStrategy
 
@@ -183,14 +178,7 @@ def _resume(rank, world, root):
     generated = resumed.generate(prompts, max_new_tokens=6, eos_token_id=VOCAB.eos_token_id, pad_token_id=0)
     resumed.save(f"{root}/checkpoint-5")
     if rank == 0:
-        hf = AutoModelForCausalLM.from_pretrained(f"{root}/checkpoint-5/student").eval()
-        for prompt, mine in zip(prompts, generated):
-            out = hf.generate(
-                torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=VOCAB.eos_token_id,
-                pad_token_id=0, suppress_tokens=list(range(TOKENIZER_VOCAB, hf.config.vocab_size)),
-            )[0, len(prompt):].tolist()
-            expected = out[: out.index(1)] if 1 in out else out
-            assert mine == expected, (prompt, mine, expected)
+        assert_generate_equals_transformers(generated, prompts, f"{root}/checkpoint-5/student", VOCAB.eos_token_id)
         with open(f"{root}/result.json", "w") as f:
             json.dump({"grad_norms": again}, f)
     dist.barrier()

@@ -15,7 +15,7 @@ from distill_trainer.distill_loss import LossConfig, TeacherTargets, make_loss_f
 from distill_trainer.losses import topk_teacher_logits
 from distill_trainer.models import VocabInfo
 
-from .megatron_helpers import TOKENIZER_VOCAB, fake_config, rank_context, spawn, write_tiny_model
+from .megatron_helpers import TOKENIZER_VOCAB, distill_step, fake_config, rank_context, spawn, write_tiny_model
 
 STEPS, GLOBAL_BATCH, MICRO, SEQ, TOPK = 5, 8, 2, 10, 5
 LOSS = LossConfig(distill_loss_weight=0.5, kd_objective="forward_kl", kd_temperature=2.0, logits_topk=TOPK)
@@ -82,15 +82,9 @@ def _train(rank, world, tp, pp, root, out, recompute=None):
                 _teacher_logits(f"{root}/teacher", input_ids[part], labels[part]), tp, ctx.tp_rank, strategy.padded_vocab
             )
             micro_batches.append(MicroBatch(input_ids[part], attention_mask[part], labels[part], teacher))
-        stats = strategy.forward_backward(micro_batches, make_loss_fn(LOSS, normalizer))
-        update = strategy.optimizer_step()
-        assert update.applied
-        sums = torch.tensor([stats.ce_sum, stats.kd_sum, stats.label_tokens], dtype=torch.float64)
-        dist.all_reduce(sums)  # ranks that would double count report zeros
-        assert sums[2] == normalizer
-        w = LOSS.distill_loss_weight
-        losses.append(float(((1 - w) * sums[0] + w * sums[1]) / normalizer))
-        norms.append(update.grad_norm)
+        loss, grad_norm = distill_step(strategy, micro_batches, LOSS, normalizer)
+        losses.append(loss)
+        norms.append(grad_norm)
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"losses": losses, "grad_norms": norms}, f)

@@ -11,10 +11,12 @@ import torch
 import torch.distributed as dist
 
 from distill_trainer.data import IGNORE_INDEX
-from distill_trainer.distill_loss import LossConfig, make_loss_fn
+from distill_trainer.distill_loss import LossConfig
 from distill_trainer.models import VocabInfo
 
-from .megatron_helpers import TOKENIZER_VOCAB, fake_config, rank_context, reset_megatron, spawn, write_tiny_model
+from .megatron_helpers import (
+    TOKENIZER_VOCAB, distill_step, fake_config, rank_context, reset_megatron, spawn, write_tiny_model,
+)
 
 LAYERS, STEPS, TOPK, MICRO, SEQ = 3, 5, 5, 4, 10
 LOSS = LossConfig(distill_loss_weight=0.5, kd_objective="forward_kl", kd_temperature=2.0, logits_topk=TOPK)
@@ -56,15 +58,9 @@ def _steps(student, micro_batches, targets, count):
     losses, norms = [], []
     for _ in range(count):
         batches = [MicroBatch(m.input_ids, m.attention_mask, m.labels, t) for m, t in zip(micro_batches, targets)]
-        stats = student.forward_backward(batches, make_loss_fn(LOSS, normalizer))
-        update = student.optimizer_step()
-        assert update.applied
-        sums = torch.tensor([stats.ce_sum, stats.kd_sum, stats.label_tokens], dtype=torch.float64)
-        dist.all_reduce(sums)  # ranks that would double count report zeros
-        assert sums[2] == normalizer
-        w = LOSS.distill_loss_weight
-        losses.append(float(((1 - w) * sums[0] + w * sums[1]) / normalizer))
-        norms.append(update.grad_norm)
+        loss, grad_norm = distill_step(student, batches, LOSS, normalizer)
+        losses.append(loss)
+        norms.append(grad_norm)
     return losses, norms
 
 
