@@ -1,4 +1,4 @@
-"""Console entry points: ``kubedistill train|demo|operator``.
+"""Console entry points: ``kubedistill train|cache-teacher|demo|operator``.
 
 ``examples/start_distill_pipeline.py --config_path DIR --config_name NAME`` (the original launcher's
 interface) calls ``launch`` below too, so both paths validate and report errors the same way.
@@ -43,6 +43,25 @@ def launch(load: Callable[[], DistillConfig]) -> int:
     return 0
 
 
+def cache_teacher(load: Callable[[], DistillConfig]) -> int:
+    """``kubedistill cache-teacher``: write (or finish) the teacher cache of a config; errors as ``launch``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load()
+        from .teacher_cache.writer import CacheTeacherRun
+
+        result = CacheTeacherRun(config).run()
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ClusterError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    print(f"teacher cache complete: {result.directory} ({result.records} records in {result.shards} shards; "
+          f"{result.written} written now, in {result.seconds:.1f} s)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # The operator and the demo have their own argument parsers.
@@ -64,10 +83,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     train.add_argument("config", help="path to the YAML config, e.g. examples/tiny/distill.yaml")
     train.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. max_steps=100 kd_objective=reverse_kl")
+    cache = commands.add_parser(
+        "cache-teacher",
+        help="run only the teacher over a config's training data and write its targets to teacher_cache_dir",
+        description="Write the teacher cache of a distill config: the teacher's targets (top-k log-probabilities "
+        "with their indices and the tail mass, or the full vocabulary with logits_topk=0) for every training record, "
+        "to teacher_cache_dir, in shards. A training run with the same config and teacher_cache_dir then starts no "
+        "teacher. Rerun after an interruption: only the missing shards are written. Overrides use Hydra syntax.",
+    )
+    cache.add_argument("config", help="path to the YAML config of the training runs that will read the cache")
+    cache.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. teacher_cache_dir=/data/cache")
     commands.add_parser("demo", help="build a tiny teacher and student offline and distill on CPU (see --help)")
     commands.add_parser("operator", help="run the DistillJob Kubernetes operator (see `kubedistill operator --help`)")
 
     args = parser.parse_args(argv)
+    if args.command == "cache-teacher":
+        return cache_teacher(lambda: load_config(args.config, args.overrides))
     return launch(lambda: load_config(args.config, args.overrides))
 
 

@@ -379,20 +379,28 @@ class ShuffledBatches:
             self._orders = {epoch: torch.randperm(len(self.examples), generator=generator).tolist()}
         return self._orders[epoch]
 
-    def next_batch(self) -> list[Example]:
-        batch: list[Example] = []
+    def next_indices(self) -> list[int]:
+        """The records (indices into ``examples``) of the next micro-batch."""
+        batch: list[int] = []
         order = self._order(self.cursor.epoch)
         while len(batch) < self.batch_size:
             if self.cursor.index >= len(order):
                 self.cursor = DataCursor(self.cursor.epoch + 1, 0)
                 order = self._order(self.cursor.epoch)
-            batch.append(self.examples[order[self.cursor.index]])
+            batch.append(order[self.cursor.index])
             self.cursor.index += 1
         return batch
 
+    def next_batch(self) -> list[Example]:
+        return [self.examples[i] for i in self.next_indices()]
+
     def next_micro_batch(self, pad_token_id: int) -> dict[str, torch.Tensor]:
-        """The next micro-batch, collated."""
-        return collate(self.next_batch(), pad_token_id)
+        """The next micro-batch, collated, with ``record_ids`` [B, 1]: the record of each row (what a teacher
+        cache is keyed by)."""
+        indices = self.next_indices()
+        batch = collate([self.examples[i] for i in indices], pad_token_id)
+        batch["record_ids"] = torch.tensor(indices, dtype=torch.long).unsqueeze(1)
+        return batch
 
 
 class PackedBatches(ShuffledBatches):
@@ -416,19 +424,31 @@ class PackedBatches(ShuffledBatches):
             self._rows = {epoch: [[order[j] for j in row] for row in packed]}
         return self._rows[epoch]
 
-    def next_batch(self) -> list[list[Example]]:
-        batch: list[list[Example]] = []
+    def next_indices(self) -> list[list[int]]:
+        """The packed rows of the next micro-batch, each a list of records (indices into ``examples``)."""
+        batch: list[list[int]] = []
         rows = self.rows(self.cursor.epoch)
         while len(batch) < self.batch_size:
             if self.cursor.index >= len(rows):
                 self.cursor = DataCursor(self.cursor.epoch + 1, 0)
                 rows = self.rows(self.cursor.epoch)
-            batch.append([self.examples[i] for i in rows[self.cursor.index]])
+            batch.append(list(rows[self.cursor.index]))
             self.cursor.index += 1
         return batch
 
+    def next_batch(self) -> list[list[Example]]:
+        return [[self.examples[i] for i in row] for row in self.next_indices()]
+
     def next_micro_batch(self, pad_token_id: int) -> dict[str, torch.Tensor]:
-        return collate_packed(self.next_batch(), pad_token_id)
+        """The next packed micro-batch, with ``record_ids`` [B, most records in a row]: each row's records in
+        order, -1 after its last."""
+        rows = self.next_indices()
+        batch = collate_packed([[self.examples[i] for i in row] for row in rows], pad_token_id)
+        record_ids = torch.full((len(rows), max(len(row) for row in rows)), -1, dtype=torch.long)
+        for r, row in enumerate(rows):
+            record_ids[r, : len(row)] = torch.tensor(row)
+        batch["record_ids"] = record_ids
+        return batch
 
 
 def eval_batches(examples: Sequence[Example], batch_size: int) -> Iterator[list[Example]]:

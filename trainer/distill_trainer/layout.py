@@ -31,7 +31,7 @@ fewer than pp_size only idles the stages longer (``pipeline_bubble_warning``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .config import ConfigError, DistillConfig
@@ -163,13 +163,17 @@ def pipeline_bubble_warning(pp_size: int, micro_batches: int) -> str | None:
             f"gradient_accumulation_steps >= {4 * pp_size} keeps it at most {(pp_size - 1) / (5 * pp_size - 1):.0%}")
 
 
-def check_parallel_layout(config: DistillConfig) -> None:
-    """Refuse (ConfigError) a Megatron layout that the student's or the teacher's shape cannot take."""
+def check_parallel_layout(config: DistillConfig, sides: Sequence[str] | None = None) -> None:
+    """Refuse (ConfigError) a Megatron layout that the student's or the teacher's shape cannot take; ``sides``:
+    the sides that run (default: the student, and the teacher when the run has a live one)."""
     import json
     from pathlib import Path
 
+    from .config import runs_live_teacher
+
     problems, splits = [], []
-    sides = ["student"] + (["teacher"] if config.distill_loss_weight > 0 else [])
+    if sides is None:
+        sides = ["student"] + (["teacher"] if runs_live_teacher(config) else [])
     for side in sides:
         args = getattr(config, side).strategy_args
         first, last = getattr(args, FIRST, None), getattr(args, LAST, None)
@@ -193,7 +197,7 @@ def check_parallel_layout(config: DistillConfig) -> None:
     for split in filter(None, splits):
         logging.getLogger(__name__).info(split)
     student = config.student
-    if student.strategy_args.strategy_name.startswith("megatron"):
+    if "student" in sides and student.strategy_args.strategy_name.startswith("megatron"):
         warning = pipeline_bubble_warning(student.strategy_args.pp_size,
                                           student.training_args.gradient_accumulation_steps)
         if warning:

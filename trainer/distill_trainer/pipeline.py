@@ -39,6 +39,8 @@ from .config import (
     DistillConfig,
     check_runtime_support,
     data_files,
+    reads_teacher_cache,
+    runs_live_teacher,
     resolve_max_steps,
     startup_warnings,
 )
@@ -136,6 +138,10 @@ def prepare(config: DistillConfig) -> Prepared:
         distill_on_prompt=config.distill_on_prompt,
     )
     train = load_examples(data_files(data_args.file_name), tokenizer, **options)
+    if reads_teacher_cache(config):  # before anything is written: a cache that does not fit this run is refused
+        from .teacher_cache.reader import check_cache_for_training
+
+        check_cache_for_training(config, vocab, len(train))
     eval_files = data_files(data_args.eval_file_name)
     eval_examples = load_examples(eval_files, tokenizer, **options) if eval_files else []
     packed_rows = None
@@ -172,7 +178,7 @@ def training_batches(config: DistillConfig, train: list[Example], cursor: DataCu
 def check_channel_memory(config: DistillConfig, vocab: VocabInfo) -> None:
     """Refuse (ConfigError, before Ray starts) a teacher channel larger than ``channel_memory_limit_gb``: its
     slots each hold one micro-batch's targets, at most per_device_train_batch_size x sequence_length rows."""
-    if config.distill_loss_weight == 0:
+    if not runs_live_teacher(config):  # SFT only, or targets read from a teacher cache: no channel
         return
     import torch
 
@@ -251,7 +257,7 @@ class DistillPipeline:
     def __init__(self, config: DistillConfig, *, num_threads: int | None = None, console: bool = True):
         self.config = config
         # SFT only (no teacher actor): the student alone shares each device, so it gets every core.
-        actors_per_device = 2 if config.distill_loss_weight > 0 else 1
+        actors_per_device = 2 if runs_live_teacher(config) else 1
         self.num_threads = default_num_threads(actors_per_device) if num_threads is None else num_threads
         self.console = console
         self._step = 0  # the step in progress (for the message of a lost rank)
@@ -355,8 +361,11 @@ class DistillPipeline:
                 self._step = step
                 started = time.perf_counter()
                 work, ahead = ahead or self._hand_out(workers, batches, pad), None
-                calls = self._student_steps(workers, work)
-                if config.overlap_teacher and workers.teachers and step < config.max_steps:
+                if reads_teacher_cache(config) and step < config.max_steps:
+                    # Drawn now so that the students decode its cached targets while they train on this step.
+                    ahead = self._hand_out(workers, batches, pad)
+                calls = self._student_steps(workers, work, ahead)
+                if ahead is None and config.overlap_teacher and workers.teachers and step < config.max_steps:
                     # The teacher starts on step k+1 now, while the students train on step k.
                     ahead = self._hand_out(workers, batches, pad)
                 results = _get(calls)
@@ -444,11 +453,12 @@ class DistillPipeline:
         return StepWork(rank_slices, label_tokens, sum(input_tokens), token_positions, teacher_outputs,
                         DataCursor(**vars(batches.cursor)))
 
-    def _student_steps(self, workers: Workers, work: StepWork) -> list[Any]:
-        """Start every student rank's training step on its slice and its teacher rank's targets."""
+    def _student_steps(self, workers: Workers, work: StepWork, ahead: StepWork | None = None) -> list[Any]:
+        """Start every student rank's training step on its slice and its teacher rank's targets (with a teacher
+        cache: and the next step's slice, ``ahead``, whose targets it reads while it trains)."""
         return [
             student.train_step.remote(work.slices[rank], work.teacher_outputs[rank] if work.teacher_outputs else None,
-                                      float(work.label_tokens))
+                                      float(work.label_tokens), [ahead.slices[rank]] if ahead else None)
             for rank, student in enumerate(workers.students)
         ]
 
@@ -457,7 +467,7 @@ class DistillPipeline:
         peak = peak_flops_per_second(self.config)
         if peak is None:
             return None
-        teacher = self.config.teacher_pretrain if self.config.distill_loss_weight > 0 else None
+        teacher = self.config.teacher_pretrain if runs_live_teacher(self.config) else None
         devices = max(1, len(set(self.config.student.device_mapping) | set(self.config.teacher.device_mapping)))
         return ModelFlops.of(self.config.student_pretrain, teacher, peak * devices)
 
@@ -481,7 +491,7 @@ class DistillPipeline:
         }
         if flops is not None:
             metrics["train/mfu"] = flops.utilization(work.input_tokens, work.token_positions, elapsed)
-        if work.teacher_outputs:
+        if self.config.distill_loss_weight > 0:  # a live teacher's targets or a teacher cache's
             metrics["train/distill_loss"] = sum(s.kd_sum for s in counted) / label_tokens
         applied = all(r.update.applied for r in results)
         return metrics, applied

@@ -43,7 +43,7 @@ import torch
 
 from . import checkpoint
 from .channel import DeviceIdentity, LogitsHandle, LogitsReceiver, TransportKind, choose_transport, make_transport
-from .config import DistillConfig, gpu_memory_fraction, logits_transport, worker_env
+from .config import DistillConfig, gpu_memory_fraction, logits_transport, reads_teacher_cache, runs_live_teacher, worker_env
 from .data import Example, collate, eval_batches
 from .distill_loss import LossConfig, TeacherTargets, make_loss_fn
 from .models import VocabInfo
@@ -52,6 +52,8 @@ from .rank_failures import NoRoomError, no_room_message, waiting_for_room_messag
 from .shared_names import ENV_NUM_THREADS, ENV_PLACEMENT_TIMEOUT
 from .strategies import strategy_class
 from .strategies.base import MicroBatch, OptimizerStepResult, RankContext, StepStats
+from .teacher_cache.reader import CacheFeeder, CachedFeed, TeacherCache
+from .teacher_cache.store import ShardInfo
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +312,24 @@ class TeacherWorker(_Rank):
         return TeacherOutput(handle, tuple(p.rows for p in parts), forward_done - start,
                              time.perf_counter() - forward_done)
 
+    def write_cache_shard(self, shard: int, records: Sequence[int], examples: Sequence[Example], directory: str,
+                          codec_description: dict, batch_size: int) -> ShardInfo | None:
+        """Run the teacher over one shard's records and, on the rank that holds its replica's whole targets
+        (TP rank 0 of the last pipeline stage), write the shard (``teacher_cache.writer.write_records``). Every
+        rank of the replica calls it with the same records; the others return None."""
+        from .teacher_cache.encoding import RowCodec
+        from .teacher_cache.writer import write_records
+
+        context = self.rank_context()
+        writes = context.is_last_stage and context.tp_rank == 0
+
+        def targets(batch: dict[str, torch.Tensor]) -> TeacherTargets | None:
+            part = self.strategy.forward(_micro_batch(batch))
+            return None if part is None else self.strategy.whole_targets(part)
+
+        return write_records(Path(directory), shard, records, examples, targets, RowCodec.from_description(
+            codec_description), batch_size, self.vocab.pad_token_id, writes=writes)
+
     def close(self) -> None:
         self.publisher.close()
         super().close()
@@ -426,6 +446,7 @@ class StudentWorker(_Rank):
         self.tokenizer = AutoTokenizer.from_pretrained(config.student_pretrain)
         self.loss_config = LossConfig.from_config(config)
         self.receiver = LogitsReceiver()
+        self.cache_feeder: CacheFeeder | None = None  # reading a teacher cache instead of a live teacher
         self.strategy = None
 
     def build(self, resume_from: str | None = None) -> None:
@@ -435,20 +456,39 @@ class StudentWorker(_Rank):
         )
         if resume_from:
             self.strategy.load(resume_from)
+        if reads_teacher_cache(self.config):
+            # Only the ranks that compute the loss (the last pipeline stage) read targets, as only those get
+            # them from a live teacher.
+            needed = self.rank_context().is_last_stage
+            self.cache_feeder = CacheFeeder(TeacherCache(self.config.teacher_cache_dir),
+                                            self.strategy.local_targets if needed else None)
         self._release_cached_memory()
 
+    def _feed(self, batches, teacher: Sequence | None, read_ahead: Sequence | None):
+        """Where this step's targets come from: the teacher cache, or the live teacher rank's outputs (None: SFT
+        only). Both feeds give each micro-batch's targets on first use and free them once released."""
+        if self.cache_feeder is None:
+            return _TeacherFeed(self.receiver, teacher, len(batches), self.device)
+        feed = CachedFeed(self.cache_feeder.start(batches), self.device)
+        if read_ahead:  # the next step's slice: decode its targets while this step trains
+            self.cache_feeder.read_ahead(read_ahead[0])
+        return feed
+
     def train_step(
-        self, batches: Sequence[dict[str, torch.Tensor]], teacher: Sequence | None, normalizer: float
+        self, batches: Sequence[dict[str, torch.Tensor]], teacher: Sequence | None, normalizer: float,
+        read_ahead: Sequence | None = None,
     ) -> StudentStepResult:
         """One optimizer step on this rank's micro-batches; ``normalizer`` = label tokens of the global batch.
 
-        ``teacher``: None (SFT only), or one output per micro-batch, each a ``TeacherOutput`` or the ObjectRef of
-        one (what ``TeacherWorker.forward`` returns), taken when its micro-batch starts.
+        ``teacher``: None (SFT only, or a teacher cache), or one output per micro-batch, each a ``TeacherOutput``
+        or the ObjectRef of one (what ``TeacherWorker.forward`` returns), taken when its micro-batch starts.
+        ``read_ahead``: with a teacher cache, [the ObjectRef of the next step's slice], whose targets are decoded
+        while this step trains.
         """
         start = time.perf_counter()
-        feed = _TeacherFeed(self.receiver, teacher, len(batches), self.device)
+        feed = self._feed(batches, teacher, read_ahead)
         try:
-            if teacher is not None and streams_teacher_targets(self.config):
+            if (teacher is not None or self.cache_feeder) and streams_teacher_targets(self.config):
                 micro_batches: Sequence[MicroBatch] = _StreamedMicroBatches(batches, feed)
             else:
                 micro_batches = [_micro_batch(batch, feed.targets(i)) for i, batch in enumerate(batches)]
@@ -505,6 +545,8 @@ class StudentWorker(_Rank):
 
     def close(self) -> None:
         self.receiver.close()
+        if self.cache_feeder is not None:
+            self.cache_feeder.close()
         super().close()
 
 
@@ -597,9 +639,13 @@ def create_workers(
     eval_examples: Sequence[Example],
     resume_from: str | None,
     num_threads: int,
+    *,
+    teachers_only: bool = False,
 ) -> Workers:
     """One bundle per device of ``device_mapping``; teacher rank i and student rank i in the bundles of their
-    devices (the same bundle, so the same device and host, when the two sides' lists are the same)."""
+    devices (the same bundle, so the same device and host, when the two sides' lists are the same). Teacher
+    ranks only when the run has a live teacher (``config.runs_live_teacher``); ``teachers_only``: no students
+    (``kubedistill cache-teacher``)."""
     import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -643,27 +689,27 @@ def create_workers(
         return chosen
 
     side = dict(world_size=world_size, on_gpu=on_gpu)
-    students = [
+    students = [] if teachers_only else [
         ray.remote(StudentWorker)
         .options(**options(r, "student"))
         .remote(config, vocab, eval_examples, num_threads, rank=r, **side)
         for r in range(world_size)
     ]
     teachers = []
-    if config.distill_loss_weight > 0:
+    if runs_live_teacher(config) or teachers_only:
         teachers = [
             ray.remote(TeacherWorker).options(**options(r, "teacher")).remote(
                 config, vocab, "object_store", num_threads, rank=r, **side
             )
             for r in range(world_size)
         ]
-    args = config.student.strategy_args
+    args = (config.teacher if teachers_only else config.student).strategy_args
     workers = Workers(students, teachers, group, RankContext(0, world_size, args.tp_size, args.pp_size))
     try:
         places = ray.get([actor.place.remote() for actor in [*students, *teachers]])
         workers.ranks.update({actor._actor_id.hex(): RankInfo(side, r, place)
                               for (side, r, actor), place in zip(_actors_by_rank(students, teachers), places)})
-        if teachers:
+        if teachers and students:
             # Same GPU -> CUDA IPC, same host -> shared memory, else the object store (logits_transfer_backend: ray
             # asks for the object store always). Within one bundle it is the same device; a teacher placed apart
             # (its own device_mapping) may be on another GPU or host, and this stays correct.

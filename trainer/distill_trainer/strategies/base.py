@@ -185,6 +185,12 @@ class TrainStrategy(ABC):
     @abstractmethod
     def __init__(self, config: "DistillConfig", rank: RankContext, vocab: "VocabInfo"): ...
 
+    def local_targets(self, targets: TeacherTargets) -> TeacherTargets:
+        """Whole targets (the global top-k, or every column of the vocabulary: what a teacher cache stores) as
+        this rank's loss takes them from a live teacher rank of its TP index (its vocabulary shard under tensor
+        parallelism; unchanged without it)."""
+        return targets
+
     @abstractmethod
     def forward_backward(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn) -> StepStats:
         """Accumulate the gradients of ``Σ loss_fn(...)`` over ``micro_batches``; a micro-batch whose loss is
@@ -224,6 +230,12 @@ class InferStrategy(ABC):
 
     @abstractmethod
     def __init__(self, config: "DistillConfig", rank: RankContext, vocab: "VocabInfo"): ...
+
+    def whole_targets(self, targets: TeacherTargets) -> TeacherTargets:
+        """What ``forward`` returned, as one rank holding the whole vocabulary would have it: the global top-k
+        (not this shard's candidates) or every column; what a teacher cache stores. A collective under tensor
+        parallelism (every TP rank of the last stage calls it)."""
+        return targets
 
     @abstractmethod
     def forward(self, micro_batch: MicroBatch) -> Optional[TeacherTargets]:

@@ -77,7 +77,7 @@ import torch.distributed as dist
 from .. import checkpoint
 from ..data import IGNORE_INDEX
 from ..distill_loss import TeacherTargets, VocabShard
-from ..losses import tail_logmass
+from ..losses import TopK, tail_logmass
 from ..parallel_losses import mask_vocab_padding, merge_topk, shard_topk, vocab_parallel_tail_logmass
 from . import megatron_bridge as mb
 from .base import InferStrategy, MicroBatch, OptimizerStepResult, RankContext, StepStats, TrainStrategy
@@ -203,6 +203,34 @@ class _MegatronModel:
         self.shard_width = self.padded_vocab // rank.tp_size
         self.vocab_start = rank.tp_rank * self.shard_width
         self.tp_group = mpu.get_tensor_model_parallel_group()
+
+    def local_targets(self, targets: TeacherTargets) -> TeacherTargets:
+        """Whole targets as a live teacher rank of this TP index ships them: top-k entries outside this rank's
+        vocabulary shard set to −inf (the loss's merge over the TP group then finds exactly the k entries again),
+        or this shard's columns of the full vocabulary, −inf beyond it."""
+        if self.rank.tp_size == 1:
+            return targets
+        if targets.indices is not None:
+            local = targets.indices - self.vocab_start
+            owned = (local >= 0) & (local < self.shard_width)
+            return TeacherTargets(targets.values.masked_fill(~owned, -float("inf")), targets.indices, targets.tail)
+        columns = torch.full((targets.values.shape[0], self.shard_width), -float("inf"), dtype=targets.values.dtype)
+        stop = min(self.vocab_start + self.shard_width, targets.values.shape[1])
+        if stop > self.vocab_start:
+            columns[:, : stop - self.vocab_start] = targets.values[:, self.vocab_start : stop]
+        return TeacherTargets(columns)
+
+    def whole_targets(self, targets: TeacherTargets) -> TeacherTargets:
+        """This TP rank's targets as one unsharded rank would have them: the global top-k of every rank's
+        candidates (the tail is already of that top-k), or the vocabulary slices gathered and cut at its size."""
+        if self.rank.tp_size == 1:
+            return targets
+        if targets.indices is not None:
+            top = merge_topk(TopK(targets.values, targets.indices), self.topk, self.tp_group)
+            return TeacherTargets(top.values, top.indices, targets.tail)
+        slices = [torch.empty_like(targets.values) for _ in range(self.rank.tp_size)]
+        dist.all_gather(slices, targets.values.contiguous(), group=self.tp_group)
+        return TeacherTargets(torch.cat(slices, dim=-1)[:, : self.vocab.size])
 
     def _logits_view(self, output: torch.Tensor) -> tuple[torch.Tensor, Optional[VocabShard]]:
         """[B, T, V_local] logits ready for the loss: padded columns −inf (tp > 1) or cut off (tp = 1)."""
