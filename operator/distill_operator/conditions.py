@@ -11,6 +11,10 @@ only when ``status`` flips, ``observedGeneration`` on each. ``status.progress`` 
 and checked by the operator): ``decide`` reads it for messages only and never returns it. State, conditions,
 restarts and completion come from the launcher's observation and the operator's own status keys.
 
+A train job with ``spec.teacherCacheFrom`` is launched only once the DistillJob it names (``spec.mode:
+cacheTeacher``) has Succeeded: ``teacher_cache_gate`` decides from the two jobs, ``decide`` keeps it Pending (condition
+``Created`` False, reason WaitingForTeacherCache or TeacherCacheFailed) or fails it (TeacherCacheMismatch).
+
 Immutable spec fields (``resources.IMMUTABLE_SPEC_FIELDS``): ``spec_hashes`` records a hash of each at the first
 reconcile (``status.specHashes``); ``changed_fields`` names the ones edited since, which the job ignores (it keeps
 its original, see handlers.py) with a ``SpecChangeIgnored`` condition.
@@ -25,7 +29,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal, Mapping
 
-from distill_operator.resources import IMMUTABLE_SPEC_FIELDS, TERMINAL_STATES, DistillJobSpec
+from distill_operator import render
+from distill_operator.resources import IMMUTABLE_SPEC_FIELDS, TERMINAL_STATES, DistillJobSpec, parse_spec
 
 Phase = Literal["Missing", "Queued", "Preempted", "Pending", "Running", "Succeeded", "Failed"]
 Action = Literal["none", "launch", "stop", "delete_job"]
@@ -305,8 +310,13 @@ def decide(
     run_name: Any = None,
     hashes: Mapping[str, str] | None = None,
     ignored_changes: list[str] | tuple[str, ...] = (),
+    cache_gate: CacheGate | None = None,
+    teacher_cache_path: str | None = None,
 ) -> Decision:
     """The run policy. ``observation`` is the current attempt's (None when no attempt was launched yet).
+
+    ``cache_gate``: for a train job with spec.teacherCacheFrom that has not launched yet, whether the cache job lets
+    it (``teacher_cache_gate``); ``teacher_cache_path``: the cache directory as the trainer sees it (for messages).
 
     ``run_name(attempt) -> str`` names an attempt's RayJob/submission (for status.rayJobName and messages).
     ``hashes``: the immutable fields' hashes to record when status has none yet; ``ignored_changes``: the
@@ -386,6 +396,23 @@ def decide(
             st.state("Queued", "WaitingForWorkload", message)
         return decision("launch", attempt=next_attempt, resume=resume, remaining_deadline=remaining,
                         replaces=replaces)
+
+    if attempt is None and cache_gate is not None and not cache_gate.start:
+        # spec.teacherCacheFrom: nothing is launched until the cache job has Succeeded (deadlines not started yet).
+        reason, message = cache_gate.reason, cache_gate.message
+        was = get_condition(st.conditions, "Created") or {}
+        st.set("Created", False, reason, message)
+        if cache_gate.refused:
+            st.finish(False, reason, message)
+            return decision()
+        if is_true(st.conditions, "Suspended"):
+            resumed = "resumed before the first launch; " + message
+            st.set("Suspended", False, "Resumed", resumed)
+            st.events.append(("Normal", "Resumed", resumed))
+        if was.get("reason") != reason:
+            st.events.append(("Warning" if reason == TEACHER_CACHE_FAILED else "Normal", reason, message))
+        st.state("Pending", reason, message)
+        return decision()
 
     if is_true(st.conditions, "Suspended"):
         # Resume: a new attempt continues from the newest checkpoint; the deadline clock restarts, as for Jobs.
@@ -485,6 +512,10 @@ def decide(
         st.state("Running", observed.reason, observed.message)
         return decision()
     if observed.phase == "Succeeded":
+        if spec.mode == "cacheTeacher":
+            where = teacher_cache_path or spec.distill.teacher_cache_dir
+            st.finish(True, "Succeeded", f"{observed.message}: the teacher cache {where} is complete")
+            return decision()
         steps = f" after {progress['step']} steps" if progress.get("step") is not None else ""
         st.finish(True, "Succeeded", f"{observed.message}{steps}")
         return decision()
@@ -501,9 +532,10 @@ def decide(
         )
         return decision()
     checkpoint = progress.get("lastCheckpoint") or "the newest checkpoint"
+    resumes = "continues the teacher cache write" if spec.mode == "cacheTeacher" else f"resumes from {checkpoint}"
     message = (
         f"{observed.message}; restart {restarts + 1} of {policy.backoff_limit}: "
-        f"{name_of(attempt + 1)} resumes from {checkpoint}"
+        f"{name_of(attempt + 1)} {resumes}"
     )
     st.set("Running", False, observed.reason, observed.message)
     st.set("Restarting", True, observed.reason, message)
@@ -511,6 +543,81 @@ def decide(
     st.state("Restarting", observed.reason, message)
     st.data.update(restarts=restarts + 1)
     return launch(attempt + 1, resume=True)
+
+
+# --- spec.teacherCacheFrom: a train job starts once the cache job it names has Succeeded ---------------------------
+WAITING_FOR_TEACHER_CACHE = "WaitingForTeacherCache"  # the cache job is missing, or not finished yet: wait
+TEACHER_CACHE_FAILED = "TeacherCacheFailed"  # the cache job failed: wait (a re-created one of that name may succeed)
+TEACHER_CACHE_MISMATCH = "TeacherCacheMismatch"  # the pair can never work (not a cache job, other claim or dir): fail
+TEACHER_CACHE_READY = "TeacherCacheReady"  # the cache job Succeeded: start
+_CACHE_DETAIL_LIMIT = 300  # characters of the cache job's own message quoted in ours
+
+
+@dataclass(frozen=True)
+class CacheGate:
+    """May a train job with spec.teacherCacheFrom start? (``teacher_cache_gate``). ``refused``: never, as
+    configured: the job fails with ``reason``; otherwise not ``start`` means it waits (state Pending, ``reason``)."""
+
+    start: bool
+    reason: str
+    message: str
+    refused: bool = False
+
+
+def teacher_cache_gate(spec: DistillJobSpec, job: render.JobRef, cache: Mapping[str, Any] | None) -> CacheGate:
+    """The decision for the first launch of a train job that reads the teacher cache written by the DistillJob
+    ``spec.teacher_cache_from`` (``cache``: that job as read from the API server, None when it does not exist).
+
+    - missing: wait (it may be created later), reason WaitingForTeacherCache;
+    - not a cacheTeacher job, another storage claim, or another cache directory: refused, TeacherCacheMismatch
+      (this job's fields are immutable, so waiting could not help unless the other job is re-created);
+    - Succeeded: start (TeacherCacheReady);
+    - Failed: wait, TeacherCacheFailed, quoting its reason (delete and re-create it, fixed, to write the cache);
+    - otherwise (Pending, Queued, Running, Restarting, Suspended, not yet reconciled): wait, WaitingForTeacherCache.
+    """
+    name = spec.teacher_cache_from or ""
+    mine = render.teacher_cache_path(spec, job)
+    if cache is None:
+        return CacheGate(False, WAITING_FOR_TEACHER_CACHE, (
+            f"waiting for DistillJob {name} (spec.teacherCacheFrom) to write the teacher cache {mine}: it does not "
+            f"exist (yet). Create it with spec.mode: cacheTeacher; this job starts once it has Succeeded"))
+    try:
+        cache_spec: DistillJobSpec | None = parse_spec(cache.get("spec") or {})
+    except ValueError:  # pydantic's ValidationError too: that job fails with InvalidSpec, its state says so below
+        cache_spec = None
+    if cache_spec is not None:
+        cache_job = render.JobRef.from_body(cache)
+        if cache_spec.mode != "cacheTeacher":
+            return CacheGate(False, TEACHER_CACHE_MISMATCH, (
+                f"spec.teacherCacheFrom names DistillJob {name}, whose spec.mode is {cache_spec.mode}, not "
+                "cacheTeacher: it writes no teacher cache. Name the job that writes the cache, or delete this job and "
+                "re-create it without spec.teacherCacheFrom"), refused=True)
+        claim = spec.storage.claim_name if spec.storage else None
+        cache_claim = cache_spec.storage.claim_name if cache_spec.storage else None
+        if claim != cache_claim:
+            return CacheGate(False, TEACHER_CACHE_MISMATCH, (
+                f"spec.storage.claimName {claim!r} differs from {cache_claim!r} of DistillJob {name} (spec."
+                "teacherCacheFrom): a train job reads the teacher cache from the claim its cache job writes it to. "
+                "Delete and re-create this job with the same claim"), refused=True)
+        if render.teacher_cache_location(spec, job) != render.teacher_cache_location(cache_spec, cache_job):
+            theirs = render.teacher_cache_path(cache_spec, cache_job)
+            return CacheGate(False, TEACHER_CACHE_MISMATCH, (
+                f"spec.distill.teacher_cache_dir is {mine} here but DistillJob {name} (spec.teacherCacheFrom) writes "
+                f"its cache to {theirs}; they must be the same directory. Delete and re-create this job with "
+                f"teacher_cache_dir {theirs}"), refused=True)
+    status = cache.get("status") or {}
+    state, reason = status.get("state"), status.get("reason")
+    if state == "Succeeded":
+        return CacheGate(True, TEACHER_CACHE_READY, f"DistillJob {name} has written the teacher cache {mine}")
+    if state == "Failed":
+        detail = (status.get("message") or "")[:_CACHE_DETAIL_LIMIT]
+        return CacheGate(False, TEACHER_CACHE_FAILED, (
+            f"DistillJob {name} (spec.teacherCacheFrom) failed ({reason or 'Failed'}"
+            f"{': ' + detail if detail else ''}), so the teacher cache {mine} is incomplete. This job waits: delete "
+            f"and re-create {name} (fixed) to write the cache, then this job starts; or delete this job"))
+    what = f"{state} ({reason})" if state and reason else (state or "not started yet")
+    return CacheGate(False, WAITING_FOR_TEACHER_CACHE, (
+        f"waiting for DistillJob {name} (spec.teacherCacheFrom) to complete the teacher cache {mine}: it is {what}"))
 
 
 def launch_blocked(
@@ -545,6 +652,8 @@ def timer_due(spec: Mapping[str, Any], status: Mapping[str, Any], now: datetime)
         return True  # waiting for a foreign object to go: try again every tick
     if state is None or policy.get("suspend") or state == "Suspended":
         return False
+    if spec.get("teacherCacheFrom") and status.get("attempt") is None:
+        return True  # waiting for the cache job: also woken by its watch events (runtime), this is the backstop
     if state == "Queued":
         return True  # Kueue's Workload is not watched: its reason (quota, admission checks, eviction) is polled
     if (spec.get("launcher") or {}).get("type") == "RayAddress":

@@ -68,8 +68,7 @@ def _immutable_rules() -> list[dict[str, str]]:
     """``spec.<field>`` unchanged after creation, for each of resources.IMMUTABLE_SPEC_FIELDS (transition rules:
     checked on updates only). Older servers: the operator ignores such an edit with a SpecChangeIgnored condition."""
     rules = []
-    for name in resources.IMMUTABLE_SPEC_FIELDS:
-        field = resources.DistillJobSpec.model_fields[name].alias or name
+    for field in resources.IMMUTABLE_SPEC_FIELDS:  # as written in a manifest (camelCase)
         rules.append({
             "rule": f"has(self.{field}) == has(oldSelf.{field}) && (!has(self.{field}) || self.{field} == oldSelf.{field})",
             "message": f"spec.{field} is immutable after creation; delete and re-create the DistillJob to run "
@@ -78,7 +77,32 @@ def _immutable_rules() -> list[dict[str, str]]:
     return rules
 
 
-CEL_RULES["spec"] = _immutable_rules()
+# spec.mode / spec.teacherCacheFrom (resources.DistillJobSpec._teacher_cache_fields checks the same, and more: that
+# teacher_cache_dir lies on spec.storage).
+_CACHE_TEACHER = "has(self.mode) && self.mode == 'cacheTeacher'"
+TEACHER_CACHE_RULES = [
+    {
+        "rule": f"!({_CACHE_TEACHER}) || has(self.distill.teacher_cache_dir)",
+        "message": "spec.distill.teacher_cache_dir is required with spec.mode cacheTeacher: the directory the "
+        "teacher cache is written to",
+    },
+    {
+        "rule": f"!has(self.teacherCacheFrom) || !({_CACHE_TEACHER})",
+        "message": "spec.teacherCacheFrom is for train jobs that read a teacher cache, not for spec.mode cacheTeacher",
+    },
+    {
+        "rule": "!has(self.teacherCacheFrom) || has(self.distill.teacher_cache_dir)",
+        "message": "spec.distill.teacher_cache_dir is required with spec.teacherCacheFrom: the cache directory of "
+        "that job (the same value)",
+    },
+    {
+        "rule": f"!(has(self.teacherCacheFrom) || {_CACHE_TEACHER}) || has(self.storage) || "
+        "(has(self.launcher) && has(self.launcher.type) && self.launcher.type == 'RayAddress')",
+        "message": "spec.storage is required with spec.mode cacheTeacher or spec.teacherCacheFrom: the teacher cache "
+        "lives on a PersistentVolumeClaim",
+    },
+]
+CEL_RULES["spec"] = _immutable_rules() + TEACHER_CACHE_RULES
 
 PRINTER_COLUMNS = [
     {"name": "State", "type": "string", "jsonPath": ".status.state", "description": "Summary state."},

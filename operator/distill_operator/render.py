@@ -139,6 +139,7 @@ PATH_FIELDS = (
     "logging_dir",
     "student_pretrain",
     "teacher_pretrain",
+    "teacher_cache_dir",
     "student.data_args.file_name",
     "student.data_args.eval_file_name",
     "teacher.data_args.file_name",
@@ -147,9 +148,10 @@ PATH_FIELDS = (
 
 
 def trainer_config(spec: DistillJobSpec, job: JobRef) -> dict[str, Any]:
-    """The trainer YAML as data: ``spec.distill`` with relative output/logging dirs moved onto the storage,
-    for the RayAddress launcher with a workingDir every relative path resolved against it, and for KubeRay
-    the metrics endpoint on TRAINER_METRICS_PORT of the head pod."""
+    """The trainer YAML as data: ``spec.distill`` with relative output/logging dirs moved onto the storage (and a
+    relative ``teacher_cache_dir`` too: under the directory of the job named by ``spec.teacherCacheFrom``, which
+    wrote it, else of this job), for the RayAddress launcher with a workingDir every relative path resolved against
+    it, and for KubeRay the metrics endpoint on TRAINER_METRICS_PORT of the head pod."""
     config = dump_config(spec.distill)
     working_dir = spec.launcher.working_dir if spec.launcher.type == "RayAddress" else None
     if working_dir:
@@ -165,6 +167,11 @@ def trainer_config(spec: DistillJobSpec, job: JobRef) -> dict[str, Any]:
         for key in ("output_dir", "logging_dir"):
             if not posixpath.isabs(config[key]):
                 config[key] = posixpath.normpath(posixpath.join(base, config[key]))
+        cache_dir = config.get("teacher_cache_dir")
+        if isinstance(cache_dir, str) and not posixpath.isabs(cache_dir):
+            owner = spec.teacher_cache_from or job.name  # the cache job's directory: where it wrote the cache
+            config["teacher_cache_dir"] = posixpath.normpath(
+                posixpath.join(spec.storage.mount_path, job.namespace, owner, cache_dir))
     if spec.launcher.type == "KubeRay":
         # The driver runs on the head pod we render: serve its metrics on the pod's network (the container port
         # and the NetworkPolicy's metrics rule name this port). A RayAddress cluster is not ours: as written.
@@ -173,6 +180,21 @@ def trainer_config(spec: DistillJobSpec, job: JobRef) -> dict[str, Any]:
         if "metrics_linger_seconds" not in spec.distill.model_fields_set:
             config["metrics_linger_seconds"] = TRAINER_METRICS_LINGER_SECONDS
     return config
+
+
+def teacher_cache_path(spec: DistillJobSpec, job: JobRef) -> str | None:
+    """The teacher cache directory as the trainer sees it (``trainer_config``), or None when the job names none."""
+    return trainer_config(spec, job).get("teacher_cache_dir")
+
+
+def teacher_cache_location(spec: DistillJobSpec, job: JobRef) -> tuple[str | None, str | None]:
+    """Where the teacher cache of a job is, independent of where the claim is mounted: (claimName, path below the
+    mount) with storage, else (None, the path as the trainer sees it). Two jobs share a cache when these are equal."""
+    path = teacher_cache_path(spec, job)
+    if path is None or spec.storage is None:
+        return None, path
+    inside = resources.storage_relative(path, spec.storage)
+    return spec.storage.claim_name, inside if inside is not None else path
 
 
 def trainer_config_yaml(spec: DistillJobSpec, job: JobRef) -> str:
@@ -193,8 +215,14 @@ def render_configmap(spec: DistillJobSpec, job: JobRef) -> dict[str, Any]:
     }
 
 
-def entrypoint_args(config_path: str = CONFIG_PATH, resume: bool = False) -> list[str]:
-    """The trainer command as an argument list; a retry or resume adds ``resume_from_checkpoint=true``."""
+def entrypoint_args(
+    config_path: str = CONFIG_PATH, resume: bool = False, mode: resources.Mode = "train"
+) -> list[str]:
+    """The trainer command as an argument list: ``kubedistill train`` (a retry or resume adds
+    ``resume_from_checkpoint=true``) or, for spec.mode cacheTeacher, ``kubedistill cache-teacher`` (its rerun
+    continues an interrupted cache write by itself: no override)."""
+    if mode == "cacheTeacher":
+        return ["kubedistill", "cache-teacher", config_path]
     args = ["kubedistill", "train", config_path]
     if resume:
         args.append("resume_from_checkpoint=true")
@@ -389,7 +417,7 @@ def render_rayjob(
         {"containerPort": TRAINER_METRICS_PORT, "name": TRAINER_METRICS_PORT_NAME},
     ]
     ray_spec: dict[str, Any] = {
-        "entrypoint": shlex.join(entrypoint_args(CONFIG_PATH, resume)),
+        "entrypoint": shlex.join(entrypoint_args(CONFIG_PATH, resume, spec.mode)),
         "runtimeEnvYAML": yaml.safe_dump({"env_vars": trainer_env(job)}, sort_keys=True),
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": 60,
@@ -465,7 +493,7 @@ def render_submission(spec: DistillJobSpec, job: JobRef, attempt: int, resume: b
     """
     return {
         "submission_id": submission_id(job, attempt),
-        "entrypoint": shlex.join(entrypoint_args(CONFIG_FILE, resume)),
+        "entrypoint": shlex.join(entrypoint_args(CONFIG_FILE, resume, spec.mode)),
         "runtime_env": {"env_vars": trainer_env(job)},
         "metadata": {"distilljob": f"{job.namespace}/{job.name}", "attempt": str(attempt)},
         "config_yaml": trainer_config_yaml(spec, job),

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
 
 from distill_trainer import shared_names
 from distill_trainer.config import DistillConfig
@@ -234,11 +235,45 @@ class LauncherSpec(_K8sModel):
         return None if value is None else check_ray_address(value)
 
 
-# Fields of spec fixed at creation: what the run computes, where its checkpoints live, where it runs. Edits are
+# Fields of spec fixed at creation: what the run computes (and whether it trains or writes a teacher cache, and
+# whose cache it reads), where its checkpoints live, where it runs. Edits are
 # rejected by the API server (CEL, Kubernetes >= 1.25; crdgen generates the rule from this tuple) and ignored by
 # the operator on every server (a SpecChangeIgnored condition names the field; the job keeps its original).
 # Everything else (runPolicy at once; image, head, workers, serviceAccountName from the next attempt) may change.
-IMMUTABLE_SPEC_FIELDS = ("distill", "storage", "launcher")
+IMMUTABLE_SPEC_FIELDS = ("distill", "storage", "launcher", "mode", "teacherCacheFrom")
+
+# spec.mode: what the job's RayJob runs. train: `kubedistill train` (a teacher cache is read when
+# spec.distill.teacher_cache_dir names one); cacheTeacher: `kubedistill cache-teacher`, the teacher alone over the
+# training data, writing the cache to spec.distill.teacher_cache_dir for later train jobs (spec.teacherCacheFrom).
+Mode = Literal["train", "cacheTeacher"]
+# A DistillJob's name (metadata.name of a custom resource: a DNS subdomain).
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+
+
+def _field_error(path: str, message: str, got: Any = None) -> PydanticCustomError:
+    """A cross-field error of DistillJobSpec's model validator, reported at ``path`` (the trainer's convention:
+    distill_trainer.config.format_validation_error prints ``spec.<path>: message (got ...)``)."""
+    context: dict[str, Any] = {"field": path, "message": message}
+    if got is not None:
+        context["got"] = got
+    return PydanticCustomError("cross_field", "{message}", context)
+
+
+def storage_relative(path: str, storage: "StorageSpec") -> str | None:
+    """Where ``path`` (a spec.distill path as the trainer will see it) lies inside the storage claim: the part below
+    ``storage.mount_path`` ("." for the mount itself), or None when it is not on the claim. A relative path is placed
+    under ``<mountPath>/<namespace>/<name>/`` (render.trainer_config), so it is on the claim unless '..' leaves it."""
+    import posixpath
+
+    mount = posixpath.normpath(storage.mount_path)
+    if not posixpath.isabs(path):
+        path = posixpath.join(mount, "namespace", "name", path)  # names hold no '/': any namespace/name alike
+    path = posixpath.normpath(path)
+    if path == mount:
+        return "."
+    if mount == "/" or path.startswith(mount.rstrip("/") + "/"):
+        return posixpath.relpath(path, mount)
+    return None
 
 
 class DistillJobSpec(_K8sModel):
@@ -269,6 +304,51 @@ class DistillJobSpec(_K8sModel):
     )
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Suspend, deadlines, retries, TTL.")
     launcher: LauncherSpec = Field(default_factory=LauncherSpec, description="How the trainer is started.")
+    mode: Mode = Field(
+        "train",
+        description="train: distill (`kubedistill train`). cacheTeacher: run only the teacher over the training "
+        "data and write its targets to spec.distill.teacher_cache_dir (`kubedistill cache-teacher`; required "
+        "there, on spec.storage), for train jobs that name this job in spec.teacherCacheFrom. A retry continues an "
+        "interrupted cache write. Default: train.",
+    )
+    teacher_cache_from: str | None = Field(
+        None,
+        min_length=1,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        description="Name of a DistillJob with mode cacheTeacher in this namespace whose teacher cache this (train) "
+        "job reads: it is not started (state Pending, reason WaitingForTeacherCache) until that job has "
+        "Succeeded. Both must use the same spec.storage.claimName and teacher cache directory "
+        "(spec.distill.teacher_cache_dir; a relative one is placed under <mountPath>/<namespace>/<that job's "
+        "name>/), else this job fails with reason TeacherCacheMismatch. Default: none.",
+    )
+
+    @model_validator(mode="after")
+    def _teacher_cache_fields(self) -> "DistillJobSpec":
+        cache_dir = self.distill.teacher_cache_dir
+        if self.mode == "cacheTeacher":
+            if self.teacher_cache_from:
+                raise _field_error("teacherCacheFrom", "is for train jobs that read a cache; a cacheTeacher job "
+                                   "writes one", self.teacher_cache_from)
+            if not cache_dir:
+                raise _field_error("distill.teacher_cache_dir", "is required with spec.mode cacheTeacher: the "
+                                   "directory the teacher cache is written to (on spec.storage)")
+        elif self.teacher_cache_from and not cache_dir:
+            raise _field_error("distill.teacher_cache_dir", "is required with spec.teacherCacheFrom: the teacher "
+                               f"cache directory of DistillJob {self.teacher_cache_from} (the same value)")
+        if self.mode != "cacheTeacher" and not self.teacher_cache_from:
+            return self
+        if self.storage is None:
+            if self.launcher.type == "KubeRay":
+                what = "spec.mode cacheTeacher" if self.mode == "cacheTeacher" else "spec.teacherCacheFrom"
+                raise _field_error("storage", f"is required with {what}: the teacher cache lives on a "
+                                   "PersistentVolumeClaim shared by the cache job and the train jobs that read it "
+                                   "(a Ray cluster's own disks go with it)")
+            return self
+        if storage_relative(cache_dir, self.storage) is None:
+            raise _field_error("distill.teacher_cache_dir", f"must lie on spec.storage: a relative path, or one "
+                               f"under its mountPath {self.storage.mount_path}", cache_dir)
+        return self
 
 
 class Condition(_K8sModel):
@@ -297,7 +377,10 @@ class DistillJobStatus(_K8sModel):
     """Observed state, written by the operator only (progress is mirrored from the trainer's progress ConfigMap)."""
 
     state: State | None = Field(
-        None, description="Summary: Pending, Queued, Running, Suspended, Restarting, Succeeded, Failed."
+        None,
+        description="Summary: Pending, Queued, Running, Suspended, Restarting, Succeeded, Failed. A train job with "
+        "spec.teacherCacheFrom is Pending (reason WaitingForTeacherCache, or TeacherCacheFailed) until that job has "
+        "Succeeded.",
     )
     reason: str | None = Field(
         None, description="CamelCase reason of the condition that set the state (a printer column)."
@@ -312,7 +395,8 @@ class DistillJobStatus(_K8sModel):
     restarts: int | None = Field(None, description="Retries after failures so far (compared with backoffLimit).")
     spec_hashes: dict[str, str] | None = Field(
         None,
-        description="sha256 of each immutable spec field (distill, storage, launcher) as first seen: the "
+        description="sha256 of each immutable spec field (distill, storage, launcher, mode, teacherCacheFrom) as "
+        "first seen: the "
         "operator's record of the original; a differing hash is an ignored edit (condition SpecChangeIgnored).",
     )
     conditions: list[Condition] = Field(

@@ -41,6 +41,7 @@ from distill_operator.conditions import (
     needs_reconcile,
     recorded_events,
     spec_hashes,
+    teacher_cache_gate,
     timer_due,
 )
 from distill_operator.launchers import launcher_for
@@ -272,6 +273,10 @@ class OperatorRuntime:
             launcher = _launcher_of_invalid_spec(effective, api, self.settings)  # still able to stop what runs
         attempt = status.get("attempt")
         observation = launcher.observe(job, attempt) if launcher and attempt is not None else None
+        cache_gate = None
+        if spec is not None and spec.teacher_cache_from and attempt is None and status.get("state") not in \
+                TERMINAL_STATES:
+            cache_gate = teacher_cache_gate(spec, job, self._cache_job(custom, namespace, spec.teacher_cache_from))
         decision = decide(
             spec=spec,
             spec_error=spec_error,
@@ -282,6 +287,8 @@ class OperatorRuntime:
             run_name=partial(launcher.run_name, job) if launcher else None,
             hashes=hashes,
             ignored_changes=ignored,
+            cache_gate=cache_gate,
+            teacher_cache_path=render.teacher_cache_path(spec, job) if spec is not None else None,
         )
 
         self._check_leading()  # the reads took time: still the leader before any write?
@@ -332,6 +339,28 @@ class OperatorRuntime:
                   for type_, reason, message in decision.events]
         self._post_events(core, body, events, decision.status)
         metrics.record_conditions(namespace, name, new.get("conditions", []))
+
+    @staticmethod
+    def _cache_job(custom: client.CustomObjectsApi, namespace: str, name: str) -> dict[str, Any] | None:
+        """The DistillJob a train job's spec.teacherCacheFrom names, read fresh (its state gates the launch)."""
+        try:
+            return custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def _wake_cache_readers(self, namespace: str, name: str) -> None:
+        """DistillJob ``name`` appeared, changed state or went away: reconcile now the jobs in its namespace that wait
+        for its teacher cache (spec.teacherCacheFrom, not launched yet) instead of on their next timer tick."""
+        for (other_ns, other), (spec, status) in sorted(self._watched.items()):
+            if (other_ns != namespace or other == name or spec.get("teacherCacheFrom") != name
+                    or status.get("attempt") is not None or status.get("state") in TERMINAL_STATES):
+                continue
+            try:
+                self.reconcile(other_ns, other, "teachercache")
+            except Exception:  # noqa: BLE001 - retried on the next tick (reconcile marked it)
+                log.exception("reconcile of %s/%s failed; retrying on the next tick", other_ns, other)
 
     def mirror_progress(self, namespace: str, name: str, data: Any) -> None:
         """The trainer's report (its progress ConfigMap's data), checked, into status.progress of its DistillJob."""
@@ -395,6 +424,7 @@ class OperatorRuntime:
         key = (namespace, name)
         self._watch_delivered(key, None if type == "DELETED" else body)
         progress_key = (namespace, render.progress_configmap_name(JobRef(name, namespace, "")))
+        was_state = (self._watched.get(key) or ({}, {}))[1].get("state")
         if type == "DELETED":
             self._progress_of.pop(progress_key, None)
             self._watched.pop(key, None)
@@ -405,12 +435,16 @@ class OperatorRuntime:
             metrics.forget(namespace, name)
             with self._locks_lock:
                 self._locks.pop(key, None)
+            if self.leading():
+                self._wake_cache_readers(namespace, name)
             return
         spec, status = dict(body.get("spec") or {}), dict(body.get("status") or {})
         self._watched[key] = (spec, status)
         self._progress_of[progress_key] = (name, body.get("metadata", {}).get("uid", ""))
         if not self.leading():
             return  # a standby only keeps track (above); it reconciles everything when it takes over
+        if type != "MODIFIED" or status.get("state") != was_state:
+            self._wake_cache_readers(namespace, name)  # a teacher-cache job appeared or moved on
         if status.get("state") in TERMINAL_STATES and not needs_reconcile(body):
             metrics.record_conditions(namespace, name, status.get("conditions") or [])
             if type is None:  # the listing at start: its last Events may have been lost with the previous process
@@ -460,7 +494,7 @@ class OperatorRuntime:
 
     async def _timer_loop(self) -> None:
         """Every ``reconcile_interval`` seconds: reconcile the jobs whose deadline or TTL has come, RayAddress jobs
-        (no watch), and jobs whose last reconcile failed. One loop for the operator, not a kopf timer per object
+        (no watch), jobs waiting for a teacher cache (spec.teacherCacheFrom), and jobs whose last reconcile failed. One loop for the operator, not a kopf timer per object
         (those need a finalizer on every DistillJob and wake every job on every tick)."""
         loop = asyncio.get_running_loop()
         while True:

@@ -154,11 +154,11 @@ def test_example_manifests_parse_and_render():
     from pathlib import Path
 
     for path in sorted(Path(__file__).resolve().parents[2].glob("examples/manifests/distilljob-*.yaml")):
-        body = yaml.safe_load(path.read_text())
-        spec = parse_spec(body["spec"])
-        job = JobRef(body["metadata"]["name"], "default", "uid")
-        config_from_dict(render.trainer_config(spec, job))
-        render.render_rayjob(spec, job, 0, False)
+        for body in yaml.safe_load_all(path.read_text()):  # a file may hold several jobs (teacher cache)
+            spec = parse_spec(body["spec"])
+            job = JobRef(body["metadata"]["name"], "default", "uid")
+            config_from_dict(render.trainer_config(spec, job))
+            render.render_rayjob(spec, job, 0, False)
 
 
 def _pods(rj):
