@@ -23,43 +23,47 @@ from .rank_failures import ClusterError
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointError, NonFiniteLossError)
 
 
-def launch(load: Callable[[], DistillConfig]) -> int:
-    """Validate, run, and turn user mistakes into one readable message and exit status 2."""
+def _run(load: Callable[[], DistillConfig], work: Callable[[DistillConfig], str]) -> int:
+    """Validate, run ``work`` (which returns the closing summary), and turn user mistakes into one readable
+    message and exit status 2 (the cluster's: 3)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = load()
-        from .pipeline import DistillPipeline
-
-        result = DistillPipeline(config).run()
+        summary = work(load())
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except ClusterError as error:  # not the user's mistake: a node or rank lost, or no room for the ranks
         print(f"error: {error}", file=sys.stderr)
         return 3
-    print(f"finished at step {result.final_step}; checkpoint: {result.last_checkpoint}")
-    for name, value in sorted(result.eval_metrics.items()):
-        print(f"  {name} = {value:.4f}")
+    print(summary)
     return 0
+
+
+def _train(config: DistillConfig) -> str:
+    from .pipeline import DistillPipeline
+
+    result = DistillPipeline(config).run()
+    lines = [f"finished at step {result.final_step}; checkpoint: {result.last_checkpoint}"]
+    lines += [f"  {name} = {value:.4f}" for name, value in sorted(result.eval_metrics.items())]
+    return "\n".join(lines)
+
+
+def _cache_teacher(config: DistillConfig) -> str:
+    from .teacher_cache.writer import CacheTeacherRun
+
+    result = CacheTeacherRun(config).run()
+    return (f"teacher cache complete: {result.directory} ({result.records} records in {result.shards} shards; "
+            f"{result.written} written now, in {result.seconds:.1f} s)")
+
+
+def launch(load: Callable[[], DistillConfig]) -> int:
+    """``kubedistill train``: validate, run, and turn user mistakes into one readable message and exit status 2."""
+    return _run(load, _train)
 
 
 def cache_teacher(load: Callable[[], DistillConfig]) -> int:
     """``kubedistill cache-teacher``: write (or finish) the teacher cache of a config; errors as ``launch``."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = load()
-        from .teacher_cache.writer import CacheTeacherRun
-
-        result = CacheTeacherRun(config).run()
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except ClusterError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 3
-    print(f"teacher cache complete: {result.directory} ({result.records} records in {result.shards} shards; "
-          f"{result.written} written now, in {result.seconds:.1f} s)")
-    return 0
+    return _run(load, _cache_teacher)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

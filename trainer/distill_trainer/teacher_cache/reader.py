@@ -117,14 +117,15 @@ def _batches_key(batches: Sequence[dict[str, torch.Tensor]]) -> tuple:
 class CacheFeeder:
     """The reading side of one student rank: a thread that decodes micro-batches' targets ahead of use."""
 
-    def __init__(self, cache: TeacherCache, local: Callable[[TeacherTargets], TeacherTargets]):
-        """``local``: the rank's share of whole targets (its vocabulary shard under tensor parallelism)."""
+    def __init__(self, cache: TeacherCache, local: Callable[[TeacherTargets], TeacherTargets] | None):
+        """``local``: the rank's share of whole targets (its vocabulary shard under tensor parallelism); None on
+        a rank that computes no loss (not the last pipeline stage), which reads nothing."""
         self.cache, self.local = cache, local
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-cache")
         self._ahead: tuple[tuple, list[Future]] | None = None
 
-    def _decode(self, batch) -> TeacherTargets:
-        return self.local(self.cache.targets_of(batch))
+    def _decode(self, batch) -> TeacherTargets | None:
+        return None if self.local is None else self.local(self.cache.targets_of(batch))
 
     def start(self, batches: Sequence[dict[str, torch.Tensor]]) -> list[Future]:
         """Futures of ``batches``' targets, in order (taken from a read-ahead of the same batches if there was one)."""
@@ -156,10 +157,11 @@ class CachedFeed:
         self.forward_seconds = self.publish_seconds = self.wait_seconds = 0.0
         self.open_seconds = 0.0  # waiting for a micro-batch's decoded targets (0 when read-ahead kept up)
 
-    def targets(self, index: int) -> TeacherTargets:
+    def targets(self, index: int) -> TeacherTargets | None:
         if index not in self._targets:
             start = time.perf_counter()
-            self._targets[index] = self.futures[index].result().to(self.device)
+            targets = self.futures[index].result()
+            self._targets[index] = None if targets is None else targets.to(self.device)
             self.open_seconds += time.perf_counter() - start
         return self._targets[index]
 
