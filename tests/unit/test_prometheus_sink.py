@@ -177,3 +177,15 @@ def test_pipeline_serves_metrics_only_with_metrics_port_and_trains_on_when_the_p
         assert isinstance(sink, PrometheusSink) and sink.port == taken.port
     finally:
         sink.close()
+
+
+def test_a_teacher_cache_write_reports_its_shards_records_and_eta():
+    sink = make_sink(max_steps=40)  # `kubedistill cache-teacher`: steps are shards
+    sink.log(3, {"cache/records_written": 3072.0, "cache/records_per_second": 51.2, "cache/eta_seconds": 740.0,
+                 "cache/shards_done": 3.0, "cache/shards": 40.0})
+    assert value(sink, "kubedistill_trainer_step") == 3
+    assert value(sink, "kubedistill_trainer_max_steps") == 40
+    assert value(sink, "kubedistill_trainer_cache_records_written") == 3072
+    assert value(sink, "kubedistill_trainer_cache_records_per_second") == 51.2
+    assert value(sink, "kubedistill_trainer_cache_eta_seconds") == 740
+    assert value(sink, "kubedistill_trainer_loss", term="total") is None  # no training series

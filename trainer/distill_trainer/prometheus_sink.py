@@ -25,6 +25,12 @@ Every series carries ``distilljob_namespace``, ``distilljob_name`` (empty for a 
     kubedistill_trainer_start_timestamp_seconds           unix time the run's metrics started
     kubedistill_trainer_nonfinite_steps_total             counter: steps whose loss or grad norm was NaN/inf
 
+`kubedistill cache-teacher` serves the same endpoint with step/max_steps counting shards, and:
+
+    kubedistill_trainer_cache_records_written             records whose targets this run wrote
+    kubedistill_trainer_cache_records_per_second          records per second so far
+    kubedistill_trainer_cache_eta_seconds                 seconds left at that pace
+
 A gauge appears once its value was first logged (the checkpoint gauges after the run's first checkpoint); the
 counter is there from the start at 0. The endpoint stays up ``linger_seconds`` after the run ends (finished or
 failed), so that the last scrape sees the final values, e.g. the NaN of a run stopped by ``on_nonfinite_loss``.
@@ -74,6 +80,9 @@ _HELP = {
     "over the step time and the devices' peak (device_peak_tflops).",
     STEP_PHASE_SECONDS: "Seconds of the last logged step spent in teacher forward, logits transfer, student step.",
     EVAL_LOSS: "Loss on the eval file at the last evaluation.",
+    shared_names.TRAINER_CACHE_RECORDS_WRITTEN: "kubedistill cache-teacher: records whose targets this run wrote.",
+    shared_names.TRAINER_CACHE_RECORDS_PER_SECOND: "kubedistill cache-teacher: records written per second so far.",
+    shared_names.TRAINER_CACHE_ETA_SECONDS: "kubedistill cache-teacher: seconds left at the pace so far.",
     EVAL_EXACT_MATCH: "Greedy exact-match accuracy on the eval file at the last evaluation.",
     LAST_CHECKPOINT_STEP: "Step of the newest checkpoint this run committed.",
     LAST_CHECKPOINT_TIMESTAMP: "Unix time the newest checkpoint of this run was committed.",
@@ -95,6 +104,9 @@ _TAGS: dict[str, tuple[str, tuple[str, str] | None]] = {
     "time/student_step": (STEP_PHASE_SECONDS, ("phase", "student_step")),
     "val/loss": (EVAL_LOSS, None),
     "val/exact_match": (EVAL_EXACT_MATCH, None),
+    "cache/records_written": (shared_names.TRAINER_CACHE_RECORDS_WRITTEN, None),
+    "cache/records_per_second": (shared_names.TRAINER_CACHE_RECORDS_PER_SECOND, None),
+    "cache/eta_seconds": (shared_names.TRAINER_CACHE_ETA_SECONDS, None),
 }
 # A step counts as non-finite when one of these is NaN/inf (what the pipeline refuses to apply).
 _NONFINITE_TAGS = ("train/loss", "train/distill_loss", "train/student_loss", "train/grad_norm")
@@ -143,8 +155,8 @@ class PrometheusSink:
     def from_config(cls, config, **kwargs) -> "PrometheusSink":
         """The sink a run's ``DistillConfig`` asks for, labelled with the DistillJob named in the environment
         (``metrics_port`` 0: not served)."""
+        kwargs.setdefault("max_steps", config.max_steps)
         return cls(
-            max_steps=config.max_steps,
             exp_name=config.exp_name,
             port=config.metrics_port or None,
             bind_address=config.metrics_bind_address,

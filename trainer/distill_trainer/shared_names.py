@@ -91,5 +91,8 @@ TRAINER_LAST_CHECKPOINT_STEP = "kubedistill_trainer_last_checkpoint_step"
 TRAINER_LAST_CHECKPOINT_TIMESTAMP = "kubedistill_trainer_last_checkpoint_timestamp_seconds"
 TRAINER_START_TIMESTAMP = "kubedistill_trainer_start_timestamp_seconds"
 TRAINER_NONFINITE_STEPS = "kubedistill_trainer_nonfinite_steps_total"
+TRAINER_CACHE_RECORDS_WRITTEN = "kubedistill_trainer_cache_records_written"
+TRAINER_CACHE_RECORDS_PER_SECOND = "kubedistill_trainer_cache_records_per_second"
+TRAINER_CACHE_ETA_SECONDS = "kubedistill_trainer_cache_eta_seconds"
 # Labels on every trainer series; the operator's per-job series carry the first two, so the two join on them.
 METRIC_LABELS = ("distilljob_namespace", "distilljob_name", "exp_name")

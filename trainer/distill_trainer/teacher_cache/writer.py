@@ -215,11 +215,23 @@ def _lock_writer(directory: str | None):
 
 
 def _progress_sinks(config: DistillConfig, shards: int) -> list:
-    """Under a DistillJob: status.progress counts shards (step/maxSteps)."""
+    """Under a DistillJob: status.progress counts shards (step/maxSteps). With metrics_port: the Prometheus
+    endpoint (step and max_steps count shards; the kubedistill_trainer_cache_* gauges)."""
     from .. import k8s_progress
 
+    sinks = []
     progress = k8s_progress.from_env(max_steps=shards)
-    return [progress] if progress is not None else []
+    if progress is not None:
+        sinks.append(progress)
+    if config.metrics_port:
+        from ..prometheus_sink import PrometheusSink
+
+        try:
+            sinks.append(PrometheusSink.from_config(config, max_steps=shards))
+        except OSError as error:  # e.g. the port is taken: metrics are a side channel, the write goes on
+            log.warning("cannot serve Prometheus metrics on %s:%d (%s); writing the cache without them",
+                        config.metrics_bind_address, config.metrics_port, error)
+    return sinks
 
 
 @dataclass
