@@ -88,6 +88,15 @@ def test_a_teacher_on_devices_of_its_own_gets_them_whole():
     assert gpu_memory_fraction(crossed, "teacher") == 0.45  # each GPU holds a teacher and a student rank
 
 
+def test_with_a_teacher_cache_the_one_side_that_runs_gets_its_gpus_whole():
+    # Training from a cache starts no teacher; `kubedistill cache-teacher` starts no student.
+    from distill_trainer.config import gpu_memory_fraction
+
+    cached = config_from_dict(with_changes(student={"data_args": {"file_name": "x"}, "device_mapping": [0, 1]},
+                                           teacher={"device_mapping": [0, 1]}, teacher_cache_dir="/cache"))
+    assert [gpu_memory_fraction(cached, side) for side in ("student", "teacher")] == [0.9, 0.9]
+
+
 def test_student_must_use_a_train_strategy():
     data = with_changes(student={"data_args": {"file_name": "x"}, "strategy_args": {"strategy_name": "torch_infer"}})
     with pytest.raises(ConfigError, match=r"student\.strategy_args\.strategy_name: must be a \*_train strategy "

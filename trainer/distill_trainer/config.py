@@ -794,7 +794,7 @@ class DistillConfig(_Strict):
             )
         for side in ("student", "teacher"):
             _check_strategy_options(side, getattr(self, side))
-        both = self.distill_loss_weight > 0 and shares_devices(self)
+        both = runs_live_teacher(self) and shares_devices(self)
         if both and sum(gpu_memory_fraction(self, side) for side in ("student", "teacher")) > 1:
             side = "teacher" if teacher.gpu_memory_fraction is not None else "student"
             raise _field_error(
@@ -1045,7 +1045,9 @@ def gpu_memory_fraction(config: DistillConfig, side: Literal["student", "teacher
     own = getattr(config, side).gpu_memory_fraction
     if own is not None:
         return own
-    if config.distill_loss_weight == 0 or not shares_devices(config):  # the side has its GPUs to itself
+    # The side has its GPUs to itself: no teacher (SFT), one side only (a teacher cache being written or read), or
+    # teacher and student on different devices.
+    if not runs_live_teacher(config) or not shares_devices(config):
         return GPU_MEMORY_FOR_BOTH
     other = (config.teacher if side == "student" else config.student).gpu_memory_fraction
     if other is not None:
