@@ -193,11 +193,13 @@ def test_two_data_parallel_writers_write_one_ranks_cache(float32_cache, tiny_set
 
 
 @pytest.mark.timeout(600)
-def test_tensor_parallel_megatron_writer_matches_one_torch_rank(float32_cache, tiny_setup, small_data, tmp_path):
+@pytest.mark.parametrize("layout", [{"tp_size": 2}, {"pp_size": 2}], ids=["tp2", "pp2"])
+def test_megatron_writers_on_two_ranks_match_one_torch_rank(float32_cache, tiny_setup, small_data, tmp_path, layout):
+    # TP: the writing rank gathers the global top-k of both vocabulary shards; PP: the last stage writes.
     config = config_dict(tiny_setup, tmp_path, small_data, tmp_path / "cache", teacher_cache_dtype="float32",
                          teacher_cache_records_per_shard=4)
-    config["teacher"]["strategy_args"] = {"strategy_name": "megatron_infer", "tp_size": 2}
-    config["student"]["strategy_args"] = {"strategy_name": "megatron_train", "tp_size": 2}
+    config["teacher"]["strategy_args"] = {"strategy_name": "megatron_infer", **layout}
+    config["student"]["strategy_args"] = {"strategy_name": "megatron_train", **layout}
     config["student"]["device_mapping"] = config["teacher"]["device_mapping"] = [0, 1]
     CacheTeacherRun(config_from_dict(config), num_threads=1).run()
     one, two = TeacherCache(str(float32_cache)), TeacherCache(str(tmp_path / "cache"))
