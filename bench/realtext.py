@@ -12,7 +12,8 @@ all runs, as ``kubedistill train`` runs them):
    name) is held out, so held-out text is never seen in training.
 3. A byte-level BPE tokenizer trained on the training records, a Qwen2-shaped teacher and a smaller
    student (``distill_trainer.demo.tiny_models``).
-4. The teacher: a pipeline run with ``distill_loss_weight=0`` (plain SFT), cosine schedule.
+4. The teacher: a pipeline run with ``distill_loss_weight=0`` (plain SFT), cosine schedule, 2000 steps of batch
+   16 (about 4.6 epochs of its 6.9k records; at 500 the SFT students caught up with it).
 5. Students, per seed (each seed: its own initialization and data order), on a fixed random sample of the
    teacher's training records: SFT only, and each of the six KD objectives at ``distill_loss_weight`` 0.5
    and 1, top-64 teacher logits with the tail bucket, T = 1.
@@ -27,6 +28,20 @@ run (same seed, same data order, same learning rate at every step; evaluation do
   step time). Step times are the medians of the step-to-step intervals in each run's ``metrics.jsonl``
   (evaluation steps excluded), which other jobs' bursts on a shared machine move less than a total would.
   Start-up (actors, model loading), evaluation and the checkpoint at the end are not counted for either.
+
+**KD from cache** (``--from-cache``, issue 19): for each k of ``--cache-topk`` (default 64; 0 = the full
+vocabulary) the teacher's targets over the students' training records are written once to an offline teacher
+cache (``kubedistill cache-teacher``: ``CacheTeacherRun``, ``teacher_cache_dtype`` ``--cache-dtype``, default
+compact), timed apart, its size read from the manifest (B per label token = the shards' bytes / their rows).
+Then, per seed, students at ``--cache-weights`` x ``--cache-objectives`` (default 0.5 and 1 x forward_kl and
+adaptive_kl) read it: no teacher actor, so such a run gets the two actors' threads, like SFT. Their rows give the
+step time over SFT's and the deltas at equal steps and at equal wall time, and "d equal time+pass" adds each
+run's share of the teacher's pass (its time / the runs that read that cache). ``--no-live`` leaves the rows with a
+live teacher out. The table ends with the teacher's strength: its held-out CE against the best student at the
+budget and SFT at the end of its long run. The teacher (``--teacher-steps``, default 2000 steps of batch 16,
+cosine) is trained once and kept in ``--out``/models, reused while its data and sizes are the same.
+
+  .venv/bin/python bench/realtext.py --from-cache --no-live --cache-topk 64 256 0   # the k table, cache rows only
 
 Held-out loss is the student's full-vocabulary cross-entropy per answer token (``val/loss``, the number SFT
 reports, not the mixed training loss), perplexity its exp. Rows give the median over seeds and the spread
@@ -100,7 +115,7 @@ FULL = Sizes(
     vocab=2048, seq=128, q_words=12, a_words=56,
     teacher=dict(hidden_size=192, num_layers=4, num_heads=6, intermediate_size=768),
     student=dict(hidden_size=96, num_layers=3, num_heads=4, intermediate_size=256),
-    teacher_steps=500, teacher_lr=2e-3, teacher_batch=16, steps=160, transfer_records=4000, sft_factor=3.5, evals=4,
+    teacher_steps=2000, teacher_lr=2e-3, teacher_batch=16, steps=160, transfer_records=4000, sft_factor=3.5, evals=4,
     lr=3e-3, batch=8, topk=64,
     eval_records=256, max_train_records=100_000,
 )
@@ -222,6 +237,7 @@ class Run:
     objective: str | None
     steps: int
     tail: bool = True
+    cache_k: int | None = None  # read its teacher targets from the top-k cache (0: full vocabulary); None: live
     wall_s: float = 0.0  # the whole pipeline run: actors, loading, training, evaluation, checkpoint
     step_s: float = 0.0  # median step-to-step interval
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out CE)
@@ -261,7 +277,8 @@ class Bench:
 
     def config(self, name: str, init: Path, *, steps: int, w: float, seed: int, lr: float, schedule: str,
                warmup: int, eval_steps: int, teacher: Path | None = None, objective: str = "forward_kl",
-               tail: bool = True, train_file: str = "transfer.jsonl", batch: int | None = None):
+               tail: bool = True, train_file: str = "transfer.jsonl", batch: int | None = None,
+               topk: int | None = None, cache_dir: Path | None = None):
         from distill_trainer.config import config_from_dict
 
         s, run_dir = self.sizes, self.out / "runs" / name
@@ -270,9 +287,11 @@ class Bench:
             "exp_name": name, "seed": seed, "output_dir": str(run_dir), "logging_dir": str(run_dir / "logs"),
             "max_steps": steps, "save_steps": 0, "logging_steps": 1, "eval_steps": eval_steps, "max_ckpt_to_keep": 1,
             "student_pretrain": str(init), "teacher_pretrain": str(teacher or init),
-            "distill_loss_weight": w, "kd_objective": objective, "logits_topk": s.topk, "topk_tail": tail,
+            "distill_loss_weight": w, "kd_objective": objective, "logits_topk": s.topk if topk is None else topk,
+            "topk_tail": tail,
             "kd_temperature": 1.0,
             "sequence_length": s.seq,
+            **({"teacher_cache_dir": str(cache_dir), "teacher_cache_dtype": self.args.cache_dtype} if cache_dir else {}),
             "student": {
                 "training_args": {
                     "learning_rate": lr, "lr_scheduler_type": schedule, "warmup_steps": warmup,
@@ -286,6 +305,7 @@ class Bench:
         return config_from_dict(data, f"<realtext {name}>")
 
     def pipeline_run(self, config, run: Run) -> Run:
+        from distill_trainer.config import runs_live_teacher
         from distill_trainer.pipeline import DistillPipeline
 
         self.loads.append(os.getloadavg()[0])
@@ -294,14 +314,16 @@ class Bench:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "w") as log, contextlib.redirect_stdout(log):  # a line per step: into the run's log
             # Equal hardware: an SFT-only run has one actor, a KD run two (teacher and student, overlapped),
-            # so SFT gets the threads of both.
-            threads = self.args.threads * (2 if config.distill_loss_weight == 0 else 1)
+            # so SFT gets the threads of both, and so does a run that reads its targets from a teacher cache (it
+            # starts no teacher actor).
+            threads = self.args.threads * (1 if runs_live_teacher(config) else 2)
             result = DistillPipeline(config, num_threads=threads, console=False).run()
         run.wall_s = time.perf_counter() - started
         run.step_s, run.curve = read_metrics(Path(config.logging_dir))
         if not run.curve:
             run.curve = [(result.final_step, result.eval_metrics["val/loss"])]
-        label = "SFT" if run.w == 0 else f"{run.objective} w={run.w:g}" + ("" if run.tail else " topk_tail=false")
+        label = "SFT" if run.w == 0 else f"{run.objective} w={run.w:g}" + ("" if run.tail else " topk_tail=false") + (
+            "" if run.cache_k is None else f" from the {_k_name(run.cache_k)} cache")
         print(f"[realtext] {run.name}: {label}, {run.steps} steps, held-out CE {run.final:.4f}, "
               f"{run.step_s * 1000:.0f} ms/step, {run.wall_s:.0f} s run (load {self.loads[-1]:.1f})", flush=True)
         return run
@@ -332,6 +354,37 @@ class Bench:
         shutil.copytree(checkpoint, final)
         stamp.write_text(json.dumps({"spec": spec, "run": run.__dict__}))
         return final, run
+
+    def write_cache(self, k: int, teacher_dir: Path, init: Path) -> dict:
+        """The teacher's one-off pass (``kubedistill cache-teacher``) over the students' training records: its
+        top-k targets (k = 0: the full vocabulary) in a teacher cache that every student run of that k reads.
+        Written anew each time (its time is a result); timed from the call to the complete manifest."""
+        from distill_trainer.teacher_cache.writer import CacheTeacherRun
+
+        s = self.sizes
+        cache_dir = self.out / "teacher_cache" / f"top{k}_{self.args.cache_dtype}"
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        config = self.config(f"cache_top{k}", init, steps=s.steps, w=1.0, seed=0, lr=s.lr,
+                             schedule="constant_with_warmup", warmup=1, eval_steps=0, teacher=teacher_dir, topk=k,
+                             cache_dir=cache_dir)
+        self.loads.append(os.getloadavg()[0])
+        log_path = Path(config.output_dir) / "console.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        with open(log_path, "w") as log, contextlib.redirect_stdout(log):
+            # The teacher alone: the threads of a KD run's two actors, like SFT.
+            result = CacheTeacherRun(config, num_threads=2 * self.args.threads).run()
+        seconds = time.perf_counter() - started
+        manifest = json.loads((cache_dir / "manifest.json").read_text())
+        files = manifest["shard_files"]
+        info = {"k": k, "dir": str(cache_dir), "dtype": self.args.cache_dtype, "seconds": seconds,
+                "write_seconds": result.seconds, "records": result.records, "shards": len(files),
+                "rows": sum(f["rows"] for f in files), "bytes": sum(f["bytes"] for f in files)}
+        info["bytes_per_token"] = info["bytes"] / info["rows"]
+        print(f"[realtext] teacher cache {_k_name(k)} ({info['dtype']}): {info['records']:,} records, "
+              f"{info['rows']:,} label tokens, {info['bytes'] / 2**20:.1f} MiB = {info['bytes_per_token']:.1f} B per "
+              f"label token; the teacher's pass took {seconds:.0f} s (load {self.loads[-1]:.1f})", flush=True)
+        return info
 
     def main(self) -> int:
         args, s = self.args, self.sizes
@@ -377,11 +430,15 @@ class Bench:
         started_ray = ensure_ray()
         try:
             teacher_dir, teacher_run = self.teacher(tok_dir)
+            print(f"[realtext] teacher: {s.teacher_steps} steps, held-out CE {teacher_run.final:.4f}", flush=True)
             from transformers import AutoModelForCausalLM
 
             n_teacher = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(teacher_dir).parameters())
             runs: list[Run] = []
             prefix_check = None
+            self.caches = {}
+            for k in args.cache_topk:  # the teacher's one-off pass, once per k, before any student reads it
+                self.caches[k] = self.write_cache(k, teacher_dir, student_inits[args.seeds[0]])
             warmup = max(1, s.steps // 10)
             eval_every = _divisor_near(s.steps, s.steps / s.evals)
             sft_steps = math.ceil(s.steps * s.sft_factor / eval_every) * eval_every
@@ -397,19 +454,28 @@ class Bench:
                     prefix_check = {"separate_run": check.final, "long_run_at_S": runs[-1].loss_at(s.steps)}
                     print(f"[realtext] check: a separate {s.steps}-step SFT run: held-out CE {check.final:.6f}; the "
                           f"long SFT run at step {s.steps}: {prefix_check['long_run_at_S']:.6f}", flush=True)
-                for w in weights:
+                for w in weights if args.live else ():
                     for objective in objectives:
                         name = f"{objective}_w{w:g}_s{seed}"
                         config = self.config(name, student_inits[seed], steps=s.steps, w=w, seed=seed, lr=s.lr,
                                              schedule="constant_with_warmup", warmup=warmup, eval_steps=0,
                                              teacher=teacher_dir, objective=objective)
                         runs.append(self.pipeline_run(config, Run(name, seed, w, objective, s.steps)))
-                for objective in args.renorm:
+                for objective in args.renorm if args.live else ():
                     name = f"{objective}_w1_renorm_s{seed}"
                     config = self.config(name, student_inits[seed], steps=s.steps, w=1.0, seed=seed, lr=s.lr,
                                          schedule="constant_with_warmup", warmup=warmup, eval_steps=0,
                                          teacher=teacher_dir, objective=objective, tail=False)
                     runs.append(self.pipeline_run(config, Run(name, seed, 1.0, objective, s.steps, tail=False)))
+                for k, cache in self.caches.items():
+                    for w in args.cache_weights:
+                        for objective in args.cache_objectives:
+                            name = f"{objective}_w{w:g}_cache{k}_s{seed}"
+                            config = self.config(name, student_inits[seed], steps=s.steps, w=w, seed=seed, lr=s.lr,
+                                                 schedule="constant_with_warmup", warmup=warmup, eval_steps=0,
+                                                 teacher=teacher_dir, objective=objective, topk=k,
+                                                 cache_dir=Path(cache["dir"]))
+                            runs.append(self.pipeline_run(config, Run(name, seed, w, objective, s.steps, cache_k=k)))
         finally:
             if started_ray:
                 import ray
@@ -420,7 +486,8 @@ class Bench:
         print(table)
         (self.out / "results.json").write_text(json.dumps({
             "runs": [r.__dict__ for r in runs], "teacher": teacher_run.__dict__, "sizes": s.__dict__,
-            "threads": args.threads, "seeds": args.seeds, "prefix_check": prefix_check, "table": table,
+            "threads": args.threads, "seeds": args.seeds, "prefix_check": prefix_check, "caches": self.caches,
+            "table": table,
         }, indent=1, default=str))
         return 0
 
@@ -445,35 +512,70 @@ class Bench:
                      f"evaluated every {eval_every}")
         lines.append("held-out CE per answer token (student, full vocabulary); median [min-max] over seeds; "
                      "delta = KD - SFT, median of per-seed differences (negative: distillation wins)")
-        head = (f"{'student':<30}{'ms/step':>8}{'held-out CE':>22}{'ppl':>7}{'d equal steps':>24}"
-                f"{'SFT@time':>10}{'d equal time':>24}")
+        caches = getattr(self, "caches", {})
+        readers = {k: sum(1 for r in runs if r.cache_k == k) for k in caches}
+        head = (f"{'student':<38}{'ms/step':>8}{'xSFT':>6}{'held-out CE':>22}{'ppl':>7}{'d equal steps':>24}"
+                f"{'SFT@time':>10}{'d equal time':>24}" + (f"{'d equal time+pass':>24}" if caches else ""))
         lines += [head, "-" * len(head)]
         sft_at_s = [r.loss_at(s.steps) for r in sft.values()]
-        lines.append(f"{'SFT only':<30}{_med([r.step_s for r in sft.values()]) * 1000:>8.0f}{_spread(sft_at_s):>22}"
-                     f"{math.exp(statistics.median(sft_at_s)):>7.1f}{'':>24}{'':>10}{'':>24}")
-        groups = [(w, o, True) for w in args.weights for o in args.objectives] + [(1.0, o, False) for o in args.renorm]
-        for w, objective, tail in groups:
-            rows = [r for r in runs if r.w == w and r.objective == objective and r.tail == tail]
+        lines.append(f"{'SFT only':<38}{_med([r.step_s for r in sft.values()]) * 1000:>8.0f}{1:>6.2f}"
+                     f"{_spread(sft_at_s):>22}{math.exp(statistics.median(sft_at_s)):>7.1f}")
+        groups = [(w, o, True, None) for w in args.weights for o in args.objectives] + \
+                 [(1.0, o, False, None) for o in args.renorm] + \
+                 [(w, o, True, k) for k in caches for w in args.cache_weights for o in args.cache_objectives]
+        for w, objective, tail, k in groups:
+            rows = [r for r in runs if r.w == w and r.objective == objective and r.tail == tail and r.cache_k == k]
             if not rows:
                 continue
             d_steps = [r.final - sft[r.seed].loss_at(s.steps) for r in rows]
-            at_time, d_time = [], []
+            at_time, d_time, d_pass = [], [], []
             for r in rows:
                 equivalent = r.steps * r.step_s / sft[r.seed].step_s
                 value = sft[r.seed].loss_at(equivalent)
                 if value is not None:
                     at_time.append(value)
                     d_time.append(r.final - value)
-            label = f"{objective} w={w:g}" + ("" if tail else " no tail")
+                if k is not None:  # the same, the teacher's pass (amortised over the cache's readers) added
+                    value = sft[r.seed].loss_at((r.steps * r.step_s + caches[k]["seconds"] / readers[k])
+                                                / sft[r.seed].step_s)
+                    if value is not None:
+                        d_pass.append(r.final - value)
+            label = f"{objective} w={w:g}" + ("" if tail else " no tail") + ("" if k is None else f" {_k_name(k)} cache")
             finals = [r.final for r in rows]
             time_cols = (f"{statistics.median(at_time):>10.3f}{_signed_spread(d_time):>24}"
                          if len(at_time) == len(rows) else f"{'(longer)':>10}{'':>24}")
-            lines.append(f"{label:<30}{_med([r.step_s for r in rows]) * 1000:>8.0f}{_spread(finals):>22}"
+            if k is not None:
+                time_cols += f"{_signed_spread(d_pass):>24}" if len(d_pass) == len(rows) else f"{'(longer)':>24}"
+            ratio = _med([r.step_s / sft[r.seed].step_s for r in rows])
+            lines.append(f"{label:<38}{_med([r.step_s for r in rows]) * 1000:>8.0f}{ratio:>6.2f}{_spread(finals):>22}"
                          f"{math.exp(statistics.median(finals)):>7.1f}{_signed_spread(d_steps):>24}{time_cols}")
-        lines.append(f"ms/step: median step time (median over seeds); SFT@time: SFT's held-out CE after the same training "
+        lines.append(f"ms/step: median step time (median over seeds); xSFT: that over SFT's, median of per-seed ratios; "
+                     f"SFT@time: SFT's held-out CE after the same training "
                      f"time as that KD run (interpolated; "
                      f"'(longer)': that time is past the SFT run's end for some seed); total wall time {total / 60:.1f} min")
+        if caches:
+            lines.append("d equal time+pass: as d equal time, the KD run's time plus its share of the teacher's one-off "
+                         "pass (the pass's time / the number of student runs that read that cache)")
+            for k, c in caches.items():
+                n = readers[k]
+                train_s = _med([r.steps * r.step_s for r in runs if r.cache_k == k]) if n else float("nan")
+                lines.append(f"teacher cache {_k_name(k)} ({c['dtype']}): {c['records']:,} records, {c['rows']:,} label "
+                             f"tokens, {c['bytes'] / 2**20:.1f} MiB = {c['bytes_per_token']:.1f} B/label token; the "
+                             f"teacher's one-off pass {c['seconds']:.1f} s, read by {n} student runs: "
+                             f"{c['seconds'] / max(n, 1):.1f} s each (a student's {s.steps} steps: {train_s:.1f} s)")
+        students = [r for r in runs if r.w > 0] + list(sft.values())
+        best = min(students, key=lambda r: r.loss_at(s.steps) if r.w == 0 else r.final)
+        sft_end = statistics.median(r.final for r in sft.values())
+        lines.append(f"teacher strength: held-out CE {teacher_run.final:.3f}; the best student at {s.steps} steps "
+                     f"{(best.loss_at(s.steps) if best.w == 0 else best.final):.3f} ({best.name}); SFT after its whole "
+                     f"{sft_steps}-step run {sft_end:.3f} (median): the teacher is "
+                     f"{abs(sft_end - teacher_run.final):.3f} nats {'ahead of' if sft_end > teacher_run.final else 'behind'} "
+                     f"it")
         return "\n".join(lines)
+
+
+def _k_name(k: int) -> str:
+    return "full-V" if k == 0 else f"top-{k}"
 
 
 def _divisor_near(n: int, target: float) -> int:
@@ -538,6 +640,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-prefix", action=argparse.BooleanOptionalAction, default=None,
                         help="also run SFT for exactly --steps steps (first seed) and compare with the long SFT run "
                         "at that step (default: on with --quick)")
+    parser.add_argument("--from-cache", action="store_true",
+                        help="also run students that read their teacher targets from an offline teacher cache "
+                        "(kubedistill cache-teacher), written once per --cache-topk k, its pass timed apart")
+    parser.add_argument("--cache-topk", type=int, nargs="+", default=None,
+                        help="k of each teacher cache, 0 = full vocabulary (default with --from-cache: 64; the k table: "
+                        "64 256 0)")
+    parser.add_argument("--cache-objectives", nargs="+", choices=OBJECTIVES, default=None,
+                        help="KD objectives of the cache rows (default forward_kl adaptive_kl; quick: forward_kl)")
+    parser.add_argument("--cache-weights", type=float, nargs="+", default=[0.5, 1.0],
+                        help="distill_loss_weight values of the cache rows")
+    parser.add_argument("--cache-dtype", choices=["compact", "float32"], default="compact",
+                        help="teacher_cache_dtype of the caches written")
+    parser.add_argument("--live", action=argparse.BooleanOptionalAction, default=True,
+                        help="the rows with a live teacher (--objectives x --weights, --renorm); --no-live: SFT and "
+                        "the cache rows only")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per Ray actor (KUBEDISTILL_NUM_THREADS)")
     parser.add_argument("--out", default="/tmp/kubedistill-realtext", help="data, models, runs and results.json")
     parser.add_argument("--cache", default=str(DEFAULT_CACHE), help=f"where the {DEB_PACKAGE} package and its prose are kept")
@@ -551,6 +668,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_prefix is None:
         args.check_prefix = args.quick
     args.objectives = args.objectives or (["forward_kl"] if args.quick else list(OBJECTIVES))
+    if args.cache_topk is None:
+        args.cache_topk = [64 if not args.quick else QUICK.topk] if args.from_cache else []
+    elif not args.from_cache:
+        parser.error("--cache-topk needs --from-cache")
+    args.cache_objectives = args.cache_objectives or (["forward_kl"] if args.quick else ["forward_kl", "adaptive_kl"])
     os.environ["KUBEDISTILL_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Ray's worker processes import distill_trainer by themselves: make it this checkout's, whatever package an

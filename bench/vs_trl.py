@@ -17,6 +17,10 @@ actors half each):
 - **kubedistill**: ``DistillPipeline`` (teacher and student Ray actors, the teacher's targets through shared
   memory, the overlapped teacher), ``distill_loss_weight: 1``, forward KL, full vocabulary (``logits_topk: 0``,
   the same math) and top-64 (``logits_topk: 64`` with the tail bucket, the default).
+- **kubedistill from cache**: the same math as top-64 with the tail, but the teacher's targets read from an
+  offline teacher cache (``kubedistill cache-teacher``, ``teacher_cache_dtype: compact``) written once beforehand
+  over the same records; no teacher actor runs, so the student actor gets all ``--threads``. The cache's writing
+  (the teacher's one-off pass, a Ray run of its own) is timed and printed apart, not in tokens/s.
 - **kubedistill top-64, no tail** (``topk_tail: false``): both distributions renormalised over the teacher's 64,
   the original pipeline's math. Not TRL's math, and with ``distill_loss_weight: 1`` the combination the trainer
   warns about (the student's mass outside the 64 is never trained); shown for speed only: the KD gradient lives
@@ -24,7 +28,7 @@ actors half each):
 
 Each contender runs ``--warmup`` steps, then ``--steps`` timed steps; tokens/s = non-padding input tokens of the
 timed steps / their wall time (start-up, model loading and the warm-up are not counted). Rounds interleave the
-contenders (round r: TRL, loop, kubedistill full, top-64, top-64 without the tail), so load from other
+contenders (round r: TRL, loop, kubedistill full, top-64, from cache, top-64 without the tail), so load from other
 processes on a shared machine falls on all of them alike; the table gives each round, the median, the peak
 resident memory (the process's peak RSS; for kubedistill the sum of the teacher's and the student's actor
 processes) and the ratio of medians to TRL. Figures only; it never passes or fails on them.
@@ -34,7 +38,7 @@ TRL is never a dependency of the trainer. It lives in its own environment, which
   python -m venv .venv-bench
   .venv-bench/bin/pip install torch==2.13.0 transformers==5.24.0 trl      # (pip install -e '.[bench]' is the same set)
   .venv/bin/python bench/vs_trl.py                      # 3 rounds x 5 contenders (~5 min on 2 cores)
-  .venv/bin/python bench/vs_trl.py --only trl top64     # a subset (trl, loop, full, top64, top64_notail)
+  .venv/bin/python bench/vs_trl.py --only trl top64     # a subset (trl, loop, full, top64, cache, top64_notail)
   .venv/bin/python bench/vs_trl.py --quick              # smoke run: tiny models, 1 round
   .venv/bin/python bench/vs_trl.py --profile            # kubedistill's step in parts, each alone on one thread
 
@@ -48,6 +52,7 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -67,7 +72,8 @@ SIZES = {
 }
 LR = 1e-3
 CONTENDERS = {"trl": "TRL GKDTrainer", "loop": "PyTorch loop", "full": "kubedistill full vocab",
-              "top64": "kubedistill top-64", "top64_notail": "kubedistill top-64, no tail"}
+              "top64": "kubedistill top-64", "cache": "kubedistill from cache",
+              "top64_notail": "kubedistill top-64, no tail"}
 
 
 # --- the single-process contenders (run as subprocesses; TRL's in its own environment) -------------------------
@@ -348,11 +354,9 @@ class _ActorMemory:
         self._thread.join()
 
 
-def run_kubedistill(spec: dict, topk: int, tail: bool, round_: int) -> dict:
+def _kubedistill_config(spec: dict, run_dir: Path, topk: int, tail: bool, cache_dir: Path | None = None):
     from distill_trainer.config import config_from_dict
-    from distill_trainer.pipeline import DistillPipeline
 
-    run_dir = Path(spec["workdir"]) / "runs" / f"kubedistill_top{topk}{'' if tail else '_notail'}_r{round_}"
     steps = spec["warmup"] + spec["steps"]
     data = {
         "exp_name": f"vs_trl_top{topk}", "seed": 0, "output_dir": str(run_dir), "logging_dir": str(run_dir / "logs"),
@@ -366,9 +370,41 @@ def run_kubedistill(spec: dict, topk: int, tail: bool, round_: int) -> dict:
                                       "max_grad_norm": 1.0, "adam_beta2": 0.95},
                     "data_args": {"file_name": spec["train_file"]}},
     }
-    config = config_from_dict(data, "<vs_trl>")
+    if cache_dir is not None:
+        data.update(teacher_cache_dir=str(cache_dir), teacher_cache_dtype="compact")
+    return config_from_dict(data, "<vs_trl>")
+
+
+def write_teacher_cache(spec: dict) -> dict:
+    """The teacher's one-off pass for the "from cache" contender: ``kubedistill cache-teacher`` (top-64 with the
+    tail, compact) over the run's records, on all ``--threads`` (the teacher alone); timed, its size read back."""
+    from distill_trainer.teacher_cache.writer import CacheTeacherRun
+
+    cache_dir = Path(spec["workdir"]) / "teacher_cache_top64"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    run_dir = Path(spec["workdir"]) / "runs" / "cache_teacher"
+    config = _kubedistill_config(spec, run_dir, 64, True, cache_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(run_dir.parent / "cache_teacher.log", "w") as log, contextlib.redirect_stdout(log):
+        result = CacheTeacherRun(config, num_threads=spec["threads"]).run()
+    seconds = time.perf_counter() - started
+    files = json.loads((cache_dir / "manifest.json").read_text())["shard_files"]
+    rows, size = sum(f["rows"] for f in files), sum(f["bytes"] for f in files)
+    return {"dir": str(cache_dir), "seconds": seconds, "records": result.records, "rows": rows, "bytes": size,
+            "bytes_per_token": size / rows}
+
+
+def run_kubedistill(spec: dict, topk: int, tail: bool, round_: int, cache_dir: Path | None = None) -> dict:
+    from distill_trainer.pipeline import DistillPipeline
+
+    run_dir = Path(spec["workdir"]) / "runs" / (
+        f"kubedistill_top{topk}{'' if tail else '_notail'}{'_cache' if cache_dir else ''}_r{round_}")
+    steps = spec["warmup"] + spec["steps"]
+    config = _kubedistill_config(spec, run_dir, topk, tail, cache_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.environ["KUBEDISTILL_NUM_THREADS"] = str(max(1, spec["threads"] // 2))  # teacher and student: half each
+    # Teacher and student: half the threads each; reading a cache, the student actor is alone and gets them all.
+    os.environ["KUBEDISTILL_NUM_THREADS"] = str(spec["threads"] if cache_dir else max(1, spec["threads"] // 2))
     with _ActorMemory() as memory, open(run_dir.parent / f"{run_dir.name}.log", "w") as log, \
             contextlib.redirect_stdout(log):
         DistillPipeline(config, console=False).run()
@@ -380,9 +416,14 @@ def run_kubedistill(spec: dict, topk: int, tail: bool, round_: int) -> dict:
     timed = [by_step[s] for s in range(spec["warmup"] + 1, steps + 1)]
     return {"tokens_per_second": tokens / seconds, "seconds": seconds,
             "peak_rss_mib": sum(memory.peaks.values()),
-            "teacher_forward": statistics.median(r["time/teacher_forward"] for r in timed),
-            "student_step": statistics.median(r["time/student_step"] for r in timed),
-            "transfer": statistics.median(r["time/logits_transfer"] for r in timed)}
+            "teacher_forward": _median_of(timed, "time/teacher_forward"),
+            "student_step": _median_of(timed, "time/student_step"),
+            "transfer": _median_of(timed, "time/logits_transfer")}
+
+
+def _median_of(records: list[dict], key: str) -> float | None:
+    values = [r[key] for r in records if key in r]
+    return statistics.median(values) if values else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -409,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.quick:
         args.rounds, args.warmup, args.steps = 1, 2, 3
-    if not Path(args.trl_python).is_file() and not args.profile:
+    if not Path(args.trl_python).is_file() and not args.profile and "trl" in (args.only or CONTENDERS):
         raise SystemExit(f"error: {args.trl_python} not found; create the benchmark's environment first (see the "
                          f"docstring: python -m venv .venv-bench && .venv-bench/bin/pip install torch==2.13.0 trl ...)")
     sizes = SIZES["quick" if args.quick else "full"]
@@ -437,7 +478,14 @@ def main(argv: list[str] | None = None) -> int:
     contenders = [CONTENDERS[c] for c in (args.only or CONTENDERS)]
     results: dict[str, list[dict]] = {c: [] for c in contenders}
     started_ray = ensure_ray()
+    cache = None
     try:
+        if CONTENDERS["cache"] in contenders:  # written beforehand, once; its time is not in any tokens/s
+            load = os.getloadavg()[0]
+            cache = write_teacher_cache(spec)
+            print(f"[vs_trl] teacher cache (top-64 + tail, compact) written in {cache['seconds']:.1f} s: "
+                  f"{cache['records']:,} records, {cache['rows']:,} label tokens, {cache['bytes_per_token']:.1f} B per "
+                  f"label token (load average {load:.1f} at start)", flush=True)
         for round_ in range(args.rounds):
             for name in contenders:
                 load = os.getloadavg()[0]
@@ -445,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
                     r = _subprocess(args.trl_python, "trl", spec)
                 elif name == CONTENDERS["loop"]:
                     r = _subprocess(sys.executable, "torch", spec)
+                elif name == CONTENDERS["cache"]:
+                    r = run_kubedistill(spec, 64, True, round_, Path(cache["dir"]))
                 else:
                     r = run_kubedistill(spec, 0 if "full" in name else 64, "no tail" not in name, round_)
                 r["load"] = load
@@ -475,10 +525,22 @@ def main(argv: list[str] | None = None) -> int:
               f"{f'{median / trl_median:.2f}x' if trl_median else '-'} |")
     for name in (c for c in contenders if c.startswith("kubedistill")):
         runs = results[name]
-        print(f"{name}: median step split: teacher forward {statistics.median(r['teacher_forward'] for r in runs):.3f} s"
+        split = {key: [r[key] for r in runs if r.get(key) is not None]
+                 for key in ("teacher_forward", "student_step", "transfer")}
+        if name == CONTENDERS["cache"] or not split["teacher_forward"]:
+            step = f"{statistics.median(split['student_step']):.3f} s" if split["student_step"] else "-"
+            print(f"{name}: median student step {step} (no teacher actor: the targets are read from the cache)")
+            continue
+        print(f"{name}: median step split: teacher forward {statistics.median(split['teacher_forward']):.3f} s"
               f" (overlapped with the student's previous step), student step "
-              f"{statistics.median(r['student_step'] for r in runs):.3f} s, hand-off "
-              f"{statistics.median(r['transfer'] for r in runs) * 1000:.0f} ms")
+              f"{statistics.median(split['student_step']):.3f} s, hand-off "
+              f"{statistics.median(split['transfer']) * 1000:.0f} ms")
+    if cache is not None:
+        n = len(results[CONTENDERS["cache"]])
+        print(f"kubedistill from cache: the teacher's one-off pass (cache-teacher, written before the rounds) took "
+              f"{cache['seconds']:.1f} s for {cache['records']:,} records ({cache['rows']:,} label tokens, "
+              f"{cache['bytes'] / 2**20:.2f} MiB, {cache['bytes_per_token']:.1f} B/label token), read by {n} runs; "
+              f"not included in its tokens/s")
     loads = ", ".join(f"{r['load']:.1f}" for rs in results.values() for r in rs)
     print(f"load average (1 min) at the start of each run: {loads}; total wall time {time.perf_counter() - began:.0f} s")
     return 0
