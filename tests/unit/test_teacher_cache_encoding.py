@@ -196,3 +196,15 @@ def test_bad_targets_raise():
         codec.decode(np.zeros((3, codec.row_bytes + 1), np.uint8))
     with pytest.raises(ValueError, match="corrupt"):
         codec.decode(np.zeros((3, codec.row_bytes), np.uint8))  # no Elias-Fano ones at all
+
+
+@pytest.mark.parametrize("width", [1, 5, 10, 11, 17])
+@pytest.mark.parametrize("first_bit", [0, 3, 13])
+def test_bit_fields_read_back_from_bytes_as_packed(width, first_bit):
+    # decode reads each field from the bytes that hold it; the layout is _to_bits + packbits(bitorder="little").
+    from distill_trainer.teacher_cache.encoding import _read_fields, _to_bits
+
+    x = np.random.default_rng(width).integers(0, 1 << width, (20, 64))
+    bits = np.concatenate([np.zeros((20, first_bit), bool), _to_bits(x, width)], axis=1)
+    packed = np.packbits(bits, axis=1, bitorder="little")
+    assert np.array_equal(_read_fields(packed, first_bit, width, 64), x)

@@ -235,11 +235,13 @@ class RowCodec:
         if k == 0:
             return TeacherTargets(torch.from_numpy(rows.view("<f2").astype(np.float32)))
         tail = rows[:, :2].copy().view("<f2").reshape(n).astype(np.float32) if self.tail else None
-        bits = np.unpackbits(rows[:, 2 * self.tail:], axis=1, count=self._packed_bits, bitorder="little")
+        packed = rows[:, 2 * self.tail:]
         b, low_bits = self.value_bits, self._low_bits
-        codes = _from_bits(bits[:, : k * b], b, k)
-        low = _from_bits(bits[:, k * b: k * (b + low_bits)], low_bits, k)
-        high = bits[:, k * (b + low_bits):]
+        codes = _read_fields(packed, 0, b, k)
+        low = _read_fields(packed, k * b, low_bits, k)
+        # The high bits' part starts at bit k·(b + l), inside a byte: unpack only the bytes that hold it.
+        start = k * (b + low_bits)
+        high = np.unpackbits(packed[:, start // 8:], axis=1, bitorder="little")[:, start % 8: start % 8 + self._high_bits]
         row_of, column = np.nonzero(high)
         if row_of.size != n * k or np.any(np.bincount(row_of, minlength=n) != k):
             raise ValueError(f"corrupt compact rows: an Elias-Fano high-bit vector does not hold exactly k={k} entries")
@@ -336,13 +338,23 @@ def _to_bits(x: np.ndarray, width: int) -> np.ndarray:
     return ((x[:, :, None] >> shifts) & 1).astype(bool).reshape(n, m * width)
 
 
-def _from_bits(bits: np.ndarray, width: int, m: int) -> np.ndarray:
-    """int64 [N, m]: the inverse of ``_to_bits`` on a [N, m·width] 0/1 matrix."""
-    n = bits.shape[0]
+def _read_fields(packed: np.ndarray, first_bit: int, width: int, m: int) -> np.ndarray:
+    """int64 [N, m]: ``m`` consecutive ``width``-bit fields (LSB first, as ``_to_bits`` + ``np.packbits(...,
+    bitorder="little")`` lay them out) starting at bit ``first_bit`` of each row of the uint8 ``packed`` [N, bytes].
+    Reads each field from the (up to) 4 bytes that hold it: a gather and a shift, no per-bit unpacking (decode is
+    on the student's critical path)."""
+    n = packed.shape[0]
     if width == 0:
         return np.zeros((n, m), np.int64)
-    weights = np.int64(1) << np.arange(width, dtype=np.int64)
-    return (bits.reshape(n, m, width).astype(np.int64) * weights).sum(axis=2)
+    if width > 25:  # a field plus its bit offset must fit the 32 bits read below
+        raise ValueError(f"fields of {width} bits are wider than this reader's 25")
+    offsets = first_bit + width * np.arange(m)
+    byte = offsets // 8
+    padded = np.concatenate([packed, np.zeros((n, 4), np.uint8)], axis=1)  # the last field may end in the last byte
+    word = np.zeros((n, m), np.int64)
+    for i in range(4):
+        word |= padded[:, byte + i].astype(np.int64) << (8 * i)
+    return (word >> (offsets % 8)) & ((1 << width) - 1)
 
 
 def _targets(values: np.ndarray, indices: np.ndarray, tail: Optional[np.ndarray]) -> TeacherTargets:
