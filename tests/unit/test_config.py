@@ -97,6 +97,16 @@ def test_with_a_teacher_cache_the_one_side_that_runs_gets_its_gpus_whole():
     assert [gpu_memory_fraction(cached, side) for side in ("student", "teacher")] == [0.9, 0.9]
 
 
+def test_only_the_sides_that_run_reserve_devices():
+    from distill_trainer.workers import device_bundles
+
+    apart = config_from_dict(with_changes(student={"data_args": {"file_name": "x"}, "device_mapping": [4, 5]},
+                                          teacher={"device_mapping": [2, 3]}))
+    assert device_bundles(apart, ["student"]) == {"student": [0, 1]}  # reading a teacher cache: no teacher GPUs
+    assert device_bundles(apart, ["teacher"]) == {"teacher": [0, 1]}  # cache-teacher: no student GPUs
+    assert device_bundles(apart) == {"student": [2, 3], "teacher": [0, 1]}
+
+
 def test_student_must_use_a_train_strategy():
     data = with_changes(student={"data_args": {"file_name": "x"}, "strategy_args": {"strategy_name": "torch_infer"}})
     with pytest.raises(ConfigError, match=r"student\.strategy_args\.strategy_name: must be a \*_train strategy "

@@ -599,14 +599,16 @@ def _close_all(actors: list, timeout_s: float) -> None:
             pass
 
 
-def device_bundles(config: DistillConfig) -> dict[str, list[int]]:
-    """Each side's ranks -> the index of their device's placement-group bundle: one bundle per device named by
-    either side's device_mapping, in the order of the device indices (one bundle when the lists are empty)."""
-    student, teacher = config.student.device_mapping, config.teacher.device_mapping
-    if not student:
-        return {"student": [0], "teacher": [0]}
-    index = {device: i for i, device in enumerate(sorted(set(student) | set(teacher)))}
-    return {"student": [index[d] for d in student], "teacher": [index[d] for d in teacher]}
+def device_bundles(config: DistillConfig, sides: Sequence[str] = ("student", "teacher")) -> dict[str, list[int]]:
+    """Each running side's ranks -> the index of their device's placement-group bundle: one bundle per device
+    named by the device_mapping of a side in ``sides``, in the order of the device indices (one bundle when the
+    lists are empty). A side that does not run (the teacher of a run reading a teacher cache, the student of
+    `kubedistill cache-teacher`) reserves no devices."""
+    mappings = {side: getattr(config, side).device_mapping for side in sides}
+    if not config.student.device_mapping:
+        return {side: [0] for side in sides}
+    index = {device: i for i, device in enumerate(sorted(set().union(*mappings.values())))}
+    return {side: [index[d] for d in mapping] for side, mapping in mappings.items()}
 
 
 def _actors_by_rank(students: list, teachers: list) -> list[tuple[str, int, object]]:
@@ -652,12 +654,13 @@ def create_workers(
 
     mapping = config.student.device_mapping
     world_size = max(1, len(mapping))
-    bundle_of = device_bundles(config)
+    sides = ["teacher"] if teachers_only else ["student"] + (["teacher"] if runs_live_teacher(config) else [])
+    bundle_of = device_bundles(config, sides)
     on_gpu = bool(mapping) and ray.cluster_resources().get("GPU", 0) >= 1
     if mapping and not on_gpu:
         log.warning("device_mapping %s: the Ray cluster has no GPU; running %d CPU rank(s) per side", mapping, world_size)
     bundle = {"CPU": 1, "GPU": 1} if on_gpu else {"CPU": 1}
-    bundles = max(1, len(set(bundle_of["student"]) | set(bundle_of["teacher"])))
+    bundles = max(1, len(set().union(*bundle_of.values())))
     group = placement_group([dict(bundle) for _ in range(bundles)], strategy="PACK")
     waited_s = placement_timeout_s()
     try:
