@@ -31,9 +31,17 @@ from ..config import ConfigError, DistillConfig
 from ..data import IGNORE_INDEX, Example, collate
 from ..distill_loss import TeacherTargets
 from .encoding import RowCodec
-from .store import RecordTargets, ShardInfo, read_manifest, shard_name, shard_plan, verify_shard, write_manifest, \
-    write_shard
-from .store import FORMAT_VERSION
+from .store import (
+    FORMAT_VERSION,
+    RecordTargets,
+    ShardInfo,
+    read_manifest,
+    shard_name,
+    shard_plan,
+    verify_shard,
+    write_manifest,
+    write_shard,
+)
 
 log = logging.getLogger(__name__)
 
