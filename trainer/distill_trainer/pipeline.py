@@ -141,7 +141,7 @@ def prepare(config: DistillConfig) -> Prepared:
     if reads_teacher_cache(config):  # before anything is written: a cache that does not fit this run is refused
         from .teacher_cache.reader import check_cache_for_training
 
-        check_cache_for_training(config, vocab, len(train))
+        check_cache_for_training(config, len(train))
     eval_files = data_files(data_args.eval_file_name)
     eval_examples = load_examples(eval_files, tokenizer, **options) if eval_files else []
     packed_rows = None

@@ -43,7 +43,14 @@ import torch
 
 from . import checkpoint
 from .channel import DeviceIdentity, LogitsHandle, LogitsReceiver, TransportKind, choose_transport, make_transport
-from .config import DistillConfig, gpu_memory_fraction, logits_transport, reads_teacher_cache, runs_live_teacher, worker_env
+from .config import (
+    DistillConfig,
+    gpu_memory_fraction,
+    logits_transport,
+    reads_teacher_cache,
+    runs_live_teacher,
+    worker_env,
+)
 from .data import Example, collate, eval_batches
 from .distill_loss import LossConfig, TeacherTargets, make_loss_fn
 from .models import VocabInfo

@@ -173,12 +173,13 @@ class CachedFeed:
         self._targets.clear()
 
 
-def check_cache_for_training(config, vocab, records: int) -> dict:
+def check_cache_for_training(config, records: int) -> dict:
     """Refuse (CacheError/ConfigError, before any rank starts) a teacher cache this training run cannot use:
     missing or incomplete; written for another teacher, tokenizer, data, template, sequence_length,
     distill_on_prompt, top-k, tail or temperature (each differing field named, with both values); a student
     whose vocabulary is not the teacher's; another number of records; a shard file missing or of another size
-    than its manifest says (cut off). Shards' checksums are verified when a rank first reads them."""
+    than its manifest says (found at once, before the checksums); a shard whose checksum fails or that is not
+    the one its manifest lists (every shard is read once, here, so ranks open them unverified)."""
     from .fingerprint import Fingerprint, check_matches, check_student_matches_cache, fingerprint_of, \
         hash_model_weights
 
