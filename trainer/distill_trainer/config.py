@@ -486,6 +486,25 @@ def _default_teacher() -> WorkerConfig:
     return WorkerConfig(strategy_args=StrategyArgs(strategy_name="torch_infer"))
 
 
+class GenerationConfig(_Strict):
+    """How completions are sampled for on-policy distillation (``on_policy_fraction``) and ``seq_kd``."""
+
+    max_new_tokens: int = Field(
+        128, ge=1, description="Most tokens sampled per completion; a completion ends at EOS or here. Prompts longer "
+        "than sequence_length - max_new_tokens are refused at start."
+    )
+    temperature: float = Field(
+        1.0, ge=0, description="Sampling temperature; 0 = greedy. The sampled reverse KL (on_policy_loss: "
+        "sampled_reverse_kl) is an unbiased estimate only at 1 with top_p 1 and top_k 0."
+    )
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens with this mass.")
+    top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens only; 0 = no limit.")
+
+    def unfiltered(self) -> bool:
+        """Whether tokens are drawn from the model's own distribution (temperature 1, no top-p / top-k cut)."""
+        return self.temperature == 1 and self.top_p == 1 and self.top_k == 0
+
+
 class ValidationDataArgs(_Strict):
     """The ``data_args`` of the original pipeline's ``validation`` section."""
 
@@ -573,6 +592,13 @@ class DistillConfig(_Strict):
         False, description="At evaluation, also generate greedy answers and report exact-match accuracy."
     )
     eval_max_new_tokens: int = Field(32, ge=1, description="Generation budget per answer for eval_exact_match.")
+    eval_onpolicy_rkl: bool | None = Field(
+        None,
+        description="At evaluation, also report eval/onpolicy_rkl: the student's greedy completions of the held-out "
+        "prompts (up to generation.max_new_tokens), scored by the teacher, and the per-token reverse KL(student ‖ "
+        "teacher) at those tokens (over the teacher's top-k + tail, or the full vocabulary). Unset: on when "
+        "on_policy_fraction > 0. Needs a live teacher.",
+    )
 
     metrics_port: int = Field(
         0,
@@ -658,6 +684,45 @@ class DistillConfig(_Strict):
         description="Records per teacher-cache shard file. The shards are the unit of resume after an interrupted "
         "write and of the checksum; the same shards are written whatever the number of ranks.",
     )
+    on_policy_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="On-policy distillation (GKD's lambda; TRL's lmbda): the probability that a micro-batch's "
+        "completions are sampled by the student from its prompts, with its current weights, and the teacher scores "
+        "them; 0 = the dataset's answers only (off-policy, as before).",
+    )
+    on_policy_loss: Literal["kd", "sampled_reverse_kl"] = Field(
+        "kd",
+        description="The loss on student-sampled micro-batches: kd = kd_objective against the teacher's targets "
+        "(top-k + tail or full vocabulary) at the sampled positions (GKD); sampled_reverse_kl = ROLL's / tinker's "
+        "on-policy distillation, the per-token advantage -opd_kl_coef * (log q(token) - log p_teacher(token)) "
+        "trained by importance-weighted policy gradient. No cross-entropy on sampled tokens in either.",
+    )
+    opd_kl_coef: float = Field(
+        1.0, gt=0, description="With on_policy_loss sampled_reverse_kl: the coefficient of the reverse-KL advantage "
+        "(ROLL's opd_kl_coef, tinker's kl_penalty_coef)."
+    )
+    seq_kd: bool = Field(
+        False,
+        description="Micro-batches the student does not sample get completions sampled by the teacher instead of "
+        "the dataset's answers (sequence-level KD, TRL's seq_kd).",
+    )
+    samples_per_prompt: int = Field(
+        1, ge=1, description="Completions sampled per prompt (ROLL and tinker use 4): a sampled micro-batch has "
+        "per_device_train_batch_size x this rows."
+    )
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    lmbda: float | None = Field(None, ge=0, le=1, description="TRL GKDTrainer's name for on_policy_fraction.")
+    beta: float | None = Field(
+        None, ge=0, le=1, description="TRL GKDTrainer's generalized-JSD beta: 0 = kd_objective forward_kl, 0.5 = "
+        "js_divergence, 1 = reverse_kl (other values are refused)."
+    )
+    use_opd: bool | None = Field(
+        None, description="ROLL's switch for on-policy distillation: true = on_policy_fraction 1 with on_policy_loss "
+        "sampled_reverse_kl."
+    )
+    is_pure_opd: bool | None = Field(None, description="ROLL's pure on-policy distillation: the same as use_opd here.")
     device_peak_tflops: float | None = Field(
         None,
         gt=0,
@@ -682,6 +747,35 @@ class DistillConfig(_Strict):
             if data["hydra"] is not None and not isinstance(data["hydra"], dict):
                 raise _field_error("hydra", "expected Hydra's settings (a mapping)", data["hydra"])
             data = {key: value for key, value in data.items() if key != "hydra"}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _map_trl_and_roll_names(cls, data: Any) -> Any:
+        # TRL's GKDTrainer (lmbda, beta) and ROLL's on-policy distillation (use_opd, is_pure_opd) name settings we
+        # keep under our names. Both names with different values are refused, naming both.
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+
+        def adopt(source: str, target: str, value: Any) -> None:
+            if target in data and data[target] != value:
+                raise _field_error(source, f"conflicts with {target}={data[target]!r}: both set one setting (TRL's or "
+                                   "ROLL's name and ours); remove one or make them equal", data[source])
+            data[target] = value
+
+        if data.get("lmbda") is not None:
+            adopt("lmbda", "on_policy_fraction", data["lmbda"])
+        if data.get("beta") is not None:
+            objective = {0: "forward_kl", 0.5: "js_divergence", 1: "reverse_kl"}.get(data["beta"])
+            if objective is None:
+                raise _field_error("beta", "TRL's generalized JSD is implemented at beta 0 (forward_kl), 0.5 "
+                                   "(js_divergence) and 1 (reverse_kl); set kd_objective instead", data["beta"])
+            adopt("beta", "kd_objective", objective)
+        for name in ("use_opd", "is_pure_opd"):
+            if data.get(name):
+                adopt(name, "on_policy_fraction", 1.0)
+                adopt(name, "on_policy_loss", "sampled_reverse_kl")
         return data
 
     @field_validator("logits_transfer_backend", mode="before")
@@ -807,6 +901,7 @@ class DistillConfig(_Strict):
             raise _field_error("max_steps", "required, or student.training_args.num_train_epochs (the original's way)")
         if student.data_args.file_name is None:
             raise _field_error("student.data_args.file_name", "required: the training data file")
+        _check_on_policy(self)
         return self
 
     @property
@@ -1094,6 +1189,46 @@ def resolve_max_steps(config: DistillConfig, num_records: int, packed_rows: int 
     )
 
 
+def samples_completions(config: "DistillConfig") -> bool:
+    """A run whose micro-batches may carry sampled completions (the student's, on-policy, or the teacher's,
+    ``seq_kd``) rather than the dataset's answers."""
+    return config.on_policy_fraction > 0 or config.seq_kd
+
+
+def evaluates_onpolicy_rkl(config: "DistillConfig") -> bool:
+    """Whether evaluation reports eval/onpolicy_rkl (``eval_onpolicy_rkl``; unset: with on-policy distillation)."""
+    wanted = config.eval_onpolicy_rkl if config.eval_onpolicy_rkl is not None else config.on_policy_fraction > 0
+    return wanted and runs_live_teacher(config)
+
+
+def ships_label_logprobs(config) -> bool:
+    """Whether the teacher also ships its log-prob of each label token (``TeacherTargets.label_logprobs``): the
+    advantage of ``on_policy_loss: sampled_reverse_kl``. Read with defaults: tests duck-type the config."""
+    return getattr(config, "on_policy_fraction", 0) > 0 and getattr(config, "on_policy_loss", "kd") == "sampled_reverse_kl"
+
+
+def _check_on_policy(config: "DistillConfig") -> None:
+    """Refuse what on-policy distillation and seq_kd cannot do, naming the field."""
+    field = "on_policy_fraction" if config.on_policy_fraction > 0 else "seq_kd"
+    if not samples_completions(config):
+        if config.samples_per_prompt > 1:
+            raise _field_error("samples_per_prompt", "needs on_policy_fraction > 0 or seq_kd: only sampled "
+                               "completions come several per prompt", config.samples_per_prompt)
+        return
+    if config.distill_loss_weight == 0:
+        raise _field_error(field, "needs a teacher to score the samples: distill_loss_weight is 0 (SFT only)",
+                           getattr(config, field))
+    if config.teacher_cache_dir is not None:
+        raise _field_error("teacher_cache_dir", f"cannot serve {field}: sampled completions are new every step, so "
+                           "the teacher must score them live; unset teacher_cache_dir", config.teacher_cache_dir)
+    if config.student.use_sequence_packing:
+        raise _field_error("student.use_sequence_packing", f"not supported with {field}: sampled completions are "
+                           "one per row; set false", True)
+    if config.generation.max_new_tokens >= config.sequence_length:
+        raise _field_error("generation.max_new_tokens", f"leaves no room for a prompt within sequence_length="
+                           f"{config.sequence_length}", config.generation.max_new_tokens)
+
+
 def reads_teacher_cache(config: DistillConfig) -> bool:
     """A training run whose teacher targets come from ``teacher_cache_dir`` (written by `kubedistill
     cache-teacher`), with no teacher actor."""
@@ -1131,6 +1266,21 @@ def startup_warnings(config: DistillConfig, *, has_chat_template: bool) -> list[
             "train/student_loss). Set topk_tail: true, or distill_loss_weight below 1"
         )
     checkpoint = config.checkpoint_config
+    if config.on_policy_fraction > 0 and config.on_policy_loss == "sampled_reverse_kl" \
+            and not config.generation.unfiltered():
+        g = config.generation
+        warnings.append(
+            f"on_policy_loss=sampled_reverse_kl with generation temperature={g.temperature:g}, top_p={g.top_p:g}, "
+            f"top_k={g.top_k}: the sampled reverse KL is an unbiased estimate only for samples from the student's own "
+            "distribution (temperature 1, top_p 1, top_k 0); the importance ratio corrects the temperature, but tokens "
+            "the filter removes are never seen, so the estimate is biased"
+        )
+    if config.on_policy_fraction > 0 and config.distill_loss_weight < 1:
+        warnings.append(
+            f"distill_loss_weight={config.distill_loss_weight:g}: on student-sampled micro-batches the loss is the "
+            "distillation term alone at weight 1 (cross-entropy on the student's own samples would reinforce them); "
+            "the weight applies to the dataset's micro-batches"
+        )
     if checkpoint is not None and checkpoint.output_dir and checkpoint.output_dir != config.output_dir:
         warnings.append(
             f"checkpoint_config.output_dir={checkpoint.output_dir!r} is not used: checkpoints are written to "

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -47,6 +47,7 @@ class Example:
     labels: list[int]
     prompt_length: int
     answer: str  # the reference answer text, for exact-match evaluation
+    where: str = field(default="", compare=False)  # "file:line" of its record, for messages (not its content)
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,8 @@ def tokenize_record(
     if not distill_on_prompt:
         for t in range(len(prompt) - 1):
             labels[t] = IGNORE_INDEX
-    return Example(input_ids=input_ids, labels=labels, prompt_length=len(prompt), answer=record.answer)
+    return Example(input_ids=input_ids, labels=labels, prompt_length=len(prompt), answer=record.answer,
+                   where=record.where)
 
 
 def load_examples(

@@ -29,6 +29,7 @@ the global top-k (``parallel_losses.merge_topk``; exact: the global top-k is amo
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
@@ -55,12 +56,15 @@ class TeacherTargets:
     global top-k of all shards' candidates). Columns beyond the tokenizer's vocabulary must be −inf (or
     absent), so that a padded column can never win a top-k. ``tail`` [N_label] (top-k with ``topk_tail``):
     log of the mass softmax(z_t / (T·τ)) puts outside the *global* top-k, over the whole vocabulary (under
-    TP from the all-reduced log-sum-exp, the same on every teacher rank).
+    TP from the all-reduced log-sum-exp, the same on every teacher rank). ``label_logprobs`` [N_label]
+    (``on_policy_loss: sampled_reverse_kl``): log softmax(z_t)[label] at temperature 1, the teacher's log-prob
+    of each label token over the whole vocabulary (under TP the same on every teacher rank).
     """
 
     values: torch.Tensor
     indices: Optional[torch.Tensor] = None
     tail: Optional[torch.Tensor] = None
+    label_logprobs: Optional[torch.Tensor] = None
 
     @property
     def rows(self) -> int:
@@ -73,23 +77,27 @@ class TeacherTargets:
             named["indices"] = self.indices.to(torch.int32)
         if self.tail is not None:
             named["tail"] = self.tail
+        if self.label_logprobs is not None:
+            named["label_logprobs"] = self.label_logprobs
         return named
 
     @staticmethod
     def from_tensors(named: dict[str, torch.Tensor]) -> "TeacherTargets":
-        return TeacherTargets(named["values"], named.get("indices"), named.get("tail"))
+        return TeacherTargets(named["values"], named.get("indices"), named.get("tail"), named.get("label_logprobs"))
 
     def to(self, device: torch.device) -> "TeacherTargets":
         indices = None if self.indices is None else self.indices.to(device).long()
         tail = None if self.tail is None else self.tail.to(device)
-        return TeacherTargets(self.values.to(device), indices, tail)
+        logprobs = None if self.label_logprobs is None else self.label_logprobs.to(device)
+        return TeacherTargets(self.values.to(device), indices, tail, logprobs)
 
     def split(self, rows: list[int]) -> list["TeacherTargets"]:
         """Per-micro-batch targets of targets published for several micro-batches at once (rows concatenated)."""
         def parts(t):
             return torch.split(t, rows) if t is not None else [None] * len(rows)
 
-        return [TeacherTargets(*p) for p in zip(parts(self.values), parts(self.indices), parts(self.tail))]
+        return [TeacherTargets(*p) for p in zip(parts(self.values), parts(self.indices), parts(self.tail),
+                                                parts(self.label_logprobs))]
 
     @staticmethod
     def cat(parts: list["TeacherTargets"]) -> "TeacherTargets":
@@ -97,7 +105,7 @@ class TeacherTargets:
             first = getattr(parts[0], name)
             return None if first is None else torch.cat([getattr(p, name) for p in parts])
 
-        return TeacherTargets(joined("values"), joined("indices"), joined("tail"))
+        return TeacherTargets(joined("values"), joined("indices"), joined("tail"), joined("label_logprobs"))
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,8 @@ class LossConfig:
     adaptive_kl_alpha: float = 0.5
     logits_topk: int = 0
     topk_tail: bool = True  # top-k: the k tokens + the teacher's tail (False: renormalise over the k)
+    on_policy_loss: str = "kd"  # on student-sampled micro-batches: "kd" or "sampled_reverse_kl"
+    opd_kl_coef: float = 1.0
 
     @classmethod
     def from_config(cls, config: "DistillConfig") -> "LossConfig":
@@ -133,7 +143,15 @@ class LossConfig:
             adaptive_kl_alpha=config.adaptive_kl_alpha,
             logits_topk=config.logits_topk,
             topk_tail=config.topk_tail,
+            on_policy_loss=config.on_policy_loss,
+            opd_kl_coef=config.opd_kl_coef,
         )
+
+    def on_samples(self) -> "LossConfig":
+        """The loss on sampled completions (the student's or, with seq_kd, the teacher's): the KD term alone at
+        weight 1. Cross-entropy on a model's own samples would only reinforce them (GKD and TRL train these
+        with the divergence only); ``ce_sum`` is still reported."""
+        return dataclasses.replace(self, distill_loss_weight=1.0)
 
 
 class LossTerms(NamedTuple):
@@ -189,18 +207,80 @@ def distill_loss(
 
 class _LossFn:
     """``loss_fn(logits, micro_batch, shard=None)``, and ``loss_fn.fused_head(hidden, weight, bias, labels,
-    micro_batch)`` for a strategy that fuses the output layer into the loss (``fused_head_distill_loss``)."""
+    micro_batch)`` for a strategy that fuses the output layer into the loss (``fused_head_distill_loss``).
+
+    A micro-batch of sampled completions (``MicroBatch.sampler``) gets the loss of samples: ``sampled_reverse_kl``
+    (ROLL's on-policy distillation) on the student's own samples when the run asks for it, else the KD term alone
+    (``LossConfig.on_samples``)."""
 
     def __init__(self, cfg: LossConfig, normalizer: float):
         self.cfg, self.normalizer = cfg, normalizer
 
+    def _policy_gradient(self, micro_batch) -> bool:
+        from .sampling import SAMPLER_STUDENT
+
+        return micro_batch.sampler == SAMPLER_STUDENT and self.cfg.on_policy_loss == "sampled_reverse_kl"
+
+    def _cfg(self, micro_batch) -> LossConfig:
+        return self.cfg.on_samples() if micro_batch.sampler else self.cfg
+
     def __call__(self, logits: torch.Tensor, micro_batch, shard: Optional[VocabShard] = None) -> LossTerms:
-        return distill_loss(logits, micro_batch.labels, micro_batch.teacher, self.cfg, self.normalizer, shard)
+        if self._policy_gradient(micro_batch):
+            mask = (micro_batch.labels != IGNORE_INDEX).to(logits.device)
+            return sampled_reverse_kl_loss(logits[mask], micro_batch.labels.to(logits.device)[mask], micro_batch,
+                                           self.cfg.opd_kl_coef, self.normalizer, shard)
+        return distill_loss(logits, micro_batch.labels, micro_batch.teacher, self._cfg(micro_batch), self.normalizer,
+                            shard)
 
     def fused_head(self, hidden, weight, bias, labels, micro_batch, shard: Optional[VocabShard] = None,
                    vocab_size: Optional[int] = None) -> LossTerms:
-        return fused_head_distill_loss(hidden, weight, bias, labels, micro_batch.teacher, self.cfg, self.normalizer,
-                                       shard=shard, vocab_size=vocab_size)
+        if self._policy_gradient(micro_batch):
+            # Only the label rows: their logits are formed (no fused pass for this loss; rows are few per step).
+            rows = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
+            if shard is not None and vocab_size is not None:
+                from .parallel_losses import mask_vocab_padding
+
+                rows = mask_vocab_padding(rows.clone(), shard.start, vocab_size)
+            return sampled_reverse_kl_loss(rows, labels.to(rows.device), micro_batch, self.cfg.opd_kl_coef,
+                                           self.normalizer, shard)
+        return fused_head_distill_loss(hidden, weight, bias, labels, micro_batch.teacher, self._cfg(micro_batch),
+                                       self.normalizer, shard=shard, vocab_size=vocab_size)
+
+
+def sampled_reverse_kl_loss(rows: torch.Tensor, tokens: torch.Tensor, micro_batch, coef: float, normalizer: float,
+                            shard: Optional[VocabShard] = None) -> LossTerms:
+    """ROLL's / tinker's on-policy distillation on the student's own samples, as an importance-weighted policy
+    gradient with the per-token reverse KL as its advantage (discount 0):
+
+        log q_t = log softmax(z_s)[a_t]      (the student now, T = 1; with gradient)
+        A_t     = −coef · (log q_t − log p_t)                 (detached: p_t the teacher's, q_t without gradient)
+        loss    = −Σ_t exp(log q_t − log b_t) · A_t / N       (b_t: the sampler's log-prob of a_t)
+
+    With the student's own unfiltered samples the ratio is 1 and the gradient is coef · Σ (log q − log p) ∇log q
+    / N, the score-function gradient of the sampled reverse KL (its pathwise part, E_q[∇log q], is 0); the ratio
+    keeps it right for a sampler that is tempered or lags behind. ``kd_sum`` reports Σ (log q − log p), the
+    sampled (k1) estimate of KL(q ‖ p); ``ce_sum`` Σ −log q.
+
+    ``rows`` [N, V(_local)]: the student's logits at the sampled tokens' positions (under TP this rank's vocabulary
+    slice); ``tokens`` [N] the sampled tokens; ``micro_batch.teacher.label_logprobs`` and
+    ``micro_batch.behaviour_logprobs`` [N] in the same order.
+    """
+    teacher, behaviour = micro_batch.teacher, micro_batch.behaviour_logprobs
+    if teacher is None or teacher.label_logprobs is None:
+        raise ValueError("on_policy_loss sampled_reverse_kl needs the teacher's log-prob of each sampled token "
+                         "(TeacherTargets.label_logprobs)")
+    if behaviour is None:
+        raise ValueError("a student-sampled micro-batch carries the sampler's log-probs (behaviour_logprobs)")
+    if not teacher.rows == behaviour.shape[0] == rows.shape[0]:
+        raise ValueError(f"{rows.shape[0]} sampled tokens, {teacher.rows} teacher log-probs, {behaviour.shape[0]} "
+                         "sampler log-probs")
+    log_q = -_token_nll(rows, tokens, shard)
+    log_p = teacher.label_logprobs.to(rows.device).float()
+    estimate = log_q.detach() - log_p  # per-token sampled reverse KL
+    advantage = -coef * estimate
+    ratio = torch.exp(log_q - behaviour.to(rows.device).float())
+    loss = -(ratio * advantage).sum() / normalizer
+    return LossTerms(loss, (-log_q.detach()).double().sum().cpu(), estimate.double().sum().cpu(), int(rows.shape[0]))
 
 
 def make_loss_fn(cfg: LossConfig, normalizer: float) -> Callable[..., LossTerms]:
@@ -325,7 +405,7 @@ def vocab_parallel_head_chunk_loss(
     here chunk by chunk, over ``shard.group``:
 
         CE   the row max and Σexp over the shards, the label's logit from the rank that owns it
-             (``_VocabParallelCrossEntropySum``); ∂/∂z = softmax(z) − onehot(label) on this rank's columns
+             (``_VocabParallelNll``); ∂/∂z = softmax(z) − onehot(label) on this rank's columns
         KD   full vocabulary: ``fused_loss_and_grad`` with ``ShardedVocab`` (``vocab_parallel_kd_loss``);
              top-k: the global top-k of every rank's candidates (``merge_topk``, once for all rows), the student's
              logits there gathered from their owners, and with the tail ``fused_tail_loss_and_grad`` with
@@ -401,11 +481,24 @@ def vocab_parallel_head_chunk_loss(
 def _ce_sum(rows: torch.Tensor, targets: torch.Tensor, shard: Optional[VocabShard]) -> torch.Tensor:
     if shard is None:
         return F.cross_entropy(rows.float(), targets, reduction="sum")
-    return _VocabParallelCrossEntropySum.apply(rows, targets, shard.start, shard.group)
+    return _VocabParallelNll.apply(rows, targets, shard.start, shard.group).sum()
 
 
-class _VocabParallelCrossEntropySum(torch.autograd.Function):
-    """Σ −log softmax(z)[label] with z sharded over the vocabulary: lse = max + log Σexp(z − max), both
+def _token_nll(rows: torch.Tensor, targets: torch.Tensor, shard: Optional[VocabShard]) -> torch.Tensor:
+    """[N] −log softmax(z)[target] of each row (z sharded over the vocabulary with ``shard``), with gradient."""
+    if shard is None:
+        return F.cross_entropy(rows.float(), targets, reduction="none")
+    return _VocabParallelNll.apply(rows, targets, shard.start, shard.group)
+
+
+def vocab_parallel_label_logprobs(rows: torch.Tensor, targets: torch.Tensor, vocab_start: int, group) -> torch.Tensor:
+    """[N] log softmax(z)[target] with z [N, V_local] sharded over ``group`` (no gradient); the same on every rank."""
+    with torch.no_grad():
+        return -_VocabParallelNll.apply(rows, targets, vocab_start, group)
+
+
+class _VocabParallelNll(torch.autograd.Function):
+    """−log softmax(z)[label] of each row, z sharded over the vocabulary: lse = max + log Σexp(z − max), both
     all-reduced over the group; the label's logit comes from the rank that owns it (one all-reduce)."""
 
     @staticmethod
@@ -427,14 +520,14 @@ class _VocabParallelCrossEntropySum(torch.autograd.Function):
         softmax = exp.div_(sum_exp[:, None])
         ctx.save_for_backward(softmax, local, owned)
         ctx.rows_dtype = rows.dtype
-        return (sum_exp.log() + row_max - picked).sum()
+        return sum_exp.log() + row_max - picked
 
     @staticmethod
     def backward(ctx, grad_output):
         softmax, local, owned = ctx.saved_tensors
         grad = softmax  # d/dz = softmax − onehot(label) on the owning rank
         grad[torch.arange(grad.shape[0], device=grad.device)[owned], local[owned]] -= 1.0
-        return (grad * grad_output).to(ctx.rows_dtype), None, None, None
+        return (grad * grad_output[:, None]).to(ctx.rows_dtype), None, None, None
 
 
 # ----------------------------------------------------------------------------------------------- KD

@@ -39,15 +39,19 @@ from .config import (
     DistillConfig,
     check_runtime_support,
     data_files,
+    evaluates_onpolicy_rkl,
     reads_teacher_cache,
     runs_live_teacher,
     resolve_max_steps,
+    samples_completions,
     startup_warnings,
 )
 from .data import IGNORE_INDEX, DataCursor, Example, PackedBatches, ShuffledBatches, load_examples
 from .flops import ModelFlops, peak_flops_per_second
 from .layout import check_parallel_layout
 from .models import VocabInfo, check_shared_vocab, load_tokenizer
+from .on_policy import check_prompts_fit, micro_batch_sources, prompts_of
+from .sampling import SAMPLER_STUDENT, SamplingParams, sampling_seed
 from .rank_failures import RankLostError, dead_nodes_of, get_all, lost_rank_cause, lost_rank_message
 from .run_identity import RunIdentity, identity_of
 from .tracking import Tracker
@@ -92,6 +96,7 @@ class StepWork:
     token_positions: int
     teacher_outputs: list[Any]
     cursor: DataCursor
+    sample_seconds: float = 0.0  # sampling completions (on-policy, seq_kd): the slowest replica's total
 
 
 def check_writable_dir(path: str, field_name: str) -> None:
@@ -144,6 +149,10 @@ def prepare(config: DistillConfig) -> Prepared:
         check_cache_for_training(config, len(train))
     eval_files = data_files(data_args.eval_file_name)
     eval_examples = load_examples(eval_files, tokenizer, **options) if eval_files else []
+    if samples_completions(config):  # every prompt must leave room for a sampled completion
+        check_prompts_fit(config, train, "training")
+    if eval_examples and evaluates_onpolicy_rkl(config):
+        check_prompts_fit(config, eval_examples, "evaluation")
     packed_rows = None
     if config.student.use_sequence_packing:
         rows = training_batches(config, train).rows(0)
@@ -185,7 +194,8 @@ def check_channel_memory(config: DistillConfig, vocab: VocabInfo) -> None:
     from .distill_loss import TeacherTargets
 
     args = config.train_args
-    rows = args.per_device_train_batch_size * config.sequence_length
+    # A sampled micro-batch has samples_per_prompt rows per record.
+    rows = args.per_device_train_batch_size * config.samples_per_prompt * config.sequence_length
     tp = config.teacher.strategy_args.tp_size
     if config.logits_topk:
         k, what = config.logits_topk, f"top-{config.logits_topk} values and indices"
@@ -360,14 +370,16 @@ class DistillPipeline:
             for step in range(start_step + 1, config.max_steps + 1):
                 self._step = step
                 started = time.perf_counter()
-                work, ahead = ahead or self._hand_out(workers, batches, pad), None
+                work, ahead = ahead or self._hand_out(workers, batches, pad, step), None
                 if reads_teacher_cache(config) and step < config.max_steps:
                     # Drawn now so that the students decode its cached targets while they train on this step.
-                    ahead = self._hand_out(workers, batches, pad)
+                    ahead = self._hand_out(workers, batches, pad, step + 1)
                 calls = self._student_steps(workers, work, ahead)
-                if ahead is None and config.overlap_teacher and workers.teachers and step < config.max_steps:
+                # Not with sampled completions: step k+1's samples need the weights of step k.
+                if ahead is None and config.overlap_teacher and workers.teachers and step < config.max_steps \
+                        and not samples_completions(config):
                     # The teacher starts on step k+1 now, while the students train on step k.
-                    ahead = self._hand_out(workers, batches, pad)
+                    ahead = self._hand_out(workers, batches, pad, step + 1)
                 results = _get(calls)
                 metrics, applied = self._step_metrics(results, work, time.perf_counter() - started, flops)
                 result.final_step, result.last_train_metrics = step, metrics
@@ -412,7 +424,23 @@ class DistillPipeline:
         metrics = {"val/loss": sum(s.ce_sum for s in sums) / max(sum(s.label_tokens for s in sums), 1)}
         if self.config.eval_exact_match:
             metrics["val/exact_match"] = sum(s.correct for s in sums) / max(sum(s.examples for s in sums), 1)
+        if evaluates_onpolicy_rkl(self.config) and workers.teachers:
+            metrics["eval/onpolicy_rkl"] = self._onpolicy_rkl(workers)
         return metrics
+
+    def _onpolicy_rkl(self, workers: Workers) -> float:
+        """The teacher's per-token reverse KL on the student's own greedy completions of the held-out prompts:
+        each student rank samples its share, its teacher rank scores them, and it sums KL(student ‖ teacher)."""
+        import ray
+
+        params = SamplingParams.of(self.config.generation)
+        sampled = _get([student.sample_eval.remote(params) for student in workers.students])
+        counts, samples = [len(batches) for batches in sampled], [ray.put(batches) for batches in sampled]
+        outputs = [[teacher.forward.remote(samples[rank], i) for i in range(counts[rank])]
+                   for rank, teacher in enumerate(workers.teachers)]
+        sums = [s for s in _get([student.onpolicy_rkl.remote(samples[rank], outputs[rank])
+                                 for rank, student in enumerate(workers.students)]) if s.counted]
+        return sum(s.ce_sum for s in sums) / max(sum(s.label_tokens for s in sums), 1)
 
     def _on_nonfinite(self, step: int, metrics: dict[str, float], in_a_row: int, last_checkpoint: str | None) -> None:
         """A step was not applied (NaN/inf loss or gradient norm): stop, or warn and go on under ``skip``."""
@@ -433,7 +461,7 @@ class DistillPipeline:
             f"or set on_nonfinite_loss=skip to drop such steps."
         )
 
-    def _hand_out(self, workers: Workers, batches: ShuffledBatches, pad_token_id: int) -> StepWork:
+    def _hand_out(self, workers: Workers, batches: ShuffledBatches, pad_token_id: int, step: int) -> StepWork:
         """Draw the next global batch and give each teacher rank its slice (it starts at once)."""
         import ray
 
@@ -441,6 +469,8 @@ class DistillPipeline:
         layout = workers.layout
         # The global batch: data-parallel rank d gets draws [d·accumulation, (d+1)·accumulation).
         micro_batches = [batches.next_micro_batch(pad_token_id) for _ in range(layout.dp_size * accumulation)]
+        if samples_completions(self.config):
+            return self._hand_out_sampled(workers, batches, micro_batches, step)
         label_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
         input_tokens = [int(b["attention_mask"].sum()) for b in micro_batches]
         token_positions = sum(_token_positions(n, b) for n, b in zip(input_tokens, micro_batches))
@@ -452,6 +482,46 @@ class DistillPipeline:
                            for rank, teacher in enumerate(workers.teachers)]
         return StepWork(rank_slices, label_tokens, sum(input_tokens), token_positions, teacher_outputs,
                         DataCursor(**vars(batches.cursor)))
+
+    def _hand_out_sampled(self, workers: Workers, batches: ShuffledBatches, micro_batches: list[dict], step: int) -> StepWork:
+        """``_hand_out`` of a run with sampled completions (on_policy_fraction, seq_kd). The ranks of each replica
+        sample the prompts of the micro-batches the mix gives them (``on_policy.micro_batch_sources``), one call
+        per micro-batch, and each teacher rank scores a sampled micro-batch as soon as it exists: the teacher scores
+        micro-batch k while the student samples k + 1. The driver then takes the sampled batches (token ids, a few
+        KB: the targets go from teacher to student directly) for the step's label-token count."""
+        import ray
+
+        config, layout = self.config, workers.layout
+        accumulation = config.train_args.gradient_accumulation_steps
+        params = SamplingParams.of(config.generation)
+        replicas = [[r for r in range(layout.world_size) if layout.of_rank(r).dp_rank == d] for d in range(layout.dp_size)]
+        sources = micro_batch_sources(config, step, len(micro_batches))
+        batch_refs: list[Any] = []  # one per global micro-batch: the ObjectRef of [its batch]
+        for g, (batch, source) in enumerate(zip(micro_batches, sources)):
+            if not source:
+                batch_refs.append(ray.put([batch]))
+                continue
+            side = "student" if source == SAMPLER_STUDENT else "teacher"
+            actors = workers.students if side == "student" else workers.teachers
+            prompts, record_ids = prompts_of(batch["record_ids"][:, 0].tolist(), batches.examples,
+                                             config.samples_per_prompt)
+            seed = sampling_seed(config.seed, step, g, side)
+            refs = [actors[r].sample.remote(prompts, record_ids, seed, params) for r in replicas[g // accumulation]]
+            batch_refs.append(refs[0])  # every rank of the replica samples the same batch
+        teacher_outputs = [
+            [teacher.forward.remote(batch_refs[layout.of_rank(rank).dp_rank * accumulation + i]) for i in range(accumulation)]
+            for rank, teacher in enumerate(workers.teachers)
+        ]
+        micro_batches = [batch for (batch,) in _get(batch_refs)]
+        seconds = [sum(float(b.get("sample_seconds", 0.0)) for b in micro_batches[d * accumulation:(d + 1) * accumulation])
+                   for d in range(layout.dp_size)]
+        label_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+        input_tokens = [int(b["attention_mask"].sum()) for b in micro_batches]
+        token_positions = sum(_token_positions(n, b) for n, b in zip(input_tokens, micro_batches))
+        slices = [ray.put(micro_batches[d * accumulation : (d + 1) * accumulation]) for d in range(layout.dp_size)]
+        rank_slices = [slices[layout.of_rank(rank).dp_rank] for rank in range(len(workers.students))]
+        return StepWork(rank_slices, label_tokens, sum(input_tokens), token_positions, teacher_outputs,
+                        DataCursor(**vars(batches.cursor)), max(seconds))
 
     def _student_steps(self, workers: Workers, work: StepWork, ahead: StepWork | None = None) -> list[Any]:
         """Start every student rank's training step on its slice and its teacher rank's targets (with a teacher
@@ -489,6 +559,8 @@ class DistillPipeline:
             "time/logits_transfer": max(r.transfer_seconds for r in results),
             "time/student_step": max(r.student_seconds for r in results),
         }
+        if samples_completions(self.config):
+            metrics["time/sample"] = work.sample_seconds
         if flops is not None:
             metrics["train/mfu"] = flops.utilization(work.input_tokens, work.token_positions, elapsed)
         if self.config.distill_loss_weight > 0:  # a live teacher's targets or a teacher cache's

@@ -52,6 +52,11 @@ FINGERPRINT_FIELDS = (
 # had: fingerprinted only when set to something else, so that an earlier run's checkpoints keep their identity.
 LATER_FINGERPRINT_FIELDS = {
     "student.use_sequence_packing": False,  # packed rows: other micro-batches, and the data cursor counts rows
+    # On-policy distillation: where completions come from and the loss on them.
+    "on_policy_fraction": 0.0,
+    "on_policy_loss": "kd",
+    "seq_kd": False,
+    "samples_per_prompt": 1,
 }
 # Fields that name files: compared by absolute path, so the same file reached from another directory matches.
 _PATH_FIELDS = {"student_pretrain", "teacher_pretrain", "student.data_args.file_name"}

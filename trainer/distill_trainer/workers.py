@@ -30,6 +30,7 @@ holds a step's worth of slots, and its teacher gets another step's worth to work
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -51,11 +52,12 @@ from .config import (
     runs_live_teacher,
     worker_env,
 )
-from .data import Example, collate, eval_batches
+from .data import IGNORE_INDEX, Example, collate, eval_batches
 from .distill_loss import LossConfig, TeacherTargets, make_loss_fn
 from .models import VocabInfo
 from .node_network import bind_gloo_to
 from .rank_failures import NoRoomError, no_room_message, waiting_for_room_message
+from .sampling import SAMPLER_STUDENT, SAMPLER_TEACHER, SamplingParams, sampled_micro_batch
 from .shared_names import ENV_NUM_THREADS, ENV_PLACEMENT_TIMEOUT
 from .strategies import strategy_class
 from .strategies.base import MicroBatch, OptimizerStepResult, RankContext, StepStats
@@ -151,8 +153,14 @@ def _rank_device(on_gpu: bool) -> torch.device:
 
 
 def _micro_batch(batch: dict[str, torch.Tensor], teacher: TeacherTargets | None = None) -> MicroBatch:
-    # position_ids: packed rows (use_sequence_packing); teacher and student get the same batch dict.
-    return MicroBatch(batch["input_ids"], batch["attention_mask"], batch["labels"], teacher, batch.get("position_ids"))
+    # position_ids: packed rows (use_sequence_packing); teacher and student get the same batch dict. Sampled
+    # completions (sampling.sampled_micro_batch) say who sampled them and carry the sampler's log-probs, kept at
+    # the label positions in the order of the teacher's targets.
+    behaviour = batch.get("behaviour_logprobs")
+    if behaviour is not None:
+        behaviour = behaviour[batch["labels"] != IGNORE_INDEX]
+    return MicroBatch(batch["input_ids"], batch["attention_mask"], batch["labels"], teacher, batch.get("position_ids"),
+                      int(batch["sampler"]) if "sampler" in batch else 0, behaviour)
 
 
 class _Rank:
@@ -223,6 +231,20 @@ class _Rank:
         it on every micro-batch would stall this rank each time (freeing device memory synchronizes)."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def sample(self, prompts: Sequence[Sequence[int]], record_ids: Sequence[int], seed: int,
+               params: SamplingParams) -> list[dict[str, torch.Tensor]]:
+        """[the micro-batch of ``prompts`` and their completions sampled by this rank's model, as it is now]
+        (``sampling.sampled_micro_batch``; a list of one, as ``TeacherWorker.forward`` takes batches). Every rank of
+        a replica is called with the same arguments and returns the same batch. ``sample_seconds`` says how long
+        sampling took."""
+        start = time.perf_counter()
+        completions = self.strategy.sample([list(p) for p in prompts], params, self.vocab.eos_token_id,
+                                           self.vocab.pad_token_id, seed)
+        sampler = SAMPLER_STUDENT if self.side == "student" else SAMPLER_TEACHER
+        batch = sampled_micro_batch(prompts, completions, self.vocab.pad_token_id, sampler, record_ids)
+        batch["sample_seconds"] = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
+        return [batch]
 
     def rank_context(self) -> RankContext:
         args = getattr(self.config, self.side).strategy_args
@@ -528,6 +550,36 @@ class StudentWorker(_Rank):
         if not context.counted:
             return EvalSums(counted=False)
         return EvalSums(ce_sum, tokens, correct, len(examples))
+
+    def sample_eval(self, params: SamplingParams) -> list[dict[str, torch.Tensor]]:
+        """Greedy completions of this data-parallel rank's share of the held-out prompts, one micro-batch per
+        ``per_device_eval_batch_size`` of them (for ``onpolicy_rkl``)."""
+        context = self.rank_context()
+        examples = self.eval_examples[context.dp_rank :: context.dp_size]
+        batches = []
+        for chunk in eval_batches(examples, self.config.student.training_args.per_device_eval_batch_size):
+            prompts = [e.input_ids[: e.prompt_length] for e in chunk]
+            batches += self.sample(prompts, [-1] * len(prompts), 0, params.greedy())
+        return batches
+
+    def onpolicy_rkl(self, batches: Sequence[dict[str, torch.Tensor]], teacher: Sequence) -> EvalSums:
+        """Σ per-token reverse KL(student ‖ teacher) over ``batches`` (``sample_eval``'s) with the teacher's targets
+        for each (``teacher``, as ``train_step`` takes them), and the token count; in ``EvalSums.ce_sum``."""
+        feed = _TeacherFeed(self.receiver, teacher, len(batches), self.device)
+        config = dataclasses.replace(self.loss_config, kd_objective="reverse_kl", on_policy_loss="kd")
+        loss_fn = make_loss_fn(config, normalizer=1.0)
+        rkl_sum, tokens = 0.0, 0
+        try:
+            for index, batch in enumerate(batches):
+                stats = self.strategy.eval_forward([_micro_batch(batch, feed.targets(index))], loss_fn)
+                feed.release(index)
+                rkl_sum += stats.kd_sum
+                tokens += stats.label_tokens
+        finally:
+            feed.release_all()
+        if not self.rank_context().counted:
+            return EvalSums(counted=False)
+        return EvalSums(rkl_sum, tokens)
 
     def _exact_matches(self, examples: list[Example]) -> int:
         batch_size = self.config.student.training_args.per_device_eval_batch_size

@@ -60,6 +60,8 @@ from ..distill_loss import LossTerms, TeacherTargets, VocabShard
 if TYPE_CHECKING:
     import torch.distributed as dist
 
+    from ..sampling import Completion, SamplingParams
+
     from ..config import DistillConfig
     from ..models import VocabInfo
 
@@ -142,6 +144,11 @@ class MicroBatch:
     labels: torch.Tensor
     teacher: Optional[TeacherTargets] = None
     position_ids: Optional[torch.Tensor] = None
+    # Sampled completions (on-policy distillation, seq_kd): who sampled them (``sampling.SAMPLER_STUDENT`` /
+    # ``SAMPLER_TEACHER``; 0: the dataset's answers), and the log-prob of each label token under the distribution
+    # it was drawn from, [N_label] in row-major order of ``labels != IGNORE_INDEX`` (as the teacher's targets).
+    sampler: int = 0
+    behaviour_logprobs: Optional[torch.Tensor] = None
 
 
 # loss_fn(logits, micro_batch, shard=None) -> LossTerms; see distill_loss.make_loss_fn.
@@ -213,6 +220,14 @@ class TrainStrategy(ABC):
         """Greedy continuations of ``prompts`` (token ids), cut at the first EOS (excluded). Called on every
         rank of a replica with the same prompts; each returns the same continuations."""
 
+    def sample(self, prompts: list[list[int]], params: "SamplingParams", eos_token_id: int, pad_token_id: int,
+               seed: int) -> list["Completion"]:
+        """Sampled continuations of ``prompts`` with this rank's current weights (``sampling.decode``: up to
+        ``params.max_new_tokens`` tokens, EOS kept, each with its log-prob under the sampling distribution),
+        drawn from a generator seeded with ``seed``. Called on every rank of a replica with the same arguments;
+        each returns the same completions."""
+        raise NotImplementedError(f"{type(self).__name__} cannot sample completions")
+
     @abstractmethod
     def save(self, directory: str) -> None:
         """Write this rank's part of a checkpoint into ``directory`` (see the module docstring)."""
@@ -236,6 +251,14 @@ class InferStrategy(ABC):
         (not this shard's candidates) or every column; what a teacher cache stores. A collective under tensor
         parallelism (every TP rank of the last stage calls it)."""
         return targets
+
+    def sample(self, prompts: list[list[int]], params: "SamplingParams", eos_token_id: int, pad_token_id: int,
+               seed: int) -> list["Completion"]:
+        """Sampled continuations of ``prompts`` with this rank's current weights (``sampling.decode``: up to
+        ``params.max_new_tokens`` tokens, EOS kept, each with its log-prob under the sampling distribution),
+        drawn from a generator seeded with ``seed``. Called on every rank of a replica with the same arguments;
+        each returns the same completions."""
+        raise NotImplementedError(f"{type(self).__name__} cannot sample completions")
 
     @abstractmethod
     def forward(self, micro_batch: MicroBatch) -> Optional[TeacherTargets]:

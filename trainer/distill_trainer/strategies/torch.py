@@ -30,9 +30,10 @@ import torch
 import torch.distributed as dist
 
 from .. import checkpoint
-from ..config import ModelArgs
+from ..config import ModelArgs, ships_label_logprobs
 from ..data import IGNORE_INDEX
 from ..losses import topk_teacher_logits
+from ..sampling import sample_with_kv_cache
 from .base import InferStrategy, LossFn, MicroBatch, OptimizerStepResult, RankContext, StepStats, TeacherTargets, TrainStrategy
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -161,6 +162,7 @@ class TorchInferStrategy(InferStrategy):
         self.topk = config.logits_topk
         # top-k with the tail: the mass outside the top-k at the loss's teacher temperature T·τ
         self.tail_temperature = config.kd_temperature * config.teacher_temperature if config.topk_tail else None
+        self.ships_label_logprobs = ships_label_logprobs(config)
         self.model = load_causal_lm(config.teacher_pretrain, config.teacher.model_args, self.device).eval()
         self.model.requires_grad_(False)
         self.parts = causal_lm_parts(self.model)
@@ -173,12 +175,20 @@ class TorchInferStrategy(InferStrategy):
 
     @torch.inference_mode()
     def forward(self, micro_batch: MicroBatch) -> TeacherTargets:
-        rows, _ = label_logits(self.model, self.parts, micro_batch, self.vocab_size, self.device)
+        rows, labels = label_logits(self.model, self.parts, micro_batch, self.vocab_size, self.device)
         rows = rows.float()  # [N_label, V]
+        logprobs = None
+        if self.ships_label_logprobs:
+            logprobs = torch.log_softmax(rows, -1).gather(1, labels[:, None]).squeeze(1)
         if not self.topk:
-            return TeacherTargets(rows)
+            return TeacherTargets(rows, label_logprobs=logprobs)
         top = topk_teacher_logits(rows, self.topk, self.tail_temperature)
-        return TeacherTargets(top.values, top.indices, top.tail_logmass)
+        return TeacherTargets(top.values, top.indices, top.tail_logmass, logprobs)
+
+    def sample(self, prompts, params, eos_token_id, pad_token_id, seed):
+        """Sampled continuations with the KV cache (``sampling.sample_with_kv_cache``)."""
+        return sample_with_kv_cache(self.model, prompts, params, eos_token_id, pad_token_id, seed, self.vocab_size,
+                                    self.device)
 
 
 def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -296,14 +306,15 @@ class TorchTrainStrategy(TrainStrategy):
     def eval_forward(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn) -> StepStats:
         self.model.eval()
         try:
-            loss, ce_sum, label_tokens, input_tokens = 0.0, 0.0, 0, 0
+            loss, ce_sum, kd_sum, label_tokens, input_tokens = 0.0, 0.0, 0.0, 0, 0
             for micro_batch in micro_batches:
                 terms = self._loss_terms(micro_batch, loss_fn)
                 loss += float(terms.loss)
                 ce_sum += float(terms.ce_sum)
+                kd_sum += float(terms.kd_sum)
                 label_tokens += terms.label_tokens
                 input_tokens += int(micro_batch.attention_mask.sum())
-            return StepStats(loss, ce_sum, 0.0, label_tokens, input_tokens)
+            return StepStats(loss, ce_sum, kd_sum, label_tokens, input_tokens)
         finally:
             self.model.train()
 
@@ -328,6 +339,11 @@ class TorchTrainStrategy(TrainStrategy):
         checkpoint.load_model_state(directory, optimizer=self.optimizer, scheduler=self.scheduler, rank=self.rank.rank)
 
     @torch.inference_mode()
+    def sample(self, prompts, params, eos_token_id, pad_token_id, seed):
+        """Sampled continuations with the KV cache (``sampling.sample_with_kv_cache``)."""
+        return sample_with_kv_cache(self.model, prompts, params, eos_token_id, pad_token_id, seed, self.vocab_size,
+                                    self.device)
+
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> list[list[int]]:
         """Greedy continuations of left-padded prompts, cut at the first EOS (EOS excluded)."""
         self.model.eval()
