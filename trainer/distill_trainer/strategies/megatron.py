@@ -56,6 +56,11 @@ holds 1/tp of the sequence, so ``_run`` right-pads a micro-batch whose length is
 back to the micro-batch's length before ``on_logits``: teacher targets, the student's loss (both heads) and
 ``generate`` see the unpadded positions only. CPU ranks build it with ``megatron_cpu.SequenceParallelTorchNorm``.
 
+Sampling (``sample``, both sides: on-policy distillation and seq_kd) is ``sampling.decode`` with a stepper that,
+like ``generate``, has no KV cache: prompts grouped by length, every step one forward of the replica over the whole
+sequence so far. The last position's logits are made whole on every rank of the replica (TP slices all-gathered,
+then broadcast from the last PP stage), so every rank's identically seeded generator draws the same tokens.
+
 Checkpoints: the student is exported in HF format (merged across TP and PP, padding rows dropped) to
 ``<dir>/student/`` by global rank 0; each rank writes its optimizer and scheduler state and RNG states to
 ``<dir>/megatron/rank_<r>.pt``. ``load`` restores all of it (same layout required).
@@ -67,6 +72,7 @@ CPU: ``megatron_cpu`` installs the CUDA stand-ins and every Megatron call runs i
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from pathlib import Path
 from typing import Optional, Sequence
@@ -75,10 +81,12 @@ import torch
 import torch.distributed as dist
 
 from .. import checkpoint
+from ..config import ships_label_logprobs
 from ..data import IGNORE_INDEX
-from ..distill_loss import TeacherTargets, VocabShard
+from ..distill_loss import TeacherTargets, VocabShard, vocab_parallel_label_logprobs
 from ..losses import TopK, tail_logmass
 from ..parallel_losses import mask_vocab_padding, merge_topk, shard_topk, vocab_parallel_tail_logmass
+from ..sampling import Completion, SamplingParams, decode, make_generator
 from . import megatron_bridge as mb
 from .base import InferStrategy, MicroBatch, OptimizerStepResult, RankContext, StepStats, TrainStrategy
 from .megatron_cpu import apply_cpu_shims, cpu_device_mode, needs_cpu_shims
@@ -289,6 +297,92 @@ class _MegatronModel:
     def is_last_stage(self) -> bool:
         return self.rank.is_last_stage
 
+    # -- sampling (on-policy distillation, seq_kd)
+
+    def _sampling_model(self):
+        """The model a forward of the replica runs through (the student's DDP wrapper overrides it)."""
+        return self.module
+
+    @torch.no_grad()
+    def sample(self, prompts: list[list[int]], params: SamplingParams, eos_token_id: int, pad_token_id: int,
+               seed: int) -> list[Completion]:
+        """``sampling.decode`` over the replica, as ``generate`` decodes: prompts of equal length together (no
+        padding, so no attention mask is needed), each group with its own generator (``_group_seed``), so every
+        rank of the replica, given the same arguments, draws the same tokens from the same whole-vocabulary
+        logits (``_MegatronStepper``). Eval mode (no dropout) while sampling; the model's mode is restored.
+        ``pad_token_id`` is unused: nothing is padded."""
+        model = self._sampling_model()
+        training = model.training
+        model.eval()
+        try:
+            completions: list[Optional[Completion]] = [None] * len(prompts)
+            for group, indices in enumerate(_length_groups(prompts)):
+                tokens = torch.tensor([prompts[i] for i in indices], dtype=torch.long, device=self.device)
+                stepper = _MegatronStepper(self, model, tokens)
+                generator = make_generator(_group_seed(seed, group), self.device)
+                for index, completion in zip(indices, decode(stepper, len(indices), params, eos_token_id, generator)):
+                    completions[index] = completion
+            return completions
+        finally:
+            model.train(training)
+
+    def _last_logits(self, model, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, vocab.size] float32 logits after the last position of ``tokens`` [B, T], whole on every rank of the
+        replica: the TP slices gathered (padding columns −inf first, then cut at the tokenizer's size), and under
+        PP broadcast from the last stage, so that each rank's identically seeded generator draws the same tokens."""
+        logits = torch.empty(tokens.shape[0], self.vocab.size, dtype=torch.float32, device=self.device)
+
+        def keep(output, batch):
+            last = output[:, -1].to(torch.float32, copy=True)  # a copy: the mask below writes in place
+            if self.rank.tp_size > 1:
+                mask_vocab_padding(last, self.vocab_start, self.vocab.size)
+                slices = [torch.empty_like(last) for _ in range(self.rank.tp_size)]
+                dist.all_gather(slices, last, group=self.tp_group)
+                last = torch.cat(slices, dim=-1)
+            logits.copy_(last[:, : self.vocab.size])
+            return output.new_zeros(())
+
+        batch = MicroBatch(tokens, torch.ones_like(tokens), torch.full_like(tokens, IGNORE_INDEX))
+        self._run(model, [batch], keep, forward_only=True)
+        if self.rank.pp_size > 1:
+            group = self.mpu.get_pipeline_model_parallel_group()
+            dist.broadcast(logits, src=dist.get_global_rank(group, self.rank.pp_size - 1), group=group)
+        return logits
+
+
+class _MegatronStepper:
+    """``sampling.Stepper`` for a Megatron replica, without a KV cache: Megatron's schedule runs whole sequences,
+    so every step is one forward of the prompts and the tokens drawn so far (quadratic in the completion's
+    length, as ``generate``; a KV-cache engine is the way to long completions). Logits as ``_last_logits``."""
+
+    def __init__(self, strategy: _MegatronModel, model, tokens: torch.Tensor):
+        self.strategy, self.model, self.tokens = strategy, model, tokens
+
+    def start(self) -> torch.Tensor:
+        return self.strategy._last_logits(self.model, self.tokens)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens = torch.cat([self.tokens, tokens.to(self.tokens.device, torch.long)[:, None]], dim=1)
+        return self.start()
+
+
+def _length_groups(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Indices of ``prompts`` grouped by length, groups in order of first appearance (the same on every rank)."""
+    by_length: dict[int, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(index)
+    return list(by_length.values())
+
+
+def _group_seed(seed: int, group: int) -> int:
+    """The generator seed of a length group: ``seed`` itself for the first (so equal-length prompts draw exactly
+    what ``sampling.sample_with_kv_cache`` draws from the same logits), a hash of (seed, group) for the others
+    (independent draws, not the first group's shifted by one seed)."""
+    if group == 0:
+        return seed
+    digest = hashlib.sha256(f"kubedistill-megatron-group:{seed}:{group}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
 
 # ------------------------------------------------------------------------------------------- teacher
 
@@ -304,6 +398,7 @@ class MegatronInferStrategy(_MegatronModel, InferStrategy):
         self.module.requires_grad_(False)
         self.topk = config.logits_topk
         self.tail_temperature = config.kd_temperature * config.teacher_temperature if config.topk_tail else None
+        self.ships_label_logprobs = ships_label_logprobs(config)
 
     def _tail(self, rows: torch.Tensor, candidates) -> Optional[torch.Tensor]:
         """log mass outside the global top-k (of every TP rank's candidates), at T·τ; None without the tail."""
@@ -314,6 +409,15 @@ class MegatronInferStrategy(_MegatronModel, InferStrategy):
         top = merge_topk(candidates, self.topk, self.tp_group)
         return vocab_parallel_tail_logmass(rows, top.indices, vocab_start=self.vocab_start, group=self.tp_group,
                                            temperature=self.tail_temperature)
+
+    def _label_logprobs(self, rows: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
+        """The teacher's log-prob of each label token at T = 1 (``on_policy_loss: sampled_reverse_kl``), over the
+        whole vocabulary (under TP from the all-reduced log-sum-exp: the same on every rank); else None."""
+        if not self.ships_label_logprobs:
+            return None
+        if self.rank.tp_size == 1:
+            return torch.log_softmax(rows, -1).gather(1, labels[:, None]).squeeze(1)
+        return vocab_parallel_label_logprobs(rows, labels, self.vocab_start, self.tp_group)
 
     @torch.no_grad()
     def forward(self, micro_batch: MicroBatch) -> Optional[TeacherTargets]:
@@ -326,11 +430,12 @@ class MegatronInferStrategy(_MegatronModel, InferStrategy):
                 rows = rows[:, : self.vocab.size]
             else:
                 mask_vocab_padding(rows, self.vocab_start, self.vocab.size)
+            logprobs = self._label_logprobs(rows, batch.labels.to(output.device)[mask])
             if self.topk:
                 top = shard_topk(rows, self.topk, self.vocab_start if self.rank.tp_size > 1 else 0)
-                out.append(TeacherTargets(top.values, top.indices, self._tail(rows, top)))
+                out.append(TeacherTargets(top.values, top.indices, self._tail(rows, top), logprobs))
             else:
-                out.append(TeacherTargets(rows))
+                out.append(TeacherTargets(rows, label_logprobs=logprobs))
             return output.new_zeros(())
 
         self._run(self.module, [micro_batch], targets, forward_only=True)
@@ -416,6 +521,10 @@ class MegatronTrainStrategy(_MegatronModel, TrainStrategy):
             for inner in self._inner
         ]
         self._loss_finite = True
+
+    def _sampling_model(self):
+        """The DDP wrapper, as the schedule runs it in training and ``generate``."""
+        return self.model
 
     # -- training
 

@@ -338,12 +338,12 @@ class TorchTrainStrategy(TrainStrategy):
         del restored
         checkpoint.load_model_state(directory, optimizer=self.optimizer, scheduler=self.scheduler, rank=self.rank.rank)
 
-    @torch.inference_mode()
     def sample(self, prompts, params, eos_token_id, pad_token_id, seed):
         """Sampled continuations with the KV cache (``sampling.sample_with_kv_cache``)."""
         return sample_with_kv_cache(self.model, prompts, params, eos_token_id, pad_token_id, seed, self.vocab_size,
                                     self.device)
 
+    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> list[list[int]]:
         """Greedy continuations of left-padded prompts, cut at the first EOS (EOS excluded)."""
         self.model.eval()
