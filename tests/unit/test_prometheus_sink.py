@@ -189,3 +189,11 @@ def test_a_teacher_cache_write_reports_its_shards_records_and_eta():
     assert value(sink, "kubedistill_trainer_cache_records_per_second") == 51.2
     assert value(sink, "kubedistill_trainer_cache_eta_seconds") == 740
     assert value(sink, "kubedistill_trainer_loss", term="total") is None  # no training series
+
+
+def test_on_policy_runs_report_the_sampling_phase_and_the_on_policy_reverse_kl():
+    sink = make_sink()
+    sink.log(5, {**TRAIN, "time/sample": 1.25})
+    sink.log(5, {"val/loss": 0.9, "eval/onpolicy_rkl": 0.042})
+    assert value(sink, ps.STEP_PHASE_SECONDS, phase="sample") == 1.25
+    assert value(sink, ps.EVAL_ONPOLICY_RKL) == 0.042

@@ -16,10 +16,13 @@ Every series carries ``distilljob_namespace``, ``distilljob_name`` (empty for a 
     kubedistill_trainer_tokens_per_second                 input tokens per wall-clock second of the step
     kubedistill_trainer_mfu                               model FLOPs utilization of the step, 0-1 (only with a known
                                                           device peak: device_peak_tflops; see flops.py)
-    kubedistill_trainer_step_phase_seconds{phase="teacher_forward"|"logits_transfer"|"student_step"}
-                                                          seconds of the last logged step in each phase
+    kubedistill_trainer_step_phase_seconds{phase="teacher_forward"|"logits_transfer"|"student_step"|"sample"}
+                                                          seconds of the last logged step in each phase (sample:
+                                                          sampling completions, on-policy distillation / seq_kd)
     kubedistill_trainer_eval_loss                         loss on the eval file (after the first evaluation)
     kubedistill_trainer_eval_exact_match                  greedy exact match (with eval_exact_match)
+    kubedistill_trainer_eval_onpolicy_reverse_kl          eval/onpolicy_rkl: per-token KL(student ‖ teacher) on the
+                                                          student's greedy completions (with eval_onpolicy_rkl)
     kubedistill_trainer_last_checkpoint_step              step of the newest checkpoint this run wrote
     kubedistill_trainer_last_checkpoint_timestamp_seconds unix time it was committed (age: time() - x)
     kubedistill_trainer_start_timestamp_seconds           unix time the run's metrics started
@@ -63,6 +66,7 @@ MFU = shared_names.TRAINER_MFU
 STEP_PHASE_SECONDS = shared_names.TRAINER_STEP_PHASE_SECONDS
 EVAL_LOSS = shared_names.TRAINER_EVAL_LOSS
 EVAL_EXACT_MATCH = shared_names.TRAINER_EVAL_EXACT_MATCH
+EVAL_ONPOLICY_RKL = shared_names.TRAINER_EVAL_ONPOLICY_RKL
 LAST_CHECKPOINT_STEP = shared_names.TRAINER_LAST_CHECKPOINT_STEP
 LAST_CHECKPOINT_TIMESTAMP = shared_names.TRAINER_LAST_CHECKPOINT_TIMESTAMP
 START_TIMESTAMP = shared_names.TRAINER_START_TIMESTAMP
@@ -78,12 +82,15 @@ _HELP = {
     TOKENS_PER_SECOND: "Input tokens per wall-clock second of the last logged step.",
     MFU: "Model FLOPs utilization of the last logged step (0-1): student 6N + teacher 2N per token, plus attention, "
     "over the step time and the devices' peak (device_peak_tflops).",
-    STEP_PHASE_SECONDS: "Seconds of the last logged step spent in teacher forward, logits transfer, student step.",
+    STEP_PHASE_SECONDS: "Seconds of the last logged step spent in teacher forward, logits transfer, student step, "
+    "and sampling completions (on-policy distillation, seq_kd).",
     EVAL_LOSS: "Loss on the eval file at the last evaluation.",
     shared_names.TRAINER_CACHE_RECORDS_WRITTEN: "kubedistill cache-teacher: records whose targets this run wrote.",
     shared_names.TRAINER_CACHE_RECORDS_PER_SECOND: "kubedistill cache-teacher: records written per second so far.",
     shared_names.TRAINER_CACHE_ETA_SECONDS: "kubedistill cache-teacher: seconds left at the pace so far.",
     EVAL_EXACT_MATCH: "Greedy exact-match accuracy on the eval file at the last evaluation.",
+    EVAL_ONPOLICY_RKL: "Per-token reverse KL(student || teacher) on the student's greedy completions of the eval "
+    "prompts at the last evaluation.",
     LAST_CHECKPOINT_STEP: "Step of the newest checkpoint this run committed.",
     LAST_CHECKPOINT_TIMESTAMP: "Unix time the newest checkpoint of this run was committed.",
     START_TIMESTAMP: "Unix time this run (attempt) started exporting metrics.",
@@ -102,8 +109,10 @@ _TAGS: dict[str, tuple[str, tuple[str, str] | None]] = {
     "time/teacher_forward": (STEP_PHASE_SECONDS, ("phase", "teacher_forward")),
     "time/logits_transfer": (STEP_PHASE_SECONDS, ("phase", "logits_transfer")),
     "time/student_step": (STEP_PHASE_SECONDS, ("phase", "student_step")),
+    "time/sample": (STEP_PHASE_SECONDS, ("phase", "sample")),
     "val/loss": (EVAL_LOSS, None),
     "val/exact_match": (EVAL_EXACT_MATCH, None),
+    "eval/onpolicy_rkl": (EVAL_ONPOLICY_RKL, None),
     "cache/records_written": (shared_names.TRAINER_CACHE_RECORDS_WRITTEN, None),
     "cache/records_per_second": (shared_names.TRAINER_CACHE_RECORDS_PER_SECOND, None),
     "cache/eta_seconds": (shared_names.TRAINER_CACHE_ETA_SECONDS, None),
