@@ -14,6 +14,14 @@ the spread (min–max), and the median wall time of a run. Figures only; it neve
   .venv/bin/python bench/objectives.py                         # 5 seeds x 7 runs x 800 steps (~1 h on 2 cores)
   .venv/bin/python bench/objectives.py --steps 300 --seeds 0 1 2 3 4
   .venv/bin/python bench/objectives.py --quick                 # smoke run: 2 seeds, 20 steps, 2 objectives
+  .venv/bin/python bench/objectives.py --on-policy             # on-policy distillation against off-policy KD
+
+``--on-policy`` (issue 20) compares, at the same steps, off-policy KD (forward and reverse KL) with on-policy
+distillation, GKD's mix: λ = ``on_policy_fraction`` 0.5 and 1 with each of the two divergences (the student samples
+6 tokens per prompt at temperature 1, the teacher scores them), and ROLL's sampled reverse KL as a policy gradient
+at λ = 1. Every row reports ``eval/onpolicy_rkl`` too: the teacher's per-token reverse KL on the student's own
+greedy answers to the held-out questions (lower: the student's own generations are closer to the teacher's), and
+the median seconds per step (the cost of sampling).
 
 The teacher and the data are the demo's (``--workdir``, default the demo's artifacts): built and trained once,
 reused afterwards.
@@ -37,6 +45,33 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "trainer"), 
 OBJECTIVES = ("forward_kl", "reverse_kl", "skewed_forward_kl", "skewed_reverse_kl", "js_divergence", "adaptive_kl")
 
 
+# Sampling of the on-policy rows: the demo's answers are at most 4 digits + EOS; unfiltered (temperature 1).
+SAMPLING = "generation: max_new_tokens 6, temperature 1, top_p 1; 1 sample per prompt"
+_SAMPLING = ["generation.max_new_tokens=6", "eval_onpolicy_rkl=true"]
+
+
+def on_policy_rows(only: list[str] | None) -> list[tuple[str, list[str]]]:
+    """The --on-policy rows: (name, overrides of examples/tiny/distill.yaml)."""
+    rows = [("SFT only", ["distill_loss_weight=0"])]
+    for objective in ("forward_kl", "reverse_kl"):
+        rows.append((f"off-policy {objective}", [f"kd_objective={objective}", *_SAMPLING]))
+        for fraction in (0.5, 1):
+            rows.append((f"on-policy λ={fraction:g} {objective}",
+                         [f"kd_objective={objective}", f"on_policy_fraction={fraction}", *_SAMPLING]))
+    rows.append(("on-policy λ=1 sampled rkl (ROLL)",
+                 ["on_policy_fraction=1", "on_policy_loss=sampled_reverse_kl", *_SAMPLING]))
+    return [row for row in rows if only is None or row[0] in only]
+
+
+def step_seconds(out: str, workdir: Path) -> float:
+    """Median seconds between consecutive logged training steps of a run (evaluation steps excluded)."""
+    path = Path(out.replace("examples/tiny/artifacts", str(workdir))) / "logs" / "metrics.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    times = [(line["step"], line["time"], "val/loss" in line) for line in lines if "train/loss" in line]
+    gaps = [(t1 - t0) / (s1 - s0) for (s0, t0, _), (s1, t1, evaluated) in zip(times, times[1:]) if not evaluated]
+    return statistics.median(gaps) if gaps else float("nan")
+
+
 def _spread(values: list[float], fmt: str) -> str:
     return f"{format(statistics.median(values), fmt)} ({format(min(values), fmt)}–{format(max(values), fmt)})"
 
@@ -49,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher-steps", type=int, default=1000, help="teacher SFT steps (the demo's: 1000)")
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
     parser.add_argument("--quick", action="store_true", help="smoke run: seeds 0 1, 20 steps, two objectives")
+    parser.add_argument("--on-policy", action="store_true",
+                        help="rows: SFT, off-policy and on-policy (λ 0.5, 1) forward/reverse KL, ROLL's sampled "
+                        "reverse KL; all with eval/onpolicy_rkl")
+    parser.add_argument("--rows", nargs="+", default=None, help="with --on-policy: only these rows (by name)")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.seeds, args.objectives = 20, [0, 1], ["forward_kl", "reverse_kl"]
@@ -68,12 +107,16 @@ def main(argv: list[str] | None = None) -> int:
                 "seed=0", f"max_steps={args.teacher_steps}", f"logging_steps={max(1, args.teacher_steps // 10)}"]))
             demo._install(result.last_checkpoint, teacher_dir)
             (workdir / "models" / "teacher_eval.json").write_text(json.dumps(result.eval_metrics))
+        # --on-policy logs every 1/16 of the run, for the step time; logging does not change training.
+        logging = max(1, args.steps // 16) if args.on_policy else args.steps
         budget = [f"max_steps={args.steps}", f"save_steps={args.steps}", f"eval_steps={args.steps}",
-                  f"logging_steps={args.steps}", "max_ckpt_to_keep=1"]
+                  f"logging_steps={logging}", "max_ckpt_to_keep=1"]
         for seed in args.seeds:
             sft_config, _ = demo._student_runs(workdir, 0, seed)  # builds this seed's student initialization
             init = sft_config.student_pretrain.replace(str(workdir), demo.ARTIFACTS)
             rows = [("SFT only", ["distill_loss_weight=0"])] + [(o, [f"kd_objective={o}"]) for o in args.objectives]
+            if args.on_policy:
+                rows = on_policy_rows(args.rows)
             for row, overrides in rows:
                 name = f"{row.replace(' ', '_')}_s{seed}"
                 out = f"{demo.ARTIFACTS}/bench_objectives/{name}"
@@ -82,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"logging_dir={out}/logs", *budget, *overrides])
                 result, seconds = demo._run(f"{row}, seed {seed}", config)
                 metrics = result.eval_metrics
-                results.setdefault(row, []).append((metrics["val/exact_match"], metrics["val/loss"], seconds))
+                results.setdefault(row, []).append((metrics["val/exact_match"], metrics["val/loss"], seconds,
+                                                    metrics.get("eval/onpolicy_rkl"), step_seconds(out, workdir)))
     finally:
         if started_ray:
             import ray
@@ -96,6 +140,20 @@ def main(argv: list[str] | None = None) -> int:
           f"(top-64 with tail, distill_loss_weight 0.5, T 1); KUBEDISTILL_NUM_THREADS="
           f"{os.environ.get('KUBEDISTILL_NUM_THREADS', 'default')}. Seeds {' '.join(map(str, args.seeds))}; median "
           f"(min–max) over seeds.")
+    if args.on_policy:
+        print(f"On-policy rows: {SAMPLING}; onpolicy rkl: the teacher's per-token reverse KL on the student's greedy "
+              "answers to the held-out questions (not defined for SFT only, which has no teacher); s/step: median "
+              "seconds per training step (evaluation steps excluded).")
+        print(f"| {'row':<28} | {'exact match':<22} | {'held-out loss':<24} | {'onpolicy rkl':<24} | "
+              f"{'s/step':>6} | {'run time':>8} |")
+        print(f"|{'-' * 30}|{'-' * 24}|{'-' * 26}|{'-' * 26}|{'-' * 8}|{'-' * 10}|")
+        for row, values in results.items():
+            rkl = [v[3] for v in values if v[3] is not None]
+            print(f"| {row:<28} | {_spread([100 * v[0] for v in values], '.1f') + ' %':<22} | "
+                  f"{_spread([v[1] for v in values], '.3f'):<24} | {(_spread(rkl, '.4f') if rkl else '–'):<24} | "
+                  f"{statistics.median(v[4] for v in values):>6.3f} | {statistics.median(v[2] for v in values):>6.0f} s |")
+        print(f"total wall time: {time.perf_counter() - began:.0f} s")
+        return 0
     print(f"| {'objective':<18} | {'exact match':<22} | {'held-out loss':<24} | {'run time':>8} |")
     print(f"|{'-' * 20}|{'-' * 24}|{'-' * 26}|{'-' * 10}|")
     for row, values in results.items():

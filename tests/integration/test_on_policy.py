@@ -143,3 +143,49 @@ def test_a_prompt_without_room_for_a_completion_is_refused_before_anything_is_wr
                                           r"generation\.max_new_tokens=28 of sequence_length=32"):
         run(tiny_setup, tmp_path, on_policy_fraction=1.0, generation={"max_new_tokens": 28})
     assert not (tmp_path / "output").exists()
+
+
+def _ranked_run(setup, out, *, strategy, ranks, tp, per_device, accumulation, **overrides):
+    data = tiny_config_dict(setup, out, max_steps=2, save_steps=2, eval_steps=2, **overrides)
+    data["student"]["training_args"].update(per_device_train_batch_size=per_device,
+                                            gradient_accumulation_steps=accumulation)
+    data["student"]["strategy_args"] = {"strategy_name": f"{strategy}_train", "tp_size": tp}
+    data["teacher"]["strategy_args"] = {"strategy_name": f"{strategy}_infer", "tp_size": tp}
+    data["student"]["device_mapping"] = data["teacher"]["device_mapping"] = list(range(ranks))  # CPU ranks
+    return DistillPipeline(config_from_dict(data), num_threads=1, console=False).run()
+
+
+def _same_steps(a_out, b_out, tags, tolerance):
+    a, b = logged_metrics(a_out), logged_metrics(b_out)
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2]
+    for x, y in zip(a, b):
+        for tag in tags:
+            assert (tag in x) == (tag in y), (x["step"], tag)
+            if tag not in x:  # an evaluation metric: only at the evaluation steps
+                continue
+            assert abs(x[tag] - y[tag]) <= tolerance * max(1.0, abs(x[tag])), (x["step"], tag, x[tag], y[tag])
+
+
+def test_two_data_parallel_ranks_sample_and_train_what_one_rank_does(tiny_setup, tmp_path, local_ray):
+    # Global micro-batch g is sampled with the seed of g whichever replica holds it: 2 ranks x 1 micro-batch equal
+    # 1 rank x 2 micro-batches.
+    on_policy = dict(on_policy_fraction=1.0, samples_per_prompt=2, generation=GENERATION)
+    _ranked_run(tiny_setup, tmp_path / "dp2", strategy="torch", ranks=2, tp=1, per_device=4, accumulation=1, **on_policy)
+    _ranked_run(tiny_setup, tmp_path / "dp1", strategy="torch", ranks=1, tp=1, per_device=4, accumulation=2, **on_policy)
+    assert "eval/onpolicy_rkl" in logged_metrics(tmp_path / "dp2")[-1]
+    _same_steps(tmp_path / "dp1", tmp_path / "dp2", ("train/loss", "train/distill_loss", "train/grad_norm",
+                                                      "eval/onpolicy_rkl"), 1e-5)
+
+
+@pytest.mark.timeout(600)
+def test_tensor_parallel_megatron_on_policy_matches_the_torch_strategy(tiny_setup, tmp_path, local_ray):
+    # Greedy samples (temperature 0) are the same tokens on both strategies; ROLL's loss needs the teacher's label
+    # log-probs, which a TP teacher takes from its all-reduced log-sum-exp.
+    on_policy = dict(on_policy_fraction=1.0, on_policy_loss="sampled_reverse_kl",
+                     generation={**GENERATION, "temperature": 0.0})
+    _ranked_run(tiny_setup, tmp_path / "tp2", strategy="megatron", ranks=2, tp=2, per_device=4, accumulation=2,
+                **on_policy)
+    _ranked_run(tiny_setup, tmp_path / "torch", strategy="torch", ranks=1, tp=1, per_device=4, accumulation=2,
+                **on_policy)
+    _same_steps(tmp_path / "torch", tmp_path / "tp2", ("train/loss", "train/distill_loss", "train/student_loss",
+                                                        "eval/onpolicy_rkl"), 1e-3)
