@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.on_policy:
                 rows = on_policy_rows(args.rows)
             for row, overrides in rows:
-                name = f"{row.replace(' ', '_')}_s{seed}"
+                name = re.sub(r"[^A-Za-z0-9_.-]+", "_", row.replace("λ", "lambda")) + f"_s{seed}"  # Hydra-safe
                 out = f"{demo.ARTIFACTS}/bench_objectives/{name}"
                 config = demo._config("distill", workdir, [
                     f"seed={seed}", f"student_pretrain={init}", f"exp_name={name}", f"output_dir={out}",
