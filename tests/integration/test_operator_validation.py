@@ -93,7 +93,8 @@ def test_valid_manifest_and_example_are_accepted(kubectl, kube_namespace, distil
     assert listing.stdout.split()[:7] == ["NAME", "STATE", "REASON", "STEP", "MAX", "LOSS", "AGE"]
 
 
-@pytest.mark.parametrize("example", ["distilljob-qwen.yaml", "distilljob-tiny-local.yaml"])
+@pytest.mark.parametrize("example", ["distilljob-qwen.yaml", "distilljob-tiny-local.yaml",
+                                     "distilljob-qwen-on-policy.yaml"])
 def test_example_manifests_are_accepted(kubectl, kube_namespace, distilljob_crd, example):
     path = f"examples/manifests/{example}"
     result = kubectl("apply", "--dry-run=server", "-n", kube_namespace, "-f", path)
