@@ -200,3 +200,14 @@ def test_on_a_terminal_the_progress_bar_shows_step_and_loss(tmp_path, capsys, mo
     out, err = capsys.readouterr()
     assert out == ""
     assert "6/20" in err and "loss=0.5000" in err
+
+
+def test_a_run_that_samples_completions_shows_its_time_split(tmp_path, capsys):
+    with Tracker(tmp_path, max_steps=100, exp_name="tiny", console=True) as tracker:
+        tracker.log(10, {"train/loss": 1.0, "train/tokens_per_second": 812.0, "time/teacher_forward": 0.02,
+                         "time/logits_transfer": 0.001, "time/student_step": 0.03})
+        tracker.log(11, {"train/loss": 1.0, "train/tokens_per_second": 812.0, "time/sample": 0.081,
+                         "time/teacher_forward": 0.02, "time/logits_transfer": 0.001, "time/student_step": 0.03})
+    first, second = capsys.readouterr().out.splitlines()
+    assert "time:" not in first
+    assert "| 812 tok/s | time: sample 0.08s, teacher 0.02s, transfer 0.00s, student 0.03s | elapsed " in second

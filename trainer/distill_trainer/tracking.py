@@ -23,6 +23,11 @@ Tags the pipeline logs:
     time/teacher_forward     seconds in teacher forward (+ temperature, top-k) per step
     time/logits_transfer     seconds handing the logits from teacher to student per step
     time/student_step        seconds in student forward, backward and optimizer step per step
+    time/sample              seconds sampling completions per step (on-policy distillation, seq_kd; the slowest
+                             replica's), also shown on the console line: `| time: sample 0.08s, teacher 0.02s,
+                             transfer 0.00s, student 0.03s |`
+    eval/onpolicy_rkl        the teacher's per-token reverse KL on the student's greedy completions of the eval
+                             prompts (eval_onpolicy_rkl)
     val/loss                 loss on the eval file
     val/exact_match          greedy exact-match accuracy on the eval file (the demo task only)
 
@@ -95,6 +100,7 @@ class Tracker:
         self._last_student_ce: float | None = None  # KD runs: train/student_loss, shown beside the mixed loss
         self._last_tokens_per_second: float | None = None
         self._last_mfu: float | None = None
+        self._last_split: str | None = None  # a step's time split, shown when completions are sampled
         # ETA from this run's own pace: steps done before a resume took no time in this process.
         self._start_time = time.monotonic()
 
@@ -148,6 +154,11 @@ class Tracker:
             self._last_tokens_per_second = values["train/tokens_per_second"]
         if "train/mfu" in values:
             self._last_mfu = values["train/mfu"]
+        if "time/sample" in values:
+            self._last_split = "time: " + ", ".join(
+                f"{name} {values.get(tag, 0.0):.2f}s" for name, tag in (
+                    ("sample", "time/sample"), ("teacher", "time/teacher_forward"),
+                    ("transfer", "time/logits_transfer"), ("student", "time/student_step")))
         evaluation = " | ".join(f"{k} {v:.4g}" for k, v in values.items() if k.startswith("val/"))
         if self._interactive:
             if self._last_loss is not None:
@@ -225,6 +236,8 @@ class Tracker:
         if self._last_tokens_per_second is not None:
             parts.append(f"{self._last_tokens_per_second:.0f} tok/s"
                          + (f", MFU {100 * self._last_mfu:.1f}%" if self._last_mfu is not None else ""))
+        if self._last_split is not None:
+            parts.append(self._last_split)
         elapsed = time.monotonic() - self._start_time
         parts.append(f"elapsed {_hms(elapsed)}")
         done = step - self.start_step
