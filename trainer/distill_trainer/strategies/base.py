@@ -178,7 +178,19 @@ class OptimizerStepResult:
     loss_scale_overflow: bool = False
 
 
-class TrainStrategy(ABC):
+class SamplesCompletions:
+    """Both sides sample: the student on-policy, the teacher for seq_kd (``on_policy.micro_batch_sources``)."""
+
+    def sample(self, prompts: list[list[int]], params: "SamplingParams", eos_token_id: int, pad_token_id: int,
+               seed: int) -> list["Completion"]:
+        """Sampled continuations of ``prompts`` with this rank's current weights (``sampling.decode``: up to
+        ``params.max_new_tokens`` tokens, EOS kept, each with its log-prob under the sampling distribution),
+        drawn from a generator seeded with ``seed``. Called on every rank of a replica with the same arguments;
+        each returns the same completions."""
+        raise NotImplementedError(f"{type(self).__name__} cannot sample completions")
+
+
+class TrainStrategy(SamplesCompletions, ABC):
     """The student side. Constructed on every student rank as ``cls(config, rank, vocab)`` from
     ``config.student_pretrain``; ``load`` then restores a checkpoint when resuming."""
 
@@ -220,14 +232,6 @@ class TrainStrategy(ABC):
         """Greedy continuations of ``prompts`` (token ids), cut at the first EOS (excluded). Called on every
         rank of a replica with the same prompts; each returns the same continuations."""
 
-    def sample(self, prompts: list[list[int]], params: "SamplingParams", eos_token_id: int, pad_token_id: int,
-               seed: int) -> list["Completion"]:
-        """Sampled continuations of ``prompts`` with this rank's current weights (``sampling.decode``: up to
-        ``params.max_new_tokens`` tokens, EOS kept, each with its log-prob under the sampling distribution),
-        drawn from a generator seeded with ``seed``. Called on every rank of a replica with the same arguments;
-        each returns the same completions."""
-        raise NotImplementedError(f"{type(self).__name__} cannot sample completions")
-
     @abstractmethod
     def save(self, directory: str) -> None:
         """Write this rank's part of a checkpoint into ``directory`` (see the module docstring)."""
@@ -237,7 +241,7 @@ class TrainStrategy(ABC):
         """Restore weights, optimizer, scheduler and RNG from a checkpoint directory (RNG last)."""
 
 
-class InferStrategy(ABC):
+class InferStrategy(SamplesCompletions, ABC):
     """The teacher side. Constructed on every teacher rank as ``cls(config, rank, vocab)`` from
     ``config.teacher_pretrain``; forward only, no gradients."""
 
@@ -251,14 +255,6 @@ class InferStrategy(ABC):
         (not this shard's candidates) or every column; what a teacher cache stores. A collective under tensor
         parallelism (every TP rank of the last stage calls it)."""
         return targets
-
-    def sample(self, prompts: list[list[int]], params: "SamplingParams", eos_token_id: int, pad_token_id: int,
-               seed: int) -> list["Completion"]:
-        """Sampled continuations of ``prompts`` with this rank's current weights (``sampling.decode``: up to
-        ``params.max_new_tokens`` tokens, EOS kept, each with its log-prob under the sampling distribution),
-        drawn from a generator seeded with ``seed``. Called on every rank of a replica with the same arguments;
-        each returns the same completions."""
-        raise NotImplementedError(f"{type(self).__name__} cannot sample completions")
 
     @abstractmethod
     def forward(self, micro_batch: MicroBatch) -> Optional[TeacherTargets]:
