@@ -34,6 +34,11 @@
    version (both log-softmaxes materialised, autograd) on [8·2048, 151936] logits, full vocabulary and top-64:
    time and peak memory (allocated and reserved) of loss + backward, and how far apart their losses and
    gradients are.
+4. ``sample``: on-policy distillation's sampler (``sampling.sample_with_kv_cache``: transformers' KV cache,
+   Gumbel-max draws from a CUDA generator) on the Qwen2 0.5B shape in bf16: 32 prompts of 249-256 tokens (left
+   padded), 128 new tokens at temperature 1: sampled tokens per second, that the same seed draws the same tokens
+   twice (asserted), and how many rows of a greedy decode equal transformers' greedy ``generate`` (a figure: bf16
+   near-ties may flip a token).
 
 Each part runs on its own: a part that fails prints its traceback, is recorded as failed and the next part
 runs; the exit status is 1 if any part failed (``--fail-part PART`` makes one fail on purpose: a check of that
@@ -107,7 +112,7 @@ WHEEL_MODULES = {
     "annotated_types": "annotated-types==0.8.0",
     "typing_inspection": "typing-inspection==0.4.2",
 }
-PARTS = ("ipc", "megatron", "kd")
+PARTS = ("ipc", "megatron", "kd", "sample")
 # transformers for the Megatron path: the trainer's floor (pyproject.toml); mbridge 0.15.1 alone needs 4.22
 # (transformers.utils.hub.cached_file). Versions the Megatron CPU tests (test_megatron_bridge.py) passed with:
 TRANSFORMERS_MIN = (4, 45)
@@ -153,7 +158,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "later parts are skipped)")
     parser.add_argument("--fail-part", choices=PARTS,
                         help="make this part fail on purpose (a check that a failed part is recorded and the others "
-                             "still run); ipc and megatron fail in their student process, kd in this one")
+                             "still run); ipc and megatron fail in their student process, kd and sample in this one")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, measures nothing")
     args = parser.parse_args(argv)
     args.parts = [p.strip() for p in args.only.split(",") if p.strip()]
@@ -1233,6 +1238,60 @@ def kd_check(args, part: "_PartRecord") -> None:
     _empty_cache(device)
 
 
+def sample_check(args, part: "_PartRecord") -> None:
+    import torch
+    from distill_trainer.sampling import SamplingParams, sample_with_kv_cache
+    from transformers import AutoModelForCausalLM
+
+    if args.fail_part == "sample":
+        raise RuntimeError("deliberate failure of the sample part (--fail-part)")
+    device = _device()
+    shape = TINY if args.smoke else QWEN2_0_5B
+    rows, width, new_tokens = (4, 16, 8) if args.smoke else (32, 256, 128)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with tempfile.TemporaryDirectory(prefix="gpu_check_sampler_") as model_dir:
+        _write_model(Path(model_dir), shape)
+        model = AutoModelForCausalLM.from_pretrained(model_dir).to(device=device, dtype=dtype).eval()
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, shape.vocab, (width - row % 8,), generator=generator).tolist() for row in range(rows)]
+    eos, pad = shape.vocab - 1, 0  # a random model rarely draws the last id: rows run to max_new_tokens
+
+    def draw(seed: int, params: SamplingParams):
+        _sync(device)
+        start = time.monotonic()
+        completions = sample_with_kv_cache(model, prompts, params, eos, pad, seed, shape.vocab, device)
+        _sync(device)
+        return completions, time.monotonic() - start
+
+    draw(0, SamplingParams(2))  # warm-up: kernels, allocator
+    first, seconds = draw(7, SamplingParams(new_tokens))
+    second, _ = draw(7, SamplingParams(new_tokens))
+    same = [a.tokens for a in first] == [b.tokens for b in second]
+    tokens = sum(len(c.tokens) for c in first)
+    greedy, greedy_seconds = draw(0, SamplingParams(new_tokens, temperature=0.0))
+    left = torch.full((rows, width), pad, dtype=torch.long)
+    mask = torch.zeros_like(left)
+    for row, prompt in enumerate(prompts):
+        left[row, width - len(prompt):], mask[row, width - len(prompt):] = torch.tensor(prompt), 1
+    with torch.no_grad():
+        reference = model.generate(input_ids=left.to(device), attention_mask=mask.to(device), do_sample=False,
+                                   max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=pad)[:, width:].tolist()
+    equal_rows = sum(c.tokens == r[: len(c.tokens)] for c, r in zip(greedy, reference))
+    figures = {"rows": rows, "prompt_tokens": width, "new_tokens": new_tokens, "sampled_tokens": tokens,
+               "seconds": seconds, "tokens_per_second": tokens / seconds, "same_seed_same_tokens": same,
+               "greedy_seconds": greedy_seconds, "greedy_rows_equal_to_generate": equal_rows}
+    for key, value in figures.items():
+        part.record(key, value)
+    _table(f"4. sampling ({str(dtype).removeprefix('torch.')}, {shape.layers} layers, vocab {shape.vocab}): {rows} "
+           f"prompts of {width - 7}-{width} tokens, {new_tokens} new tokens, KV cache",
+           ["temperature 1", "tokens/s", "same seed, same tokens", "greedy", "greedy rows = generate"],
+           [[_ms(seconds), f"{tokens / seconds:,.0f}", str(same), _ms(greedy_seconds), f"{equal_rows}/{rows}"]])
+    model = None
+    _empty_cache(device)
+    if not same:
+        raise AssertionError("the same seed drew different tokens: sampling is not reproducible on this device")
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -1297,7 +1356,8 @@ def main(argv=None) -> int:
                                  "unmet_wheel_requirements": unmet})
     preflight = {"megatron": megatron_preflight(unmet)} if "megatron" in args.parts else {}
     failed = []
-    for part_name, check in (("ipc", ipc_check), ("megatron", megatron_check), ("kd", kd_check)):
+    for part_name, check in (("ipc", ipc_check), ("megatron", megatron_check), ("kd", kd_check),
+                             ("sample", sample_check)):
         if part_name not in args.parts:
             continue
         part = _PartRecord(report, part_name)

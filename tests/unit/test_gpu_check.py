@@ -30,7 +30,7 @@ def gpu_check():
 def test_defaults_run_every_part_with_the_h200_peak(gpu_check, monkeypatch):
     monkeypatch.delenv("OUT", raising=False)
     args = gpu_check.parse_args([])
-    assert args.parts == ["ipc", "megatron", "kd"]
+    assert args.parts == ["ipc", "megatron", "kd", "sample"]
     assert args.peak_tflops == 989.0 and args.wheels == gpu_check.DEFAULT_WHEELS
     assert (args.batch, args.seq, args.micro_batches, args.topk, args.smoke) == (4, 2048, 2, 64, False)
     assert (args.teacher_memory_fraction, args.student_memory_fraction) == (0.45, 0.45)
