@@ -170,3 +170,9 @@ def test_filtered_sampling_with_the_sampled_reverse_kl_is_warned_about():
     assert any("unbiased estimate only" in w for w in startup_warnings(filtered, has_chat_template=True))
     plain = config_from_dict({**base, "use_opd": True})
     assert not any("unbiased" in w for w in startup_warnings(plain, has_chat_template=True))
+
+
+def test_eval_onpolicy_rkl_without_a_live_teacher_is_warned_about():
+    base = dict(student_pretrain="s", teacher_pretrain="t", max_steps=1, student={"data_args": {"file_name": "x"}})
+    sft = config_from_dict({**base, "distill_loss_weight": 0, "eval_onpolicy_rkl": True})
+    assert any("eval_onpolicy_rkl=true is not reported" in w for w in startup_warnings(sft, has_chat_template=True))

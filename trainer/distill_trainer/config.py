@@ -1275,6 +1275,11 @@ def startup_warnings(config: DistillConfig, *, has_chat_template: bool) -> list[
             "distribution (temperature 1, top_p 1, top_k 0); the importance ratio corrects the temperature, but tokens "
             "the filter removes are never seen, so the estimate is biased"
         )
+    if config.eval_onpolicy_rkl and not runs_live_teacher(config):
+        warnings.append(
+            "eval_onpolicy_rkl=true is not reported in this run: it needs a live teacher to score the student's "
+            "completions (distill_loss_weight > 0, no teacher_cache_dir)"
+        )
     if config.on_policy_fraction > 0 and config.distill_loss_weight < 1:
         warnings.append(
             f"distill_loss_weight={config.distill_loss_weight:g}: on student-sampled micro-batches the loss is the "
