@@ -463,25 +463,17 @@ class DistillPipeline:
 
     def _hand_out(self, workers: Workers, batches: ShuffledBatches, pad_token_id: int, step: int) -> StepWork:
         """Draw the next global batch and give each teacher rank its slice (it starts at once)."""
-        import ray
-
         accumulation = self.config.train_args.gradient_accumulation_steps
-        layout = workers.layout
         # The global batch: data-parallel rank d gets draws [d·accumulation, (d+1)·accumulation).
-        micro_batches = [batches.next_micro_batch(pad_token_id) for _ in range(layout.dp_size * accumulation)]
+        micro_batches = [batches.next_micro_batch(pad_token_id) for _ in range(workers.layout.dp_size * accumulation)]
         if samples_completions(self.config):
             return self._hand_out_sampled(workers, batches, micro_batches, step)
-        label_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
-        input_tokens = [int(b["attention_mask"].sum()) for b in micro_batches]
-        token_positions = sum(_token_positions(n, b) for n, b in zip(input_tokens, micro_batches))
-        slices = [ray.put(micro_batches[d * accumulation : (d + 1) * accumulation]) for d in range(layout.dp_size)]
-        rank_slices = [slices[layout.of_rank(rank).dp_rank] for rank in range(len(workers.students))]
+        rank_slices = _rank_slices(workers, micro_batches, accumulation)
         # The teacher's results go to the student of the same rank as ObjectRefs (one per micro-batch, in order),
         # not through the driver; the student waits for each when it starts that micro-batch.
         teacher_outputs = [[teacher.forward.remote(rank_slices[rank], i) for i in range(accumulation)]
                            for rank, teacher in enumerate(workers.teachers)]
-        return StepWork(rank_slices, label_tokens, sum(input_tokens), token_positions, teacher_outputs,
-                        DataCursor(**vars(batches.cursor)))
+        return _step_work(micro_batches, rank_slices, teacher_outputs, batches.cursor)
 
     def _hand_out_sampled(self, workers: Workers, batches: ShuffledBatches, micro_batches: list[dict], step: int) -> StepWork:
         """``_hand_out`` of a run with sampled completions (on_policy_fraction, seq_kd). The ranks of each replica
@@ -515,13 +507,8 @@ class DistillPipeline:
         micro_batches = [batch for (batch,) in _get(batch_refs)]
         seconds = [sum(float(b.get("sample_seconds", 0.0)) for b in micro_batches[d * accumulation:(d + 1) * accumulation])
                    for d in range(layout.dp_size)]
-        label_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
-        input_tokens = [int(b["attention_mask"].sum()) for b in micro_batches]
-        token_positions = sum(_token_positions(n, b) for n, b in zip(input_tokens, micro_batches))
-        slices = [ray.put(micro_batches[d * accumulation : (d + 1) * accumulation]) for d in range(layout.dp_size)]
-        rank_slices = [slices[layout.of_rank(rank).dp_rank] for rank in range(len(workers.students))]
-        return StepWork(rank_slices, label_tokens, sum(input_tokens), token_positions, teacher_outputs,
-                        DataCursor(**vars(batches.cursor)), max(seconds))
+        return _step_work(micro_batches, _rank_slices(workers, micro_batches, accumulation), teacher_outputs,
+                          batches.cursor, max(seconds))
 
     def _student_steps(self, workers: Workers, work: StepWork, ahead: StepWork | None = None) -> list[Any]:
         """Start every student rank's training step on its slice and its teacher rank's targets (with a teacher
@@ -567,6 +554,26 @@ class DistillPipeline:
             metrics["train/distill_loss"] = sum(s.kd_sum for s in counted) / label_tokens
         applied = all(r.update.applied for r in results)
         return metrics, applied
+
+
+def _rank_slices(workers: Workers, micro_batches: list[dict], accumulation: int) -> list[Any]:
+    """Each student rank's slice of the global batch in the object store: its data-parallel rank d's micro-batches
+    [d·accumulation, (d+1)·accumulation), put once per replica."""
+    import ray
+
+    layout = workers.layout
+    slices = [ray.put(micro_batches[d * accumulation : (d + 1) * accumulation]) for d in range(layout.dp_size)]
+    return [slices[layout.of_rank(rank).dp_rank] for rank in range(len(workers.students))]
+
+
+def _step_work(micro_batches: list[dict], rank_slices: list[Any], teacher_outputs: list[Any], cursor: DataCursor,
+               sample_seconds: float = 0.0) -> StepWork:
+    """A step's ``StepWork``: the label and input tokens of its global batch, and the data position after it."""
+    label_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+    input_tokens = [int(b["attention_mask"].sum()) for b in micro_batches]
+    token_positions = sum(_token_positions(n, b) for n, b in zip(input_tokens, micro_batches))
+    return StepWork(rank_slices, label_tokens, sum(input_tokens), token_positions, teacher_outputs,
+                    DataCursor(**vars(cursor)), sample_seconds)
 
 
 def _token_positions(input_tokens: int, batch: dict) -> int:

@@ -186,7 +186,8 @@ class HFCachedStepper:
         self.cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def _logits(self, out) -> torch.Tensor:
-        self.cache = getattr(out, "cache", None) or out.past_key_values
+        cache = getattr(out, "cache", None)
+        self.cache = cache if cache is not None else out.past_key_values
         return out.logits[:, -1, : self.vocab_size].float()
 
     def start(self) -> torch.Tensor:
