@@ -16,8 +16,9 @@ the spread (min–max), and the median wall time of a run. Figures only; it neve
   .venv/bin/python bench/objectives.py --quick                 # smoke run: 2 seeds, 20 steps, 2 objectives
   .venv/bin/python bench/objectives.py --on-policy             # on-policy distillation against off-policy KD
 
-``--on-policy`` (issue 20) compares, at the same steps, off-policy KD (forward and reverse KL) with on-policy
-distillation, GKD's mix: λ = ``on_policy_fraction`` 0.5 and 1 with each of the two divergences (the student samples
+``--on-policy`` (issue 20) compares, at the same steps, off-policy KD (forward and reverse KL, at
+``distill_loss_weight`` 0.5 and 1: sampled micro-batches get the KD term alone, so w = 1 is off-policy KD without
+the noisy answers' cross-entropy too) with on-policy distillation, GKD's mix: λ = ``on_policy_fraction`` 0.5 and 1 with each of the two divergences (the student samples
 6 tokens per prompt at temperature 1, the teacher scores them), and ROLL's sampled reverse KL as a policy gradient
 at λ = 1. Every row reports ``eval/onpolicy_rkl`` too: the teacher's per-token reverse KL on the student's own
 greedy answers to the held-out questions (lower: the student's own generations are closer to the teacher's), and
@@ -56,6 +57,8 @@ def on_policy_rows(only: list[str] | None) -> list[tuple[str, list[str]]]:
     rows = [("SFT only", ["distill_loss_weight=0"])]
     for objective in ("forward_kl", "reverse_kl"):
         rows.append((f"off-policy {objective}", [f"kd_objective={objective}", *_SAMPLING]))
+        # Pure KD: like the sampled micro-batches, no cross-entropy on the (noisy) dataset answers.
+        rows.append((f"off-policy {objective} w=1", [f"kd_objective={objective}", "distill_loss_weight=1", *_SAMPLING]))
         for fraction in (0.5, 1):
             rows.append((f"on-policy λ={fraction:g} {objective}",
                          [f"kd_objective={objective}", f"on_policy_fraction={fraction}", *_SAMPLING]))
