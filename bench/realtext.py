@@ -50,6 +50,29 @@ reports, not the mixed training loss), perplexity its exp. Rows give the median 
   .venv/bin/python bench/realtext.py                     # the full table (~40 min on 2 shared cores)
   .venv/bin/python bench/realtext.py --quick --out /tmp/rt   # smoke run, tiny everything (~1 min)
 
+**On-policy distillation** (``--on-policy``): per seed, students whose micro-batches are, with probability
+λ = ``on_policy_fraction`` (``--on-policy-fractions``, default 0.5 and 1), completions the student samples itself
+from the record's question (temperature 1, one per prompt; the teacher scores them, and the student trains on
+``kd_objective`` at those positions, or with ``--on-policy-objectives sampled_reverse_kl`` on ROLL's sampled
+reverse KL as a policy gradient), for each of ``--on-policy-objectives`` (default reverse_kl), at
+``distill_loss_weight`` 1 with a live teacher, top-k with the tail bucket, the same steps and learning rate as
+the other KD rows. ``generation.max_new_tokens`` comes from the data: each of the students' training records has
+an answer window, its answer tokens + EOS as truncated to ``sequence_length`` (min(answer + 1, sequence - prompt));
+the budget is the longest window, capped at ``sequence_length`` minus the longest prompt of the training and
+held-out records, so that every prompt fits. At the full sizes the cap decides: windows median 96 tokens, longest
+116, prompts up to 63 tokens (records keep prompts of at most half the sequence), so 128 - 63 = 65 tokens, and a
+sampled completion covers about two thirds of a typical answer (under 1% of the windows fit whole); the line the
+run prints gives the figures of its data. With ``--on-policy`` every live-teacher KD row, off-policy ones
+included, also reports ``eval/onpolicy_rkl`` (the teacher's per-token reverse KL on the student's own greedy
+completions of the held-out questions, up to that budget), in an "onpolicy rkl" column, so that off- and
+on-policy students of one objective and weight compare on the student's own text as well as on held-out CE. An
+on-policy row's ms/step is its MEAN step time (a step samples or not at λ < 1; sampling included), and "sample ms"
+the mean sampling time per step; xSFT and the equal-time columns follow from it as for the other rows. The
+on-policy rows run whatever ``--live`` says.
+
+  # SFT, off-policy reverse_kl at w=1, on-policy reverse_kl at λ 0.5 and 1 (w=1), 3 seeds
+  .venv/bin/python bench/realtext.py --on-policy --objectives reverse_kl --weights 1 --renorm --seeds 0 1 2
+
 ``--threads`` (default 1) is the torch threads of each Ray actor of a KD run; with ``overlap_teacher``, the
 default, the teacher computes the next micro-batch's targets while the student trains, so a KD run keeps
 2 × threads cores busy, and SFT-only runs (the teacher's and the students') get 2 × threads for their one
@@ -238,6 +261,9 @@ class Run:
     steps: int
     tail: bool = True
     cache_k: int | None = None  # read its teacher targets from the top-k cache (0: full vocabulary); None: live
+    on_policy: float = 0.0  # on_policy_fraction (--on-policy rows); objective "sampled_reverse_kl": ROLL's loss
+    rkl: float | None = None  # eval/onpolicy_rkl at the end (--on-policy: every live-teacher KD row)
+    sample_s: float = 0.0  # mean time/sample per step (the student's sampling; on-policy rows)
     wall_s: float = 0.0  # the whole pipeline run: actors, loading, training, evaluation, checkpoint
     step_s: float = 0.0  # median step-to-step interval
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out CE)
@@ -269,6 +295,40 @@ def read_metrics(logging_dir: Path) -> tuple[float, list[tuple[int, float]]]:
     return (statistics.median(intervals) if intervals else float("nan")), curve
 
 
+def read_on_policy_metrics(logging_dir: Path) -> tuple[float, float, float | None]:
+    """(mean step-to-step interval excluding evaluation steps, mean time/sample per step, the last
+    eval/onpolicy_rkl or None) from metrics.jsonl. The mean, not the median: at on_policy_fraction < 1 a step
+    samples or not, so its time has two modes and the median would pick one of them."""
+    records = [json.loads(line) for line in (logging_dir / "metrics.jsonl").read_text().splitlines() if line]
+    intervals = [b["time"] - a["time"] for a, b in zip(records, records[1:])
+                 if b["step"] == a["step"] + 1 and "val/loss" not in b]
+    sample = [r["time/sample"] for r in records if "time/sample" in r]
+    rkl = [r["eval/onpolicy_rkl"] for r in records if "eval/onpolicy_rkl" in r]
+    return (statistics.fmean(intervals) if intervals else float("nan"),
+            statistics.fmean(sample) if sample else 0.0, rkl[-1] if rkl else None)
+
+
+def generation_budget(prompt_lengths: list[int], answer_lengths: list[int], seq: int,
+                      all_prompt_lengths: list[int]) -> dict:
+    """generation.max_new_tokens of the --on-policy rows, from the data: each training record's answer window is
+    what a student trains on after its prompt, answer tokens + EOS as truncated to ``seq`` (min(answer + 1,
+    seq - prompt)); the budget is the longest window, capped at ``seq`` minus the longest prompt of
+    ``all_prompt_lengths`` (training and held-out records), so that every prompt leaves room for a completion."""
+    windows = [min(a + 1, seq - p) for p, a in zip(prompt_lengths, answer_lengths)]
+    cap = seq - max(all_prompt_lengths)
+    return {"max_new_tokens": max(1, min(max(windows), cap)), "window_median": statistics.median(windows),
+            "window_max": max(windows), "longest_prompt": max(all_prompt_lengths), "cap": cap,
+            "covered": sum(w <= cap for w in windows) / len(windows)}
+
+
+def on_policy_specs(args: argparse.Namespace) -> list[tuple[float, str]]:
+    """The --on-policy rows of each seed: (on_policy_fraction, objective); objective "sampled_reverse_kl" is
+    on_policy_loss sampled_reverse_kl (ROLL's), any other the kd_objective on the sampled positions."""
+    if not args.on_policy:
+        return []
+    return [(fraction, objective) for fraction in args.on_policy_fractions for objective in args.on_policy_objectives]
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, sizes: Sizes):
         self.args, self.sizes = args, sizes
@@ -278,7 +338,8 @@ class Bench:
     def config(self, name: str, init: Path, *, steps: int, w: float, seed: int, lr: float, schedule: str,
                warmup: int, eval_steps: int, teacher: Path | None = None, objective: str = "forward_kl",
                tail: bool = True, train_file: str = "transfer.jsonl", batch: int | None = None,
-               topk: int | None = None, cache_dir: Path | None = None):
+               topk: int | None = None, cache_dir: Path | None = None, on_policy: float = 0.0,
+               max_new_tokens: int | None = None, onpolicy_rkl: bool = False):
         from distill_trainer.config import config_from_dict
 
         s, run_dir = self.sizes, self.out / "runs" / name
@@ -292,6 +353,12 @@ class Bench:
             "kd_temperature": 1.0,
             "sequence_length": s.seq,
             **({"teacher_cache_dir": str(cache_dir), "teacher_cache_dtype": self.args.cache_dtype} if cache_dir else {}),
+            **({"on_policy_fraction": on_policy} if on_policy else {}),
+            **({"on_policy_loss": "sampled_reverse_kl", "kd_objective": "reverse_kl"}
+               if on_policy and objective == "sampled_reverse_kl" else {}),
+            **({"eval_onpolicy_rkl": True} if onpolicy_rkl else {}),
+            **({"generation": {"max_new_tokens": max_new_tokens, "temperature": 1.0, "top_p": 1.0, "top_k": 0}}
+               if max_new_tokens else {}),
             "student": {
                 "training_args": {
                     "learning_rate": lr, "lr_scheduler_type": schedule, "warmup_steps": warmup,
@@ -303,6 +370,13 @@ class Bench:
             },
         }
         return config_from_dict(data, f"<realtext {name}>")
+
+    def rkl_eval(self) -> dict:
+        """With --on-policy, what every live-teacher KD row adds to its config: eval/onpolicy_rkl, with the
+        on-policy rows' generation budget (greedy at evaluation); nothing otherwise."""
+        if not self.args.on_policy:
+            return {}
+        return {"onpolicy_rkl": True, "max_new_tokens": self.budget["max_new_tokens"]}
 
     def pipeline_run(self, config, run: Run) -> Run:
         from distill_trainer.config import runs_live_teacher
@@ -320,12 +394,20 @@ class Bench:
             result = DistillPipeline(config, num_threads=threads, console=False).run()
         run.wall_s = time.perf_counter() - started
         run.step_s, run.curve = read_metrics(Path(config.logging_dir))
+        if self.args.on_policy and runs_live_teacher(config):
+            mean_step, run.sample_s, run.rkl = read_on_policy_metrics(Path(config.logging_dir))
+            if run.on_policy:
+                run.step_s = mean_step
+            if run.rkl is None:
+                run.rkl = result.eval_metrics.get("eval/onpolicy_rkl")
         if not run.curve:
             run.curve = [(result.final_step, result.eval_metrics["val/loss"])]
         label = "SFT" if run.w == 0 else f"{run.objective} w={run.w:g}" + ("" if run.tail else " topk_tail=false") + (
-            "" if run.cache_k is None else f" from the {_k_name(run.cache_k)} cache")
+            "" if run.cache_k is None else f" from the {_k_name(run.cache_k)} cache") + (
+            f" on-policy λ={run.on_policy:g}" if run.on_policy else "")
         print(f"[realtext] {run.name}: {label}, {run.steps} steps, held-out CE {run.final:.4f}, "
-              f"{run.step_s * 1000:.0f} ms/step, {run.wall_s:.0f} s run (load {self.loads[-1]:.1f})", flush=True)
+              f"{run.step_s * 1000:.0f} ms/step, {run.wall_s:.0f} s run (load {self.loads[-1]:.1f})"
+              + ("" if run.rkl is None else f", onpolicy rkl {run.rkl:.4f}"), flush=True)
         return run
 
     def teacher(self, tokenizer_dir: Path) -> tuple[Path, Run]:
@@ -412,6 +494,14 @@ class Bench:
         self.n_train, self.n_transfer = len(train), len(transfer)
         write_jsonl(transfer, self.out / "data" / "transfer.jsonl")
         lengths = [len(tokenizer(r["question"] + r["answer"]).input_ids) + 1 for r in held_out]
+        self.budget = None
+        if args.on_policy:  # generation.max_new_tokens from the students' training records (generation_budget)
+            from distill_trainer.data import prompt_ids
+
+            prompts = [len(prompt_ids(tokenizer, r["question"])) for r in transfer]
+            answers = [len(tokenizer(r["answer"], add_special_tokens=False).input_ids) for r in transfer]
+            self.budget = generation_budget(prompts, answers, s.seq,
+                                            prompts + [len(prompt_ids(tokenizer, r["question"])) for r in held_out])
         student_inits = {}
         for seed in args.seeds:
             student_inits[seed] = self.out / "models" / f"student_init_s{seed}"
@@ -426,6 +516,12 @@ class Bench:
               f"question {s.q_words} words, answer {s.a_words} words; tokens per record median "
               f"{statistics.median(lengths):.0f} (sequence_length {s.seq}, longer answers truncated; {dropped} records with a "
               f"prompt over {s.seq // 2} tokens dropped)", flush=True)
+        if self.budget:
+            b = self.budget
+            print(f"[realtext] on-policy: generation.max_new_tokens {b['max_new_tokens']} (the students' answer "
+                  f"windows, answer + EOS within sequence_length: median {b['window_median']:.0f} tokens, longest "
+                  f"{b['window_max']}; capped at {s.seq} - the longest prompt {b['longest_prompt']} = {b['cap']}, which "
+                  f"covers {b['covered']:.0%} of them), temperature 1, 1 sample per prompt", flush=True)
 
         started_ray = ensure_ray()
         try:
@@ -459,14 +555,21 @@ class Bench:
                         name = f"{objective}_w{w:g}_s{seed}"
                         config = self.config(name, student_inits[seed], steps=s.steps, w=w, seed=seed, lr=s.lr,
                                              schedule="constant_with_warmup", warmup=warmup, eval_steps=0,
-                                             teacher=teacher_dir, objective=objective)
+                                             teacher=teacher_dir, objective=objective, **self.rkl_eval())
                         runs.append(self.pipeline_run(config, Run(name, seed, w, objective, s.steps)))
                 for objective in args.renorm if args.live else ():
                     name = f"{objective}_w1_renorm_s{seed}"
                     config = self.config(name, student_inits[seed], steps=s.steps, w=1.0, seed=seed, lr=s.lr,
                                          schedule="constant_with_warmup", warmup=warmup, eval_steps=0,
-                                         teacher=teacher_dir, objective=objective, tail=False)
+                                         teacher=teacher_dir, objective=objective, tail=False, **self.rkl_eval())
                     runs.append(self.pipeline_run(config, Run(name, seed, 1.0, objective, s.steps, tail=False)))
+                for fraction, objective in on_policy_specs(args):
+                    name = f"{objective}_w1_op{fraction:g}_s{seed}"
+                    config = self.config(name, student_inits[seed], steps=s.steps, w=1.0, seed=seed, lr=s.lr,
+                                         schedule="constant_with_warmup", warmup=warmup, eval_steps=0,
+                                         teacher=teacher_dir, objective=objective, on_policy=fraction,
+                                         **self.rkl_eval())
+                    runs.append(self.pipeline_run(config, Run(name, seed, 1.0, objective, s.steps, on_policy=fraction)))
                 for k, cache in self.caches.items():
                     for w in args.cache_weights:
                         for objective in args.cache_objectives:
@@ -487,6 +590,7 @@ class Bench:
         (self.out / "results.json").write_text(json.dumps({
             "runs": [r.__dict__ for r in runs], "teacher": teacher_run.__dict__, "sizes": s.__dict__,
             "threads": args.threads, "seeds": args.seeds, "prefix_check": prefix_check, "caches": self.caches,
+            **({"generation_budget": self.budget} if self.budget else {}),
             "table": table,
         }, indent=1, default=str))
         return 0
@@ -515,16 +619,21 @@ class Bench:
         caches = getattr(self, "caches", {})
         readers = {k: sum(1 for r in runs if r.cache_k == k) for k in caches}
         head = (f"{'student':<38}{'ms/step':>8}{'xSFT':>6}{'held-out CE':>22}{'ppl':>7}{'d equal steps':>24}"
-                f"{'SFT@time':>10}{'d equal time':>24}" + (f"{'d equal time+pass':>24}" if caches else ""))
+                f"{'SFT@time':>10}{'d equal time':>24}" + (f"{'d equal time+pass':>24}" if caches else "")
+                + (f"{'onpolicy rkl':>24}{'sample ms':>10}" if args.on_policy else ""))
         lines += [head, "-" * len(head)]
         sft_at_s = [r.loss_at(s.steps) for r in sft.values()]
         lines.append(f"{'SFT only':<38}{_med([r.step_s for r in sft.values()]) * 1000:>8.0f}{1:>6.2f}"
-                     f"{_spread(sft_at_s):>22}{math.exp(statistics.median(sft_at_s)):>7.1f}")
-        groups = [(w, o, True, None) for w in args.weights for o in args.objectives] + \
-                 [(1.0, o, False, None) for o in args.renorm] + \
-                 [(w, o, True, k) for k in caches for w in args.cache_weights for o in args.cache_objectives]
-        for w, objective, tail, k in groups:
-            rows = [r for r in runs if r.w == w and r.objective == objective and r.tail == tail and r.cache_k == k]
+                     f"{_spread(sft_at_s):>22}{math.exp(statistics.median(sft_at_s)):>7.1f}"
+                     + (f"{'':>24}{'':>10}{'':>24}" + (f"{'':>24}" if caches else "") + f"{'-':>24}{'':>10}"
+                        if args.on_policy else ""))
+        groups = [(w, o, True, None, 0.0) for w in args.weights for o in args.objectives] + \
+                 [(1.0, o, False, None, 0.0) for o in args.renorm] + \
+                 [(w, o, True, k, 0.0) for k in caches for w in args.cache_weights for o in args.cache_objectives] + \
+                 [(1.0, o, True, None, fraction) for fraction, o in on_policy_specs(args)]
+        for w, objective, tail, k, fraction in groups:
+            rows = [r for r in runs if r.w == w and r.objective == objective and r.tail == tail and r.cache_k == k
+                    and r.on_policy == fraction]
             if not rows:
                 continue
             d_steps = [r.final - sft[r.seed].loss_at(s.steps) for r in rows]
@@ -540,19 +649,35 @@ class Bench:
                                                 / sft[r.seed].step_s)
                     if value is not None:
                         d_pass.append(r.final - value)
-            label = f"{objective} w={w:g}" + ("" if tail else " no tail") + ("" if k is None else f" {_k_name(k)} cache")
+            label = ("sampled rkl (ROLL)" if objective == "sampled_reverse_kl" else objective) + f" w={w:g}" + (
+                "" if tail else " no tail") + ("" if k is None else f" {_k_name(k)} cache") + (
+                f" on-policy λ={fraction:g}" if fraction else "")
             finals = [r.final for r in rows]
             time_cols = (f"{statistics.median(at_time):>10.3f}{_signed_spread(d_time):>24}"
                          if len(at_time) == len(rows) else f"{'(longer)':>10}{'':>24}")
             if k is not None:
                 time_cols += f"{_signed_spread(d_pass):>24}" if len(d_pass) == len(rows) else f"{'(longer)':>24}"
             ratio = _med([r.step_s / sft[r.seed].step_s for r in rows])
+            if args.on_policy:
+                rkl = [r.rkl for r in rows if r.rkl is not None]
+                time_cols += (f"{_spread(rkl, '.4f') if len(rkl) == len(rows) else '-':>24}"
+                              + (f"{_med([r.sample_s for r in rows]) * 1000:>10.0f}" if fraction else f"{'-':>10}"))
             lines.append(f"{label:<38}{_med([r.step_s for r in rows]) * 1000:>8.0f}{ratio:>6.2f}{_spread(finals):>22}"
                          f"{math.exp(statistics.median(finals)):>7.1f}{_signed_spread(d_steps):>24}{time_cols}")
         lines.append(f"ms/step: median step time (median over seeds); xSFT: that over SFT's, median of per-seed ratios; "
                      f"SFT@time: SFT's held-out CE after the same training "
                      f"time as that KD run (interpolated; "
                      f"'(longer)': that time is past the SFT run's end for some seed); total wall time {total / 60:.1f} min")
+        if args.on_policy:
+            b = self.budget
+            lines.append(f"on-policy λ: on_policy_fraction, the share of micro-batches whose answers the student samples "
+                         f"(up to {b['max_new_tokens']} tokens, temperature 1; the teacher scores them; kd_objective on "
+                         f"the sampled positions, or ROLL's sampled reverse KL), at distill_loss_weight 1; their ms/step "
+                         f"is the MEAN step time (sampling included; at λ < 1 a step samples or not); sample ms: mean "
+                         f"sampling time per step; onpolicy rkl: eval/onpolicy_rkl, the teacher's per-token reverse "
+                         f"KL(student ‖ teacher) on the student's greedy completions (up to {b['max_new_tokens']} tokens) "
+                         f"of the held-out questions, median [min-max] over seeds (lower: its own text is closer to "
+                         f"the teacher's); every live-teacher KD row reports it")
         if caches:
             lines.append("d equal time+pass: as d equal time, the KD run's time plus its share of the teacher's one-off "
                          "pass (the pass's time / the number of student runs that read that cache)")
@@ -587,8 +712,8 @@ def _med(values):
     return statistics.median(values)
 
 
-def _spread(values) -> str:
-    return f"{statistics.median(values):.3f} [{min(values):.3f}-{max(values):.3f}]"
+def _spread(values, fmt: str = ".3f") -> str:
+    return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
 
 
 def _signed_spread(values) -> str:
@@ -655,6 +780,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--live", action=argparse.BooleanOptionalAction, default=True,
                         help="the rows with a live teacher (--objectives x --weights, --renorm); --no-live: SFT and "
                         "the cache rows only")
+    parser.add_argument("--on-policy", action="store_true",
+                        help="also run on-policy distillation rows (--on-policy-fractions x --on-policy-objectives, "
+                        "distill_loss_weight 1, live teacher, whatever --live says), and report eval/onpolicy_rkl "
+                        "for every live-teacher KD row")
+    parser.add_argument("--on-policy-fractions", type=float, nargs="+", default=None,
+                        help="on_policy_fraction (λ) of the on-policy rows, in (0, 1] (default 0.5 1)")
+    parser.add_argument("--on-policy-objectives", nargs="+", choices=OBJECTIVES + ("sampled_reverse_kl",), default=None,
+                        help="kd_objective of the on-policy rows on the sampled positions, or sampled_reverse_kl: "
+                        "on_policy_loss sampled_reverse_kl (ROLL's policy-gradient form) (default reverse_kl)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per Ray actor (KUBEDISTILL_NUM_THREADS)")
     parser.add_argument("--out", default="/tmp/kubedistill-realtext", help="data, models, runs and results.json")
     parser.add_argument("--cache", default=str(DEFAULT_CACHE), help=f"where the {DEB_PACKAGE} package and its prose are kept")
@@ -672,6 +806,12 @@ def main(argv: list[str] | None = None) -> int:
         args.cache_topk = [64 if not args.quick else QUICK.topk] if args.from_cache else []
     elif not args.from_cache:
         parser.error("--cache-topk needs --from-cache")
+    if not args.on_policy and (args.on_policy_fractions or args.on_policy_objectives):
+        parser.error("--on-policy-fractions and --on-policy-objectives need --on-policy")
+    args.on_policy_fractions = args.on_policy_fractions or [0.5, 1.0]
+    args.on_policy_objectives = args.on_policy_objectives or ["reverse_kl"]
+    if not all(0 < f <= 1 for f in args.on_policy_fractions):
+        parser.error("--on-policy-fractions: each must be in (0, 1]")
     args.cache_objectives = args.cache_objectives or (["forward_kl"] if args.quick else ["forward_kl", "adaptive_kl"])
     os.environ["KUBEDISTILL_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
