@@ -249,6 +249,7 @@ def test_every_dashboard_query_and_alert_expression_works_on_a_real_prometheus(
             config = tiny_config_dict(tiny_setup, tmp_path, max_steps=48, save_steps=24, eval_steps=24,
                                       eval_exact_match=True, exp_name="obs-test", metrics_port=trainer_port,
                                       device_peak_tflops=0.01,  # train/mfu: the MFU panel has data too
+                                      eval_onpolicy_rkl=True, generation={"max_new_tokens": 6},  # its panel too
                                       metrics_linger_seconds=2)
             result = DistillPipeline(config_from_dict(config), num_threads=1, console=False).run()
             assert result.final_step == 48

@@ -189,3 +189,13 @@ def test_tensor_parallel_megatron_on_policy_matches_the_torch_strategy(tiny_setu
                 **on_policy)
     _same_steps(tmp_path / "torch", tmp_path / "tp2", ("train/loss", "train/distill_loss", "train/student_loss",
                                                         "eval/onpolicy_rkl"), 1e-3)
+
+
+@pytest.mark.timeout(300)
+def test_an_off_policy_run_reports_eval_onpolicy_rkl_while_the_teacher_is_a_step_ahead(tiny_setup, tmp_path, local_ray):
+    # overlap_teacher: at evaluation the next step's two micro-batches hold both slots of the teacher's ring, so the
+    # evaluation's targets must not need a slot (they go through the object store).
+    run(tiny_setup, tmp_path, max_steps=4, save_steps=0, eval_steps=2, eval_onpolicy_rkl=True, generation=GENERATION)
+    rkl = [(m["step"], m["eval/onpolicy_rkl"]) for m in logged_metrics(tmp_path) if "eval/onpolicy_rkl" in m]
+    assert [step for step, _ in rkl] == [2, 4] and all(value > 0 for _, value in rkl)
+    assert not any("time/sample" in m for m in logged_metrics(tmp_path))  # nothing sampled in training

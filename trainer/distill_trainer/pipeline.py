@@ -436,7 +436,8 @@ class DistillPipeline:
         params = SamplingParams.of(self.config.generation)
         sampled = _get([student.sample_eval.remote(params) for student in workers.students])
         counts, samples = [len(batches) for batches in sampled], [ray.put(batches) for batches in sampled]
-        outputs = [[teacher.forward.remote(samples[rank], i) for i in range(counts[rank])]
+        # Through the object store: the ring's slots may all hold the next step's targets (overlap_teacher).
+        outputs = [[teacher.forward.remote(samples[rank], i, True) for i in range(counts[rank])]
                    for rank, teacher in enumerate(workers.teachers)]
         sums = [s for s in _get([student.onpolicy_rkl.remote(samples[rank], outputs[rank])
                                  for rank, student in enumerate(workers.students)]) if s.counted]

@@ -312,6 +312,7 @@ class TeacherWorker(_Rank):
         super().__init__(config, "teacher", rank, world_size, on_gpu, num_threads)
         self.vocab = vocab
         self.publisher = make_transport(transport, channel_slots(config))
+        self.evaluation_publisher = make_transport("object_store")
         self.strategy = None
 
     def use_transport(self, kind: TransportKind) -> None:
@@ -326,9 +327,12 @@ class TeacherWorker(_Rank):
         )
         self._release_cached_memory()
 
-    def forward(self, batches: Sequence[dict[str, torch.Tensor]], index: int | None = None) -> TeacherOutput:
+    def forward(self, batches: Sequence[dict[str, torch.Tensor]], index: int | None = None,
+                object_store: bool = False) -> TeacherOutput:
         """The targets of ``batches`` (or only of ``batches[index]``), published on this rank's channel; waits
-        for a free slot when the student still holds every one."""
+        for a free slot when the student still holds every one. ``object_store``: through the Ray object store
+        instead, which has no slots: evaluation's targets, asked for while the next step's targets may hold every
+        slot of the ring (``overlap_teacher``) and the student would only free them in that step."""
         start = time.perf_counter()
         if index is not None:
             batches = [batches[index]]
@@ -337,7 +341,8 @@ class TeacherWorker(_Rank):
         if any(part is None for part in parts):  # a rank without logits (not the last pipeline stage)
             return TeacherOutput(None, (), forward_done - start, 0.0)
         targets = TeacherTargets.cat(parts)
-        handle = self.publisher.publish(targets.tensors())  # values (+ indices, tail) by name
+        publisher = self.evaluation_publisher if object_store else self.publisher
+        handle = publisher.publish(targets.tensors())  # values (+ indices, tail) by name
         return TeacherOutput(handle, tuple(p.rows for p in parts), forward_done - start,
                              time.perf_counter() - forward_done)
 
