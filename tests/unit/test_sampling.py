@@ -145,3 +145,24 @@ def test_unfiltered_sampling_is_temperature_one_without_cuts():
     assert config.generation.unfiltered()
     assert not config_from_dict({**BASE, "generation": {"top_p": 0.95}}).generation.unfiltered()
     assert math.isclose(config.generation.temperature, 1.0)
+
+
+def test_greedy_kv_cache_decoding_of_left_padded_prompts_equals_transformers_generate(tmp_path):
+    """The decode the torch strategies use for on-policy samples and for exact-match evaluation (``generate``)."""
+    from transformers import AutoModelForCausalLM
+
+    from distill_trainer.demo.tiny_models import build_causal_lm, build_tokenizer
+    from distill_trainer.sampling import sample_with_kv_cache
+
+    tokenizer = build_tokenizer(["12+34=46", "7+8=15", "100+1=101"], None)
+    build_causal_lm(tokenizer, tmp_path / "m", hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, seed=3)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    vocab = len(tokenizer.get_vocab())
+    prompts = [tokenizer(text)["input_ids"] for text in ("12+34=", "7+8=", "100+1=")]  # lengths differ: left padding
+    completions = sample_with_kv_cache(model, prompts, SamplingParams(8, temperature=0.0), tokenizer.eos_token_id,
+                                       tokenizer.pad_token_id or 0, 0, vocab, torch.device("cpu"))
+    for prompt, completion in zip(prompts, completions):
+        reference = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0)
+        assert completion.tokens == reference[0, len(prompt):].tolist()[: len(completion.tokens)]
+        assert len(completion.tokens) == 8 or completion.tokens[-1] == tokenizer.eos_token_id

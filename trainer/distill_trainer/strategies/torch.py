@@ -33,7 +33,7 @@ from .. import checkpoint
 from ..config import ModelArgs, ships_label_logprobs
 from ..data import IGNORE_INDEX
 from ..losses import topk_teacher_logits
-from ..sampling import sample_with_kv_cache
+from ..sampling import SamplingParams, sample_with_kv_cache
 from .base import InferStrategy, LossFn, MicroBatch, OptimizerStepResult, RankContext, StepStats, TeacherTargets, TrainStrategy
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -343,28 +343,9 @@ class TorchTrainStrategy(TrainStrategy):
         return sample_with_kv_cache(self.model, prompts, params, eos_token_id, pad_token_id, seed, self.vocab_size,
                                     self.device)
 
-    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> list[list[int]]:
-        """Greedy continuations of left-padded prompts, cut at the first EOS (EOS excluded)."""
-        self.model.eval()
-        try:
-            width = max(len(p) for p in prompts)
-            input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros_like(input_ids)
-            for row, prompt in enumerate(prompts):
-                input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
-                attention_mask[row, width - len(prompt) :] = 1
-            output = self.model.generate(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention_mask.to(self.device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=eos_token_id,
-                pad_token_id=pad_token_id,
-            )
-            results = []
-            for row in output[:, width:].tolist():
-                results.append(row[: row.index(eos_token_id)] if eos_token_id in row else row)
-            return results
-        finally:
-            self.model.train()
+        """Greedy continuations, cut at the first EOS (EOS excluded): the sampler's KV-cache decode at temperature
+        0 (one left-padding and decode loop for evaluation and on-policy sampling)."""
+        completions = self.sample(prompts, SamplingParams(max_new_tokens, temperature=0.0), eos_token_id, pad_token_id,
+                                  seed=0)
+        return [c.tokens[:-1] if c.tokens and c.tokens[-1] == eos_token_id else c.tokens for c in completions]
