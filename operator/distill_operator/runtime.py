@@ -542,10 +542,12 @@ class OperatorRuntime:
             return f"no answer from the API server for {silent:.0f} s (--liveness-api-timeout {limit:g})"
         late = sorted((since, key) for key, (_, since) in list(self._unseen.items()) if now - since > limit)
         if late:
-            since, (namespace, name) = late[0]
-            more = f" and {len(late) - 1} more" if len(late) > 1 else ""
-            return (f"the DistillJob watch has not delivered the change of {namespace}/{name}{more} a list showed "
-                    f"{now - since:.0f} s ago (--liveness-api-timeout {limit:g})")
+            # Every late job is named (up to three): the oldest may be the operator's own status patch of a job
+            # it already knew, while the one a user just created is the one they are looking for.
+            names = ", ".join(f"{namespace}/{name}" for _, (namespace, name) in late[:3])
+            more = f" and {len(late) - 3} more" if len(late) > 3 else ""
+            return (f"the DistillJob watch has not delivered the change{'s' if len(late) > 1 else ''} of {names}{more}"
+                    f" a list showed {now - late[0][0]:.0f} s ago (--liveness-api-timeout {limit:g})")
         return None
 
     def seconds_since_api_contact(self) -> float:

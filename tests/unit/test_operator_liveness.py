@@ -89,6 +89,23 @@ def test_a_change_the_watch_does_not_deliver_fails_liveness(monkeypatch, clock):
     assert state.health() is None
 
 
+def test_every_late_job_is_named_oldest_first(monkeypatch, clock):
+    state = OperatorRuntime()
+    state.liveness_api_timeout, state.namespaces = 10, ("ns",)
+    custom = FakeCustom([_job("old", "3")])
+    _with_api(monkeypatch, state, custom)
+    state._check_watch(5)
+    clock.now += 4
+    custom.items = [_job("old", "3")] + [_job(name, "9") for name in ("new", "c", "d")]
+    state._check_watch(5)
+    clock.now += 7
+    assert "the change of ns/old a list showed 11 s ago" in state.health()  # the others are not late yet
+    clock.now += 4
+    state.api_contact()  # the API server answers; only the watch is silent
+    problem = state.health()
+    assert "the changes of ns/old, ns/c, ns/d and 1 more a list showed 15 s ago" in problem, problem
+
+
 def test_a_list_that_catches_up_or_a_deleted_job_stops_the_clock(monkeypatch, clock):
     state = OperatorRuntime()
     state.liveness_api_timeout, state.namespaces = 10, ()
