@@ -1,11 +1,19 @@
 """On-policy distillation and seq_kd end to end on a real local Ray with tiny models: λ = 0 changes nothing; λ = 1
 trains on the student's own samples only (the micro-batches the loss reads are exactly its samples, drawn with its
-current weights); seq_kd trains on the teacher's samples; a run with sampling resumes bit for bit; a prompt with no
-room for a completion is refused before anything is written; eval/onpolicy_rkl and time/sample are reported."""
+current weights); seq_kd trains on the teacher's samples; a run with sampling resumes bit for bit, from a checkpoint and
+after kill -9 mid-run; a prompt with no room for a completion is refused before anything is written; eval/onpolicy_rkl
+and time/sample are reported."""
 
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import yaml
 import torch
 from safetensors.torch import load_file
 
@@ -133,6 +141,38 @@ def test_a_run_with_sampling_resumes_bit_for_bit(sampling_run, tiny_setup, tmp_p
     shutil.copytree(sampling_run / "output" / "checkpoint-2", tmp_path / "output" / "checkpoint-2")
     run(tiny_setup, tmp_path, resume_from_checkpoint=True, **SAMPLING_RUN)
     straight, resumed = weights(sampling_run / "output/checkpoint-4"), weights(tmp_path / "output/checkpoint-4")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_kill_9_mid_run_with_sampling_then_resume_gives_the_uninterrupted_weights(tiny_setup, tmp_path, local_ray):
+    # `kubedistill train` in its own session, killed with SIGKILL (the driver and its Ray processes) a step or two
+    # after its step-4 checkpoint, mid-step; the same command with resume_from_checkpoint=true finishes the run.
+    settings = dict(SAMPLING_RUN, max_steps=12, eval_steps=0)
+    config_file = tmp_path / "distill.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_config_dict(tiny_setup, tmp_path / "killed", **settings)))
+    command = [sys.executable, "-m", "distill_trainer.cli", "train", str(config_file)]
+    env = {**os.environ, "KUBEDISTILL_NUM_THREADS": "1"}
+    output = tmp_path / "killed" / "output"
+    trainer = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while not (output / "checkpoint-4").is_dir():
+        assert trainer.poll() is None, trainer.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no step-4 checkpoint in 180 s"
+        time.sleep(0.01)
+    time.sleep(0.05)  # into the next step (a tiny step takes about that)
+    os.killpg(trainer.pid, signal.SIGKILL)
+    trainer.wait()
+    assert not (output / "checkpoint-12").exists(), "the kill came after the run had finished"
+    rerun = subprocess.run(command + ["resume_from_checkpoint=true"], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    resumed_at = re.search(r"resuming from \S+checkpoint-(\d+) at step", rerun.stdout + rerun.stderr)
+    assert resumed_at and 4 <= int(resumed_at.group(1)) < 12, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    run(tiny_setup, tmp_path / "straight", **settings)
+    straight, resumed = weights(tmp_path / "straight/output/checkpoint-12"), weights(output / "checkpoint-12")
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
