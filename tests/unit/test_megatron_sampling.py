@@ -4,7 +4,12 @@ seed draws the same tokens, with the same log-probs, at tp=2 as at tp=1, on ever
 prompts of one length, what the torch strategies' ``sample_with_kv_cache`` draws.
 
 One spawn of 2 ranks samples every layout in turn (tp=2; tp=1 with dp=2, each rank a whole replica; pp=2), each
-rank writing what it sampled; the tests compare the files."""
+rank writing what it sampled; the tests compare the files.
+
+``sample`` decodes with Megatron's KV cache (``_MegatronKVStepper``): in the same spawn, its logits are compared at
+every decode step with the no-cache stepper's (``_MegatronStepper``, a whole forward of the sequence so far) at tp=2,
+tp=1 and pp=2, and the width of every forward ``sample`` runs through the GPTModel is recorded (the prompt once,
+then one token per step). Under sequence parallel ``sample`` falls back to the no-cache stepper (tp=2 + SP)."""
 
 import json
 
@@ -60,10 +65,70 @@ def _sample_everything(rank, world, root, eos_token_id):
                 completions = strategy.sample(prompts, params, eos_token_id, VOCAB.pad_token_id, SEED)
                 results[name][f"{setting}/{prompts_name}"] = [[c.tokens, c.logprobs] for c in completions]
         assert strategy._sampling_model().training == module_mode  # the mode is restored
+        results.setdefault("cache", {})[name] = _kv_cache_checks(strategy, eos_token_id)
         del strategy
         reset_megatron()
+    # Sequence parallel: the no-cache fallback (Megatron's static-batch inference does not support it).
+    config = fake_config(f"{root}/student")
+    config.student.strategy_args.sequence_parallel = True
+    strategy = MegatronTrainStrategy(config, rank_context(rank, world, 2, 1), VOCAB)
+    widths, completions = _forward_widths(strategy, PROMPTS, SETTINGS["greedy"], eos_token_id)
+    results["tp2_sp"] = {"greedy/mixed": [[c.tokens, c.logprobs] for c in completions], "widths": widths}
+    del strategy
+    reset_megatron()
     with open(f"{root}/rank{rank}.json", "w") as f:
         json.dump(results, f)
+
+
+def _forward_widths(strategy, prompts, params, eos_token_id):
+    """The number of positions of every forward of the GPTModel while ``sample`` decodes ``prompts`` (a forward
+    pre-hook on this rank's model stage: its first argument is the token ids on every stage), and the completions."""
+    widths = []
+    handle = strategy.module.register_forward_pre_hook(lambda module, args: widths.append(int(args[0].shape[1])))
+    try:
+        completions = strategy.sample(prompts, params, eos_token_id, VOCAB.pad_token_id, SEED)
+    finally:
+        handle.remove()
+    return widths, completions
+
+
+def _kv_cache_checks(strategy, eos_token_id):
+    """The KV-cached stepper against the no-cache one, fed the same tokens (drawn from a fixed generator, the same on
+    every rank): the max |difference| of their logits after the prompts and after every decode step, the KV
+    stepper's last logits (to compare across ranks) and forward widths; and the forward widths of a ``sample``."""
+    from distill_trainer.strategies.megatron import _MegatronKVStepper, _MegatronStepper
+
+    model = strategy._sampling_model()
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            tokens = torch.tensor(EQUAL, dtype=torch.long)
+            cached = _MegatronKVStepper(strategy, model, tokens, NEW_TOKENS)
+            plain = _MegatronStepper(strategy, model, tokens)
+            a, b = cached.start(), plain.start()
+            diffs = [float((a - b).abs().max())]
+            generator = torch.Generator().manual_seed(5)
+            for _ in range(NEW_TOKENS - 1):
+                picked = torch.randint(2, TOKENIZER_VOCAB, (len(EQUAL),), generator=generator)
+                a, b = cached.step(picked), plain.step(picked)
+                diffs.append(float((a - b).abs().max()))
+            kv_forwarded = list(cached.forwarded)
+            last = a.tolist()
+    finally:
+        model.train(training)
+    widths, completions = _forward_widths(strategy, PROMPTS, SETTINGS["greedy"], eos_token_id)
+    return {"diffs": diffs, "last": last, "kv_forwarded": kv_forwarded, "widths": widths,
+            "lengths": [len(c.tokens) for c in completions]}
+
+
+def _expected_widths(prompts, lengths):
+    """Forward widths of a KV-cached ``sample``: per length group (in order of first appearance) the prompt length
+    once, then 1 per further step (as many as the group's longest completion has tokens after its first)."""
+    groups: dict[int, list[int]] = {}
+    for prompt, length in zip(prompts, lengths):
+        groups.setdefault(len(prompt), []).append(length)
+    return [w for size, group in groups.items() for w in [size] + [1] * (max(group) - 1)]
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +210,42 @@ def test_pp2_samples_as_pp1_on_both_stages(sampled):
             got = results["pp2"][key]
             assert _tokens(got) == _tokens(tp1), (key, _tokens(got), _tokens(tp1))
             assert _max_logprob_diff(got, tp1) <= 1e-5, key
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("layout", ["tp2", "tp1", "pp2"])
+def test_kv_cached_stepper_logits_equal_the_no_cache_forward_at_every_step(sampled, layout):
+    ranks = sampled["ranks"]
+    for results in ranks:
+        cache = results["cache"][layout]
+        assert len(cache["diffs"]) == NEW_TOKENS  # after the prompts, then after each of NEW_TOKENS - 1 steps
+        assert max(cache["diffs"]) <= 1e-5, cache["diffs"]
+        assert cache["kv_forwarded"] == [len(EQUAL[0])] + [1] * (NEW_TOKENS - 1)
+        # Whole-vocabulary logits, the same on every rank of the replica (both stages under pp=2).
+        assert len(cache["last"][0]) == TOKENIZER_VOCAB
+    # Every rank's logits alike: one replica's ranks (tp=2, both stages of pp=2), or two replicas (tp=1, dp=2).
+    assert ranks[0]["cache"][layout]["last"] == ranks[1]["cache"][layout]["last"]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("layout", ["tp2", "tp1", "tp1_infer", "pp2"])
+def test_sample_forwards_the_prompt_once_then_one_token_per_step(sampled, layout):
+    for results in sampled["ranks"]:
+        cache = results["cache"][layout]
+        assert cache["lengths"] == [len(t) for t in _tokens(results[layout]["greedy/mixed"])]
+        assert cache["widths"] == _expected_widths(PROMPTS, cache["lengths"]), cache["widths"]
+        assert cache["widths"].count(1) > 0
+
+
+@pytest.mark.timeout(300)
+def test_sequence_parallel_sample_falls_back_to_the_no_cache_stepper(sampled):
+    for results in sampled["ranks"]:
+        got = results["tp2_sp"]["greedy/mixed"]
+        assert _tokens(got) == _tokens(results["tp1"]["greedy/mixed"])
+        # No cache: every forward runs the whole sequence so far (the prompt, then one position more per step),
+        # right-padded to a multiple of tp = 2 for sequence parallel.
+        groups = {}
+        for prompt, tokens in zip(PROMPTS, _tokens(got)):
+            groups.setdefault(len(prompt), []).append(len(tokens))
+        expected = [-(-(size + k) // 2) * 2 for size, lengths in groups.items() for k in range(max(lengths))]
+        assert results["tp2_sp"]["widths"] == expected

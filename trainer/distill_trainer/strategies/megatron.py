@@ -56,10 +56,15 @@ holds 1/tp of the sequence, so ``_run`` right-pads a micro-batch whose length is
 back to the micro-batch's length before ``on_logits``: teacher targets, the student's loss (both heads) and
 ``generate`` see the unpadded positions only. CPU ranks build it with ``megatron_cpu.SequenceParallelTorchNorm``.
 
-Sampling (``sample``, both sides: on-policy distillation and seq_kd) is ``sampling.decode`` with a stepper that,
-like ``generate``, has no KV cache: prompts grouped by length, every step one forward of the replica over the whole
-sequence so far. The last position's logits are made whole on every rank of the replica (TP slices all-gathered,
-then broadcast from the last PP stage), so every rank's identically seeded generator draws the same tokens.
+Sampling (``sample``, both sides: on-policy distillation and seq_kd) is ``sampling.decode`` over prompts grouped by
+length, with Megatron-Core's own static-batch inference path and its KV cache (``_MegatronKVStepper``:
+``StaticInferenceContext`` driven through ``GPTInferenceWrapper``): one forward of the prompts, then one forward of
+one token per step. The last position's logits are made whole on every rank of the replica (TP slices all-gathered
+by Megatron's output layer, padding columns cut off, then broadcast from the last PP stage), so every rank's
+identically seeded generator draws the same tokens. Under sequence parallel (which Megatron's static-batch inference
+does not support for dense models) it falls back to ``_MegatronStepper``: no KV cache, every step one forward of the
+replica over the whole sequence so far, as ``generate``. Both give the same logits within float32 rounding
+(``tests/unit/test_megatron_sampling.py``).
 
 Checkpoints: the student is exported in HF format (merged across TP and PP, padding rows dropped) to
 ``<dir>/student/`` by global rank 0; each rank writes its optimizer and scheduler state and RNG states to
@@ -306,10 +311,11 @@ class _MegatronModel:
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], params: SamplingParams, eos_token_id: int, pad_token_id: int,
                seed: int) -> list[Completion]:
-        """``sampling.decode`` over the replica, as ``generate`` decodes: prompts of equal length together (no
-        padding, so no attention mask is needed), each group with its own generator (``_group_seed``), so every
-        rank of the replica, given the same arguments, draws the same tokens from the same whole-vocabulary
-        logits (``_MegatronStepper``). Eval mode (no dropout) while sampling; the model's mode is restored.
+        """``sampling.decode`` over the replica: prompts of equal length together (no padding, so no attention mask
+        is needed), each group with its own generator (``_group_seed``), so every rank of the replica, given the
+        same arguments, draws the same tokens from the same whole-vocabulary logits. Each group decodes with a KV
+        cache (``_MegatronKVStepper``), or, under sequence parallel, without one (``_MegatronStepper``, see
+        ``_sampling_stepper``). Eval mode (no dropout) while sampling; the model's mode is restored.
         ``pad_token_id`` is unused: nothing is padded."""
         model = self._sampling_model()
         training = model.training
@@ -318,7 +324,7 @@ class _MegatronModel:
             completions: list[Optional[Completion]] = [None] * len(prompts)
             for group, indices in enumerate(_length_groups(prompts)):
                 tokens = torch.tensor([prompts[i] for i in indices], dtype=torch.long, device=self.device)
-                stepper = _MegatronStepper(self, model, tokens)
+                stepper = self._sampling_stepper(model, tokens, params.max_new_tokens)
                 generator = make_generator(_group_seed(seed, group), self.device)
                 for index, completion in zip(indices, decode(stepper, len(indices), params, eos_token_id, generator)):
                     completions[index] = completion
@@ -326,11 +332,32 @@ class _MegatronModel:
         finally:
             model.train(training)
 
+    def _sampling_stepper(self, model, tokens: torch.Tensor, max_new_tokens: int):
+        """The stepper ``sample`` decodes ``tokens`` [B, T] with: ``_MegatronKVStepper``, except under sequence
+        parallel, where Megatron's static-batch inference does not run for dense models (its
+        ``TextGenerationController`` raises NotImplementedError; a one-token decode step cannot be split along the
+        sequence over the TP ranks), so ``_MegatronStepper`` (no KV cache) decodes instead."""
+        if self.bridge.config.sequence_parallel:
+            return _MegatronStepper(self, model, tokens)
+        return _MegatronKVStepper(self, model, tokens, max_new_tokens)
+
+    def _whole_logits(self, last: Optional[torch.Tensor], rows: int) -> torch.Tensor:
+        """[rows, vocab.size] float32 logits on every rank of the replica from ``last``, the last stage's whole
+        (TP-gathered) logits [rows, ≥ vocab.size] (None on other stages): padding columns cut off, then under PP
+        broadcast from the last stage."""
+        logits = torch.empty(rows, self.vocab.size, dtype=torch.float32, device=self.device)
+        if self.is_last_stage:
+            logits.copy_(last[:, : self.vocab.size])
+        if self.rank.pp_size > 1:
+            group = self.mpu.get_pipeline_model_parallel_group()
+            dist.broadcast(logits, src=dist.get_global_rank(group, self.rank.pp_size - 1), group=group)
+        return logits
+
     def _last_logits(self, model, tokens: torch.Tensor) -> torch.Tensor:
         """[B, vocab.size] float32 logits after the last position of ``tokens`` [B, T], whole on every rank of the
         replica: the TP slices gathered (padding columns −inf first, then cut at the tokenizer's size), and under
         PP broadcast from the last stage, so that each rank's identically seeded generator draws the same tokens."""
-        logits = torch.empty(tokens.shape[0], self.vocab.size, dtype=torch.float32, device=self.device)
+        out: list[torch.Tensor] = []
 
         def keep(output, batch):
             last = output[:, -1].to(torch.float32, copy=True)  # a copy: the mask below writes in place
@@ -339,21 +366,19 @@ class _MegatronModel:
                 slices = [torch.empty_like(last) for _ in range(self.rank.tp_size)]
                 dist.all_gather(slices, last, group=self.tp_group)
                 last = torch.cat(slices, dim=-1)
-            logits.copy_(last[:, : self.vocab.size])
+            out.append(last)
             return output.new_zeros(())
 
         batch = MicroBatch(tokens, torch.ones_like(tokens), torch.full_like(tokens, IGNORE_INDEX))
         self._run(model, [batch], keep, forward_only=True)
-        if self.rank.pp_size > 1:
-            group = self.mpu.get_pipeline_model_parallel_group()
-            dist.broadcast(logits, src=dist.get_global_rank(group, self.rank.pp_size - 1), group=group)
-        return logits
+        return self._whole_logits(out[0] if out else None, int(tokens.shape[0]))
 
 
 class _MegatronStepper:
     """``sampling.Stepper`` for a Megatron replica, without a KV cache: Megatron's schedule runs whole sequences,
     so every step is one forward of the prompts and the tokens drawn so far (quadratic in the completion's
-    length, as ``generate``; a KV-cache engine is the way to long completions). Logits as ``_last_logits``."""
+    length, as ``generate``). ``sample`` uses it only under sequence parallel (``_sampling_stepper``); the tests
+    use it as the reference of ``_MegatronKVStepper``. Logits as ``_last_logits``."""
 
     def __init__(self, strategy: _MegatronModel, model, tokens: torch.Tensor):
         self.strategy, self.model, self.tokens = strategy, model, tokens
@@ -364,6 +389,70 @@ class _MegatronStepper:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.tokens = torch.cat([self.tokens, tokens.to(self.tokens.device, torch.long)[:, None]], dim=1)
         return self.start()
+
+
+class _MegatronKVStepper:
+    """``sampling.Stepper`` for a Megatron replica with a KV cache: Megatron-Core's static-batch inference path.
+
+    A ``StaticInferenceContext`` (room for the B rows and T + ``max_new_tokens`` positions) is passed to the
+    GPTModel's forward by Megatron's ``GPTInferenceWrapper``: each attention layer keeps its keys and values in
+    the context (allocated at its first forward, on "the current device": CPU under ``megatron_cpu``), the
+    prompts' forward is causal, and each step forwards the one new token per row against the cached positions
+    (rotary positions from the context's offset). Under PP the wrapper receives the previous stage's hidden states
+    and sends its own to the next stage (``inference.communication_utils``: ``batch_isend_irecv``, which runs on
+    gloo), the whole batch as one micro-batch. The output layer gathers the TP slices (``runtime_gather_output``)
+    and keeps only the last position; ``_whole_logits`` cuts the padding and broadcasts from the last stage, so the
+    logits are what ``_MegatronStepper`` gives, within float32 rounding.
+
+    The wrapper's ``run_one_forward_step`` is not called, only the two forwards it dispatches to, under the caller's
+    ``no_grad``: it runs under ``torch.inference_mode()``, and Megatron's ``RotaryEmbedding.forward`` is
+    ``lru_cache``d by sequence length, so the rotary table it makes there (an inference tensor) is what a later
+    training forward of the student at that length gets back. The unfused RoPE of CPU ranks only reads it (a
+    training step after such a forward runs fine here); a kernel that saved it for backward (TransformerEngine's
+    fused RoPE saves its frequencies) would fail, so no inference tensor is made at all.
+    ``forwarded``: the number of positions each forward took (tests)."""
+
+    def __init__(self, strategy: _MegatronModel, model, tokens: torch.Tensor, max_new_tokens: int):
+        from megatron.core.inference.contexts import StaticInferenceContext
+        from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
+        from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
+
+        config = strategy.bridge.config
+        self.strategy, self.tokens = strategy, tokens
+        rows, length = tokens.shape
+        self.context = StaticInferenceContext(rows, length + max(1, max_new_tokens))
+        wrapper_config = InferenceWrapperConfig(
+            hidden_size=config.hidden_size,
+            params_dtype=config.params_dtype,
+            fp32_residual_connection=config.fp32_residual_connection,
+            inference_batch_times_seqlen_threshold=-1,  # the whole group is one micro-batch, as in ``_run``
+            padded_vocab_size=strategy.padded_vocab,
+        )
+        with cpu_device_mode():
+            self.wrapper = GPTInferenceWrapper(model, wrapper_config, self.context)
+            self.wrapper.prep_model_for_inference()  # eval mode, the context reset to prefill
+        self.forwarded: list[int] = []
+
+    def start(self) -> torch.Tensor:
+        positions = torch.arange(self.tokens.shape[1], device=self.tokens.device).expand_as(self.tokens)
+        return self._forward(self.tokens, positions)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.context.enable_decode_mode()
+        tokens = tokens.to(self.tokens.device, torch.long)[:, None]
+        positions = torch.full_like(tokens, self.context.sequence_len_offset)
+        return self._forward(tokens, positions)
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        batch = {"tokens": tokens, "position_ids": positions, "attention_mask": None}  # causal / no mask
+        with torch.no_grad(), cpu_device_mode():
+            if self.wrapper.model_is_pipeline_parallel:
+                output = self.wrapper.forward_pass_with_pipeline_parallel_small_input_batch(batch)
+            else:
+                output = self.wrapper.forward_pass_without_pipeline_parallel(batch)
+        self.forwarded.append(int(tokens.shape[1]))
+        last = output[:, -1].float() if output is not None else None  # [B, V_p], gathered over TP
+        return self.strategy._whole_logits(last, int(tokens.shape[0]))
 
 
 def _length_groups(prompts: Sequence[Sequence[int]]) -> list[list[int]]:

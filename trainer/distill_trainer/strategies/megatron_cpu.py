@@ -4,12 +4,15 @@ Megatron-Core assumes a GPU in a handful of places that have nothing to do with 
 without CUDA, ``apply_cpu_shims()`` (idempotent, a no-op when CUDA is available) replaces exactly these:
 
 - ``torch.cuda.current_device()`` returns ``"cpu"``: rotary embeddings, the global memory buffer,
-  tensor-parallel gathers and pipeline send/receive buffers allocate on "the current device".
+  tensor-parallel gathers and pipeline send/receive buffers allocate on "the current device"; so do the KV
+  cache of Megatron's static-batch inference (``Attention._allocate_memory``) and the receive buffers of its
+  pipeline-parallel forward (``AbstractModelInferenceWrapper._allocate_recv_buffer``), which sampling uses.
 - The CUDA RNG that Megatron's ``CudaRNGStatesTracker`` forks for tensor-parallel regions becomes one
   dedicated CPU ``torch.Generator`` (``torch.cuda.get_rng_state`` / ``set_rng_state`` / ``manual_seed``
   and Megatron's ``_get_cuda_rng_state`` / ``_set_cuda_rng_state`` read and write it). It is not the CPU
   default generator, so forking it never disturbs the rest of the process's random stream.
-- ``torch.cuda.synchronize`` and ``torch.cuda.current_stream`` do nothing (the 1F1B schedule calls them).
+- ``torch.cuda.synchronize`` and ``torch.cuda.current_stream`` do nothing (the 1F1B schedule calls them, and
+  ``inference.communication_utils`` synchronizes after each ``batch_isend_irecv``, which runs on gloo as it is).
 - ``clip_grad_by_total_norm_fp32`` (the optimizer's gradient clipping) asserts that every gradient is a
   ``torch.cuda.FloatTensor``: the same math (scale by max_norm / (total_norm + 1e-6) when below 1) without it.
 
