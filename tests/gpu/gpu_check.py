@@ -30,6 +30,11 @@
       memory each process reserves, device-wide free memory, and the channel's share (slots x slot size).
    Each process gets ``torch.cuda.set_per_process_memory_fraction`` (``--teacher-memory-fraction``,
    ``--student-memory-fraction``, 0.45 each by default).
+   Then (2b) the trained student samples on its rank as on-policy distillation does (``sample``: Megatron-Core's
+   static-batch inference with its KV cache): 16 prompts of 256 tokens, 128 new tokens at temperature 1, tokens/s,
+   the same seed twice draws the same tokens (asserted); and 32 greedy steps of the KV-cached stepper against the
+   no-cache one (a whole forward of the sequence so far each step) fed the same tokens: both times, the largest
+   logit difference (bf16: a figure; non-finite fails) and how many greedy picks agree.
 3. ``kd``: ``losses.kd_loss`` (chunked, gradient computed in the forward pass) against the straightforward
    version (both log-softmaxes materialised, autograd) on [8·2048, 151936] logits, full vocabulary and top-64:
    time and peak memory (allocated and reserved) of loss + backward, and how far apart their losses and
@@ -991,6 +996,68 @@ def _megatron_student(link: _Link, settings: dict) -> None:
         link.results.put(("student", case["name"], {"steps": steps, "probe": probe_name,
                                                      "end_memory": _memory(device)}))
         link.to_teacher.put("done")
+    _empty_cache(device)
+    link.results.put(("student", "sample", _megatron_sample_figures(strategy, settings, device)))
+
+
+def _megatron_sample_figures(strategy, settings: dict, device) -> dict:
+    """On-policy sampling on the trained student's rank: ``sample`` (Megatron's static-batch inference with its KV
+    cache) at temperature 1, twice with one seed (the same tokens?), its tokens/s; then greedy decoding with the
+    KV-cached stepper against the no-cache stepper (a whole forward of the sequence so far each step) fed the same
+    tokens: the largest logit difference over the steps, whether their greedy picks agree, and both times."""
+    import torch
+    from distill_trainer.sampling import SamplingParams
+    from distill_trainer.strategies.megatron import _MegatronKVStepper, _MegatronStepper
+
+    rows, width, new_tokens, compared = settings["sample"]
+    generator = torch.Generator().manual_seed(0)
+    # Ids from 1: id 0 is the EOS here, rarely drawn by a random model, so rows run to new_tokens.
+    prompts = [torch.randint(1, settings["tokenizer_vocab"], (width,), generator=generator).tolist()
+               for _ in range(rows)]
+
+    def draw(seed: int, params: SamplingParams):
+        _sync(device)
+        start = time.monotonic()
+        completions = strategy.sample(prompts, params, 0, 0, seed)
+        _sync(device)
+        return completions, time.monotonic() - start
+
+    draw(0, SamplingParams(2))  # warm-up
+    first, seconds = draw(7, SamplingParams(new_tokens))
+    second, _ = draw(7, SamplingParams(new_tokens))
+    same = [c.tokens for c in first] == [c.tokens for c in second]
+    tokens = sum(len(c.tokens) for c in first)
+
+    model = strategy._sampling_model()
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ids = torch.tensor(prompts, dtype=torch.long, device=device)
+            _sync(device)
+            start = time.monotonic()
+            cached = _MegatronKVStepper(strategy, model, ids, compared)
+            logits, picks = [cached.start()], []
+            for _ in range(compared - 1):
+                picks.append(logits[-1].argmax(-1))
+                logits.append(cached.step(picks[-1]))
+            _sync(device)
+            cached_seconds = time.monotonic() - start
+            del cached
+            start = time.monotonic()
+            plain = _MegatronStepper(strategy, model, ids)
+            reference = [plain.start()] + [plain.step(pick) for pick in picks]
+            _sync(device)
+            plain_seconds = time.monotonic() - start
+            diffs = [float((a - b).abs().max()) for a, b in zip(logits, reference)]
+            agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(logits, reference))
+    finally:
+        model.train(training)
+    return {"rows": rows, "prompt_tokens": width, "new_tokens": new_tokens, "sampled_tokens": tokens,
+            "seconds": seconds, "tokens_per_second": tokens / seconds, "same_seed_same_tokens": same,
+            "compared_steps": compared, "kv_seconds": cached_seconds, "no_cache_seconds": plain_seconds,
+            "max_logit_diff": max(diffs), "logit_diff_by_step": diffs, "greedy_picks_agree": agree,
+            "greedy_picks": rows * compared}
 
 
 def _megatron_cases(args) -> list[dict]:
@@ -1021,7 +1088,8 @@ def megatron_check(args, part: "_PartRecord") -> None:
                         tokenizer_vocab=shape.vocab - 290 if shape.vocab > 1000 else shape.vocab,
                         dtype="bf16" if device.type == "cuda" else "fp32",
                         kind="cuda_ipc" if device.type == "cuda" else "shared_memory",
-                        teacher_memory_fraction=fractions[0], student_memory_fraction=fractions[1])
+                        teacher_memory_fraction=fractions[0], student_memory_fraction=fractions[1],
+                        sample=(2, 8, 6, 4) if args.smoke else (16, 256, 128, 32))
         with _Pair(_megatron_teacher, _megatron_student, (settings,), (settings,), args.deadline,
                    fail_student=args.fail_part == "megatron") as pair:
             for case in cases:
@@ -1030,6 +1098,20 @@ def megatron_check(args, part: "_PartRecord") -> None:
                 figures = _megatron_figures(case, shape, teacher, student, settings, args.peak_tflops)
                 part.record(case["name"], figures)
                 _print_megatron(case, figures, shape, settings, args)
+            sample = pair.get("student", "sample")
+        part.record("sample", sample)
+        _table(f"2b. Megatron sampling on the student's rank ({settings['dtype']}): {sample['rows']} prompts of "
+               f"{sample['prompt_tokens']} tokens, {sample['new_tokens']} new tokens at temperature 1, Megatron's "
+               f"KV cache; then {sample['compared_steps']} greedy steps, KV cache against a whole forward per step",
+               ["sample", "tokens/s", "same seed, same tokens", "KV cache", "no cache", "max |logit diff|",
+                "greedy picks agree"],
+               [[_ms(sample["seconds"]), f"{sample['tokens_per_second']:,.0f}", str(sample["same_seed_same_tokens"]),
+                 _ms(sample["kv_seconds"]), _ms(sample["no_cache_seconds"]), f"{sample['max_logit_diff']:.3g}",
+                 f"{sample['greedy_picks_agree']}/{sample['greedy_picks']}"]])
+        if not sample["same_seed_same_tokens"]:
+            raise AssertionError("Megatron sampling: the same seed drew different tokens on this device")
+        if not all(math.isfinite(d) for d in sample["logit_diff_by_step"]):
+            raise AssertionError(f"Megatron sampling: non-finite logits ({sample['logit_diff_by_step']})")
 
 
 def _total_memory(device) -> int:
