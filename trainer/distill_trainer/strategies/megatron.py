@@ -54,7 +54,7 @@ Sequence parallel (``strategy_args.sequence_parallel``, tp > 1) is Megatron's: b
 holds 1/tp of the sequence, so ``_run`` right-pads a micro-batch whose length is not a multiple of tp
 (``_pad_for_sequence_parallel``; the causal mask keeps every real position's output) and cuts the model's output
 back to the micro-batch's length before ``on_logits``: teacher targets, the student's loss (both heads) and
-``generate`` see the unpadded positions only. CPU ranks build it with ``megatron_cpu.SequenceParallelTorchNorm``.
+sampling without a KV cache see the unpadded positions only. CPU ranks build it with ``megatron_cpu.SequenceParallelTorchNorm``.
 
 Sampling (``sample``, both sides: on-policy distillation and seq_kd) is ``sampling.decode`` over prompts grouped by
 length, with Megatron-Core's own static-batch inference path and its KV cache (``_MegatronKVStepper``:
@@ -63,8 +63,9 @@ one token per step. The last position's logits are made whole on every rank of t
 by Megatron's output layer, padding columns cut off, then broadcast from the last PP stage), so every rank's
 identically seeded generator draws the same tokens. Under sequence parallel (which Megatron's static-batch inference
 does not support for dense models) it falls back to ``_MegatronStepper``: no KV cache, every step one forward of the
-replica over the whole sequence so far, as ``generate``. Both give the same logits within float32 rounding
-(``tests/unit/test_megatron_sampling.py``).
+replica over the whole sequence so far. Both give the same logits within float32 rounding
+(``tests/unit/test_megatron_sampling.py``). The student's greedy ``generate`` (exact-match evaluation) is ``sample``
+at temperature 0.
 
 Checkpoints: the student is exported in HF format (merged across TP and PP, padding rows dropped) to
 ``<dir>/student/`` by global rank 0; each rank writes its optimizer and scheduler state and RNG states to
@@ -377,7 +378,7 @@ class _MegatronModel:
 class _MegatronStepper:
     """``sampling.Stepper`` for a Megatron replica, without a KV cache: Megatron's schedule runs whole sequences,
     so every step is one forward of the prompts and the tokens drawn so far (quadratic in the completion's
-    length, as ``generate``). ``sample`` uses it only under sequence parallel (``_sampling_stepper``); the tests
+    length). ``sample`` uses it only under sequence parallel (``_sampling_stepper``); the tests
     use it as the reference of ``_MegatronKVStepper``. Logits as ``_last_logits``."""
 
     def __init__(self, strategy: _MegatronModel, model, tokens: torch.Tensor):
@@ -612,7 +613,7 @@ class MegatronTrainStrategy(_MegatronModel, TrainStrategy):
         self._loss_finite = True
 
     def _sampling_model(self):
-        """The DDP wrapper, as the schedule runs it in training and ``generate``."""
+        """The DDP wrapper, as the schedule runs it in training."""
         return self.model
 
     # -- training
@@ -754,55 +755,12 @@ class MegatronTrainStrategy(_MegatronModel, TrainStrategy):
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> list[list[int]]:
-        """Greedy decoding without a KV cache: prompts of equal length are decoded together (no padding);
-        every step is one forward of the whole replica, the next tokens broadcast from the last stage."""
-        self.model.eval()
-        try:
-            results: list[list[int]] = [[] for _ in prompts]
-            by_length: dict[int, list[int]] = {}
-            for index, prompt in enumerate(prompts):
-                by_length.setdefault(len(prompt), []).append(index)
-            for indices in by_length.values():
-                tokens = torch.tensor([prompts[i] for i in indices], dtype=torch.long, device=self.device)
-                done = torch.zeros(len(indices), dtype=torch.bool, device=self.device)
-                for _ in range(max_new_tokens):
-                    next_token = self._next_tokens(tokens)
-                    next_token = torch.where(done, torch.full_like(next_token, pad_token_id), next_token)
-                    for row, i in enumerate(indices):
-                        if not done[row] and int(next_token[row]) != eos_token_id:
-                            results[i].append(int(next_token[row]))
-                    done |= next_token == eos_token_id
-                    if bool(done.all()):
-                        break
-                    tokens = torch.cat([tokens, next_token[:, None]], 1)
-            return results
-        finally:
-            self.model.train()
-
-    def _next_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        picked = torch.zeros(tokens.shape[0], dtype=torch.long, device=self.device)
-
-        def argmax(output, batch):
-            last = output[:, -1].float()
-            if self.rank.tp_size > 1:
-                mask_vocab_padding(last, self.vocab_start, self.vocab.size)
-                value, index = last.max(-1)
-                values = [torch.empty_like(value) for _ in range(self.rank.tp_size)]
-                indices = [torch.empty_like(index) for _ in range(self.rank.tp_size)]
-                dist.all_gather(values, value, group=self.tp_group)
-                dist.all_gather(indices, index + self.vocab_start, group=self.tp_group)
-                best = torch.stack(values, 1).argmax(1)  # first maximum: the lowest vocabulary index, as HF
-                picked.copy_(torch.stack(indices, 1).gather(1, best[:, None]).squeeze(1))
-            else:
-                picked.copy_(last[:, : self.vocab.size].argmax(-1))
-            return output.new_zeros(())
-
-        batch = MicroBatch(tokens, torch.ones_like(tokens), torch.full_like(tokens, IGNORE_INDEX))
-        self._run(self.model, [batch], argmax, forward_only=True)
-        if self.rank.pp_size > 1:
-            last_stage = dist.get_global_rank(self.mpu.get_pipeline_model_parallel_group(), self.rank.pp_size - 1)
-            dist.broadcast(picked, src=last_stage, group=self.mpu.get_pipeline_model_parallel_group())
-        return picked
+        """Greedy continuations, cut at the first EOS (EOS excluded): ``sample`` at temperature 0, so evaluation
+        decodes as on-policy sampling does (length groups, Megatron's KV cache, whole logits on every rank), and
+        as the torch strategies' ``generate``."""
+        completions = self.sample(prompts, SamplingParams(max_new_tokens, temperature=0.0), eos_token_id, pad_token_id,
+                                  seed=0)
+        return [c.tokens[:-1] if c.tokens and c.tokens[-1] == eos_token_id else c.tokens for c in completions]
 
     # -- checkpoints
 
