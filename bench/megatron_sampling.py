@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -34,39 +33,15 @@ from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "trainer"))
+sys.path.insert(0, str(ROOT / "bench"))
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+import megatron_head_memory as head_memory  # noqa: E402  (the same random model, strategy config and free port)
 
 
 def write_model(directory: str, args) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
-        num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4,
-        max_position_embeddings=max(2048, args.prompt + args.new_tokens), tie_word_embeddings=False,
-        rms_norm_eps=1e-6,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
-
-
-def _config(model: str):
-    """The fields of DistillConfig that MegatronTrainStrategy reads."""
-    training_args = SimpleNamespace(learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0,
-                                    weight_decay=0.0, max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.999)
-    strategy_args = SimpleNamespace(sequence_parallel=False, recompute_granularity=None,
-                                    use_distributed_optimizer=False)
-    model_args = SimpleNamespace(dtype="fp32", fused_lm_head=True)
-    student = SimpleNamespace(model_args=model_args, training_args=training_args, strategy_args=strategy_args)
-    return SimpleNamespace(student_pretrain=model, teacher_pretrain=model, seed=0, logits_topk=64, topk_tail=True,
-                           kd_temperature=1.0, teacher_temperature=1.0, max_steps=10, student=student,
-                           teacher=student)
+    """megatron_head_memory's random Qwen2 model (untied), with room for prompt + new tokens."""
+    head_memory.write_model(directory, SimpleNamespace(vocab=args.vocab, hidden=args.hidden, layers=args.layers,
+                                                       seq=args.prompt + args.new_tokens, tied=False))
 
 
 def rank_main(rank: int, world: int, port: int, model: str, args, out: str) -> None:
@@ -84,7 +59,7 @@ def rank_main(rank: int, world: int, port: int, model: str, args, out: str) -> N
 
         ctx = RankContext(rank=rank, world_size=world, tp_size=args.tp, pp_size=1, group=dist.group.WORLD)
         vocab = VocabInfo(size=args.vocab, eos_token_id=0, pad_token_id=0)
-        strategy = MegatronTrainStrategy(_config(model), ctx, vocab)
+        strategy = MegatronTrainStrategy(head_memory._config(model, SimpleNamespace(topk=64)), ctx, vocab)
         model_ = strategy._sampling_model()
         model_.eval()
         g = torch.Generator().manual_seed(7)
@@ -144,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         model = os.path.join(work, "student")
         write_model(model, args)
         out = os.path.join(work, "result.json")
-        mp.spawn(_spawn_entry, args=(args.tp, _free_port(), model, args, out), nprocs=args.tp, join=True)
+        mp.spawn(_spawn_entry, args=(args.tp, head_memory._free_port(), model, args, out), nprocs=args.tp, join=True)
         ranks = [json.load(open(f"{out}.rank{r}")) for r in range(args.tp)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
